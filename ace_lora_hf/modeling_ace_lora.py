@@ -272,8 +272,20 @@ class AceLoraModel(AceLoraPreTrainedModel):
         # The adapters belong to this model and are saved in its own state dict; transformers must not mistake
         # the model for a PEFT-wrapped one.
         del self.peft_config
+        self.mark_only_adapters_trainable()
+
+    def mark_only_adapters_trainable(self) -> None:
+        """Freeze every base weight; LoRA, the hypergraph adapters and the logit scale train."""
         for name, parameter in self.named_parameters():
             parameter.requires_grad = self._is_trainable(name)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading replaces every parameter with a new, trainable one.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.mark_only_adapters_trainable()
+        return loaded
 
     @staticmethod
     def _is_trainable(parameter_name: str) -> bool:

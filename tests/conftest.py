@@ -1,0 +1,114 @@
+"""Shared fixtures: the tiny ModelTester, the full-size BiomedCLIP stand-in and the reference outputs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ace_lora_hf import AceLoraConfig, AceLoraModel
+from ace_lora_hf.convert import main as convert_main
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ACE_LORA_SHARED", REPO_ROOT.parent / "shared"))
+REFERENCE = SHARED / "reference"
+ACE_CHECKPOINT = SHARED / "checkpoints" / "ACE_LoRA.pt"
+SAMPLES = SHARED / "samples"
+REFERENCE_SEED = 20240601
+
+
+class AceLoraModelTester:
+    """Tiny hyper-parameters in transformers' ModelTester style."""
+
+    def __init__(self, batch_size=3, image_size=30, patch_size=6, hidden_size=32, num_layers=2, num_heads=4,
+                 vocab_size=99, text_context_length=20, projection_dim=16, top_k=3):
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.vocab_size = vocab_size
+        self.text_context_length = text_context_length
+        self.projection_dim = projection_dim
+        self.top_k = top_k
+
+    def get_config(self, **overrides) -> AceLoraConfig:
+        tower = dict(hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+                     num_attention_heads=self.num_heads, intermediate_size=37)
+        return AceLoraConfig(
+            vision_config=dict(tower, image_size=self.image_size, patch_size=self.patch_size),
+            text_config=dict(tower, vocab_size=self.vocab_size, max_position_embeddings=64),
+            projection_dim=self.projection_dim,
+            text_projection_hidden_size=24,
+            text_context_length=self.text_context_length,
+            hypergraph_hidden_size=8,
+            hypergraph_top_k=self.top_k,
+            **overrides,
+        )
+
+    def prepare_config_and_inputs(self, seed=0, **overrides):
+        generator = torch.Generator().manual_seed(seed)
+        pixel_values = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=generator)
+        input_ids = torch.randint(5, self.vocab_size, (self.batch_size, 12), generator=generator)
+        input_ids[:, 0] = 2
+        input_ids[1, 8:] = 0  # a shorter text, padded
+        return self.get_config(**overrides), {"pixel_values": pixel_values, "input_ids": input_ids}
+
+
+def perturb_lora(model: AceLoraModel, seed: int = 0) -> AceLoraModel:
+    """Give every LoRA B a non-zero value so that the adapters change the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture
+def tester() -> AceLoraModelTester:
+    return AceLoraModelTester()
+
+
+@pytest.fixture
+def tiny_model(tester) -> AceLoraModel:
+    torch.manual_seed(0)
+    return perturb_lora(AceLoraModel(tester.get_config())).eval()
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, np.ndarray]:
+    with np.load(REFERENCE / "case_a.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="session")
+def biomedclip_dir(tmp_path_factory) -> Path:
+    """The deterministic BiomedCLIP stand-in the reference outputs were computed with, in open_clip's layout."""
+    out = tmp_path_factory.mktemp("biomedclip")
+    subprocess.run(
+        [sys.executable, str(REFERENCE / "make_random_biomedclip.py"), str(out), "--seed", str(REFERENCE_SEED)],
+        check=True, capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def converted_dir(biomedclip_dir, tmp_path_factory) -> Path:
+    """BiomedCLIP stand-in + the released adapters, written by the converter's command line."""
+    out = tmp_path_factory.mktemp("ace_lora_converted")
+    convert_main(["--biomedclip", str(biomedclip_dir), "--ace-checkpoint", str(ACE_CHECKPOINT),
+                  "--output", str(out), "--overwrite"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def ace_model(converted_dir) -> AceLoraModel:
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(converted_dir).eval()

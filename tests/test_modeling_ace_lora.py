@@ -1,0 +1,232 @@
+"""AceLoraModel on tiny random configs: shapes, round trips, adapters, hypergraph invariants, gradients."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ace_lora_hf import AceHypergraph, AceLoraConfig, AceLoraModel, AceLoraOutput
+
+from conftest import perturb_lora
+
+
+def test_default_config_is_the_released_model():
+    config = AceLoraConfig()
+    assert config.vision_config.layer_norm_eps == 1e-6
+    assert config.vision_config.hidden_act == "gelu" and config.vision_config.qkv_bias
+    assert config.text_config.attention_probs_dropout_prob == 0.0
+    assert config.text_config.hidden_dropout_prob == 0.1
+    assert (config.lora_rank, config.lora_alpha, config.use_rslora) == (4, 1.0, True)
+    assert (config.hypergraph_top_k, config.hypergraph_hidden_size, config.text_context_length) == (5, 128, 256)
+
+
+def test_default_model_has_the_released_trainable_parameter_count():
+    with torch.device("meta"):
+        model = AceLoraModel(AceLoraConfig())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 969_217
+    scaling = {layer.scaling["default"] for layer in model.lora_layers()}
+    assert scaling == {0.5} and len(model.lora_layers()) == 72
+
+
+def test_config_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="hypergraph_towers"):
+        AceLoraConfig(hypergraph_towers="image")
+    with pytest.raises(ValueError, match="lora_target_projections"):
+        AceLoraConfig(lora_target_projections=["q", "o"])
+
+
+def test_output_shapes(tester):
+    config, inputs = tester.prepare_config_and_inputs()
+    model = AceLoraModel(config).eval()
+    with torch.no_grad():
+        output = model(**inputs, return_loss=True)
+        classes = model.get_class_embeddings(torch.stack([inputs["input_ids"], inputs["input_ids"]], dim=1))
+    batch, dim = tester.batch_size, tester.projection_dim
+    assert isinstance(output, AceLoraOutput)
+    assert output.image_embeds.shape == output.text_embeds.shape == (batch, dim)
+    assert output.logits_per_image.shape == output.logits_per_text.shape == (batch, batch)
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    assert classes.shape == (batch, dim)
+    torch.testing.assert_close(output.image_embeds.norm(dim=-1), torch.ones(batch))
+    torch.testing.assert_close(output.logits_per_text, output.logits_per_image.t())
+    assert model(**inputs).loss is None
+
+
+def test_results_do_not_depend_on_caller_padding(tiny_model, tester):
+    _, inputs = tester.prepare_config_and_inputs()
+    ids = inputs["input_ids"]
+    padded = torch.nn.functional.pad(ids, (0, tester.text_context_length - ids.shape[1]))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model.get_text_features(ids), tiny_model.get_text_features(padded))
+        explicit_mask = tiny_model.get_text_features(ids, attention_mask=(ids != 0).long())
+    torch.testing.assert_close(explicit_mask, tiny_model.get_text_features(ids))
+
+
+def test_too_long_text_is_rejected(tiny_model, tester):
+    ids = torch.full((1, tester.text_context_length + 1), 7)
+    with pytest.raises(ValueError, match="truncation=True"):
+        tiny_model.get_text_features(ids)
+
+
+def test_save_load_round_trip(tiny_model, tester, tmp_path):
+    from transformers import AutoModel
+
+    _, inputs = tester.prepare_config_and_inputs()
+    tiny_model.save_pretrained(tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is AceLoraModel
+    expected, actual = tiny_model.state_dict(), loaded.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        n for n, p in tiny_model.named_parameters() if p.requires_grad
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits_per_image, tiny_model(**inputs).logits_per_image)
+
+
+def test_trainable_parameter_accounting(tester):
+    model = AceLoraModel(tester.get_config())
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    hidden, rank, dim, bottleneck = tester.hidden_size, 4, tester.projection_dim, 8
+    lora = 2 * tester.num_layers * 3 * 2 * hidden * rank
+    hypergraph = 2 * 2 * (dim * bottleneck + bottleneck + bottleneck * dim + dim)
+    assert sum(trainable.values()) == lora + hypergraph + 1
+    assert not any(name.endswith("base_layer.weight") for name in trainable)
+
+
+def test_fresh_adapters_start_as_lora_and_released_init(tester):
+    torch.manual_seed(0)
+    model = AceLoraModel(tester.get_config(logit_scale_init_value=20.0))
+    for layer in model.lora_layers():
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        bound = 1 / tester.hidden_size**0.5  # Kaiming-uniform(a=sqrt(5)) on fan_in
+        assert layer.lora_A["default"].weight.abs().max() <= bound
+    down = model.vision_hypergraph.edge_adapter.down
+    assert down.weight.std().item() == pytest.approx((2 / down.in_features) ** 0.5, rel=0.3)  # Kaiming-normal
+    assert model.logit_scale.item() == pytest.approx(20.0)
+
+
+def test_missing_adapter_weights_get_lora_init_on_load(tiny_model, tmp_path):
+    from transformers import AutoModel
+
+    tiny_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".lora_" not in k}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded = AutoModel.from_pretrained(tmp_path)
+    for layer in loaded.lora_layers():
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        assert layer.lora_A["default"].weight.std() > 0.05  # Kaiming-uniform, not the towers' normal(0.02)
+
+
+def test_merge_lora_is_equivalent_and_reversible(tiny_model, tester):
+    _, inputs = tester.prepare_config_and_inputs()
+    before = tiny_model.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    with torch.no_grad():
+        unmerged = tiny_model(**inputs)
+        tiny_model.merge_lora()
+        assert tiny_model.lora_merged
+        merged = tiny_model(**inputs)
+        tiny_model.unmerge_lora()
+    torch.testing.assert_close(merged.image_embeds, unmerged.image_embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged.text_embeds, unmerged.text_embeds, rtol=0, atol=1e-6)
+    assert not tiny_model.lora_merged
+    for key, value in tiny_model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+
+
+def test_saving_a_merged_model_is_refused(tiny_model, tmp_path):
+    tiny_model.merge_lora()
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        tiny_model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_lora_changes_outputs(tester):
+    config, inputs = tester.prepare_config_and_inputs()
+    torch.manual_seed(0)
+    model = AceLoraModel(config).eval()
+    with torch.no_grad():
+        fresh = model.get_image_features(inputs["pixel_values"], use_hgnn=False)
+        perturb_lora(model)
+        adapted = model.get_image_features(inputs["pixel_values"], use_hgnn=False)
+    assert (fresh - adapted).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("towers", ["none", "vision", "text"])
+def test_towers_without_hypergraph_use_the_projected_cls_token(tester, towers):
+    config, inputs = tester.prepare_config_and_inputs(hypergraph_towers=towers)
+    model = AceLoraModel(config).eval()
+    assert (model.vision_hypergraph is None) == (towers in ("none", "text"))
+    assert (model.text_hypergraph is None) == (towers in ("none", "vision"))
+    with torch.no_grad():
+        image = model.get_image_features(inputs["pixel_values"])
+        text = model.get_text_features(inputs["input_ids"])
+        classes = model.get_class_embeddings(inputs["input_ids"][:, None])
+        plain_image = model.get_image_features(inputs["pixel_values"], use_hgnn=False)
+        plain_text = model.get_text_features(inputs["input_ids"], use_hgnn=False)
+    assert torch.equal(image, plain_image) == (model.vision_hypergraph is None)
+    assert torch.equal(text, plain_text) == (model.text_hypergraph is None)
+    torch.testing.assert_close(classes, text)  # one template: the template mean is the text itself
+
+
+def test_gradients_reach_only_trainable_parameters(tiny_model, tester):
+    _, inputs = tester.prepare_config_and_inputs()
+    tiny_model.train()
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    tiny_model(**inputs, labels=labels).loss.backward()
+    for name, parameter in tiny_model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and torch.count_nonzero(parameter.grad) > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
+# ------------------------------------------------------------------------------------------------- hypergraph
+
+
+def _hypergraph_inputs(seed=0, batch=2, tokens=12, dim=16):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, tokens, dim, generator=generator), torch.randn(batch, tokens - 1, generator=generator)
+
+
+def test_incidence_matrix_invariants():
+    hypergraph = AceHypergraph(dim=16, hidden_size=8, top_k=3)
+    tokens, cls_attention = _hypergraph_inputs()
+    incidence = hypergraph.incidence_matrix(tokens, cls_attention)
+    num_tokens = tokens.shape[1]
+    assert torch.equal(incidence.diagonal(dim1=1, dim2=2), torch.ones(2, num_tokens))
+    torch.testing.assert_close(incidence[:, 1:, 0], incidence[:, 0, 1:])  # column 0 mirrors row 0
+    off_diagonal = incidence[:, 1:, 1:] * (1 - torch.eye(num_tokens - 1))
+    assert torch.equal((off_diagonal > 0).sum(-1), torch.full((2, num_tokens - 1), 3))
+    torch.testing.assert_close(off_diagonal.sum(-1), torch.ones(2, num_tokens - 1))
+    cls_row = incidence[:, 0, 1:]
+    expected_neighbours = cls_attention.topk(3, dim=-1).indices
+    assert torch.equal((cls_row > 0).nonzero()[:, 1].view(2, 3).sort().values, expected_neighbours.sort().values)
+    torch.testing.assert_close(cls_row.sum(-1), torch.ones(2))
+    # Rows 1.. rank tokens by cosine similarity: scaling a token does not change the graph.
+    scaled = tokens * torch.rand(2, num_tokens, 1).add(0.5)
+    torch.testing.assert_close(hypergraph.incidence_matrix(scaled, cls_attention), incidence)
+
+
+def test_cls_only_forward_equals_the_full_hypergraph():
+    torch.manual_seed(0)
+    hypergraph = AceHypergraph(dim=16, hidden_size=8, top_k=3)
+    for seed in range(3):
+        tokens, cls_attention = _hypergraph_inputs(seed)
+        incidence = hypergraph.incidence_matrix(tokens, cls_attention)
+        nodes = hypergraph.node_adapter(incidence.transpose(1, 2) @ hypergraph.edge_adapter(incidence @ tokens))
+        expected = nn.functional.normalize(nodes[:, 0], dim=-1)
+        torch.testing.assert_close(hypergraph(tokens, cls_attention), expected)
+
+
+def test_hypergraph_needs_enough_tokens():
+    hypergraph = AceHypergraph(dim=16, hidden_size=8, top_k=5)
+    tokens, cls_attention = _hypergraph_inputs(tokens=6)
+    with pytest.raises(ValueError, match="top_k=5"):
+        hypergraph(tokens, cls_attention)
