@@ -259,24 +259,29 @@ def ace_state_dict(path: Path, config: AceLoraConfig) -> dict[str, torch.Tensor]
 # ------------------------------------------------------------------------------------------------------- public
 
 
+def conversion_config(
+    biomedclip_dir: str | Path, ace_checkpoint: str | Path | None = None, **config_overrides
+) -> AceLoraConfig:
+    """The BiomedCLIP folder's config, updated by the checkpoint's metadata (rank, top-k, projections), then
+    by `config_overrides`."""
+    config = biomedclip_config(Path(biomedclip_dir))
+    if ace_checkpoint is not None:
+        _, metadata = _ace_weights(Path(ace_checkpoint))
+        config_overrides = {**ace_config_updates(metadata), **config_overrides}
+    return AceLoraConfig(**{**config.to_dict(), **config_overrides})
+
+
 def convert_biomedclip(
     biomedclip_dir: str | Path, ace_checkpoint: str | Path | None = None, **config_overrides
 ) -> AceLoraModel:
     """Build an `AceLoraModel` from a BiomedCLIP folder and, optionally, the authors' `ACE_LoRA.pt`.
 
-    The configuration follows the BiomedCLIP folder, then the checkpoint's metadata (rank, top-k, projections),
-    then `config_overrides`. Every tensor is checked; a wrong file fails naming the file and the key.
+    Every tensor is checked; a wrong file fails naming the file and the key. Without a checkpoint the adapters
+    are fresh (LoRA is a no-op) and the logit scale starts from BiomedCLIP's.
     """
-    biomedclip_dir = Path(biomedclip_dir)
-    config = biomedclip_config(biomedclip_dir)
-    if ace_checkpoint is not None:
-        _, metadata = _ace_weights(Path(ace_checkpoint))
-        config_overrides = {**ace_config_updates(metadata), **config_overrides}
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
-    config = AceLoraConfig(**config.to_dict())  # re-validate the combination
+    config = conversion_config(biomedclip_dir, ace_checkpoint, **config_overrides)
     model = AceLoraModel(config)
-    state = biomedclip_state_dict(biomedclip_dir, model)
+    state = biomedclip_state_dict(Path(biomedclip_dir), model)
     if ace_checkpoint is not None:
         state.update(ace_state_dict(Path(ace_checkpoint), config))
     else:

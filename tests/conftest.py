@@ -99,6 +99,14 @@ def biomedclip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def plain_model(biomedclip_dir) -> AceLoraModel:
+    """BiomedCLIP stand-in with fresh (no-op) adapters."""
+    from ace_lora_hf.convert import convert_biomedclip
+
+    return convert_biomedclip(biomedclip_dir)
+
+
+@pytest.fixture(scope="session")
 def converted_dir(biomedclip_dir, tmp_path_factory) -> Path:
     """BiomedCLIP stand-in + the released adapters, written by the converter's command line."""
     out = tmp_path_factory.mktemp("ace_lora_converted")

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from ace_lora_hf.convert import convert_biomedclip
 from ace_lora_hf.modeling_ace_lora import cls_attention_scores
 
 
@@ -46,8 +45,8 @@ def inputs(reference):
     }
 
 
-def test_plain_biomedclip_without_adapters(biomedclip_dir, reference, inputs):
-    model = convert_biomedclip(biomedclip_dir)
+def test_plain_biomedclip_without_adapters(plain_model, reference, inputs):
+    model = plain_model
     with torch.no_grad():
         image = model.get_image_features(inputs["pixel_values"], use_hgnn=False)
         prompts = model.get_text_features(inputs["prompt_ids"].flatten(0, 1), use_hgnn=False)

@@ -1,0 +1,114 @@
+"""Both Auto paths: in-process registration after `import ace_lora_hf`, and Hub remote code (`auto_map`)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+HUB_REPO_ID = "aydnarda/ACE-LoRA"
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+# Runs in a fresh interpreter that never imports ace_lora_hf; prints the class module and an embedding.
+REMOTE_CODE_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert "ace_lora_hf" not in sys.modules
+pixels = torch.load(sys.argv[2])
+with torch.no_grad():
+    embedding = model.get_image_features(pixels)
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print(json.dumps({"module": type(model).__module__, "embedding": embedding.tolist(), "trainable": trainable}))
+"""
+
+IMPORTED_SCRIPT = """
+import json, sys, torch
+import ace_lora_hf
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    embedding = model.get_image_features(torch.load(sys.argv[2]))
+print(json.dumps({"module": type(model).__module__, "embedding": embedding.tolist()}))
+"""
+
+
+def populate_hub_cache(folder: Path, cache: Path, repo_id: str = HUB_REPO_ID) -> Path:
+    """Lay `folder` out as huggingface_hub's cache holds a downloaded repo (refs/main -> snapshot)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    shutil.copytree(folder, repo / "snapshots" / SNAPSHOT)
+    return repo
+
+
+def run_python(script: str, *args: str, env: dict) -> dict:
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def saved_tiny(tiny_model, tester, tmp_path):
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    _, inputs = tester.prepare_config_and_inputs()
+    torch.save(inputs["pixel_values"], tmp_path / "pixels.pt")
+    with torch.no_grad():
+        expected = tiny_model.get_image_features(inputs["pixel_values"])
+    return folder, tmp_path / "pixels.pt", expected
+
+
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def isolated_env(tmp_path: Path, **extra: str) -> dict:
+    """The current environment with its own, empty Hugging Face home (Hub cache and remote-code modules)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HUB_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), **extra)
+    return env
+
+
+def test_saved_folder_is_self_contained_remote_code(saved_tiny, tiny_model, tmp_path):
+    folder, pixels, expected = saved_tiny
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_ace_lora.AceLoraConfig",
+        "AutoModel": "modeling_ace_lora.AceLoraModel",
+    }
+    for code_file in ("configuration_ace_lora.py", "modeling_ace_lora.py", "loss_ace_lora.py"):
+        source = (folder / code_file).read_text()
+        assert not re.search(r"^\s*(from|import) ace_lora_hf", source, re.MULTILINE)
+        assert "from .." not in source
+    result = run_python(REMOTE_CODE_SCRIPT, str(folder), str(pixels), env=isolated_env(tmp_path))
+    assert result["module"].startswith("transformers_modules.")
+    torch.testing.assert_close(torch.tensor(result["embedding"]), expected)
+    assert result["trainable"] == trainable_count(tiny_model)
+
+
+def test_hub_repo_id_loads_offline_from_the_cache(saved_tiny, tmp_path):
+    folder, pixels, expected = saved_tiny
+    env = isolated_env(tmp_path, HF_HUB_OFFLINE="1")
+    populate_hub_cache(folder, tmp_path / "hf_home" / "hub")
+    imported = run_python(IMPORTED_SCRIPT, HUB_REPO_ID, str(pixels), env=env)
+    assert imported["module"] == "ace_lora_hf.modeling_ace_lora"
+    torch.testing.assert_close(torch.tensor(imported["embedding"]), expected)
+    remote = run_python(REMOTE_CODE_SCRIPT, HUB_REPO_ID, str(pixels), env=env)
+    assert remote["module"].startswith("transformers_modules.")
+    torch.testing.assert_close(torch.tensor(remote["embedding"]), expected)
+
+
+def test_converted_full_model_loads_as_remote_code(converted_dir, ace_model, reference, tmp_path):
+    pixels = tmp_path / "pixels.pt"
+    torch.save(torch.from_numpy(reference["input_images"][:1]), pixels)
+    result = run_python(REMOTE_CODE_SCRIPT, str(converted_dir), str(pixels), env=isolated_env(tmp_path))
+    assert result["trainable"] == 969_217
+    embedding = torch.tensor(result["embedding"])
+    torch.testing.assert_close(embedding, torch.from_numpy(reference["img_ace_emb"][:1]), rtol=0, atol=1e-5)
