@@ -1,24 +1,39 @@
 """ACE-LoRA for Hugging Face transformers: BiomedCLIP + LoRA + attention-guided hypergraphs."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
 from .configuration_ace_lora import AceLoraConfig
+from .image_processing_ace_lora import AceLoraImageProcessor
 from .loss_ace_lora import binarize_labels, false_negative_mask, label_guided_infonce
 from .modeling_ace_lora import AceHypergraph, AceLoraModel, AceLoraOutput, AceLoraPreTrainedModel
+from .processing_ace_lora import AceLoraProcessor
 
 
 AutoConfig.register(AceLoraConfig.model_type, AceLoraConfig, exist_ok=True)
 AutoModel.register(AceLoraConfig, AceLoraModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(AceLoraConfig, AceLoraModel, exist_ok=True)
+AutoImageProcessor.register(AceLoraConfig, image_processor_classes={"pil": AceLoraImageProcessor}, exist_ok=True)
+AutoProcessor.register(AceLoraConfig, AceLoraProcessor, exist_ok=True)
 # `save_pretrained` then writes `auto_map` and copies the code, so a saved folder also loads as remote code.
 AceLoraConfig.register_for_auto_class()
 AceLoraModel.register_for_auto_class("AutoModel")
+AceLoraImageProcessor.register_for_auto_class("AutoImageProcessor")
+AceLoraProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "AceHypergraph",
     "AceLoraConfig",
+    "AceLoraImageProcessor",
     "AceLoraModel",
     "AceLoraOutput",
     "AceLoraPreTrainedModel",
+    "AceLoraProcessor",
     "binarize_labels",
     "false_negative_mask",
     "label_guided_infonce",

@@ -319,6 +319,13 @@ class AceLoraModel(AceLoraPreTrainedModel):
                 "LoRA is merged into the base weights; saving now would apply it twice when loading. "
                 "Call `model.unmerge_lora()` before `save_pretrained`."
             )
+        if self._auto_class is not None:
+            # One class serves both auto classes; `register_for_auto_class` records only one of them.
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModelForZeroShotImageClassification": f"{module}.{type(self).__name__}",
+            }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------- vision
