@@ -13,10 +13,13 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import BertTokenizer
 from transformers.utils import logging
 
 from .configuration_ace_lora import AceLoraConfig
+from .image_processing_ace_lora import AceLoraImageProcessor
 from .modeling_ace_lora import TEXT_PROJECTION_NAMES, VISION_PROJECTION_NAMES, AceLoraModel
+from .processing_ace_lora import AceLoraProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -25,6 +28,7 @@ OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # Where a BiomedCLIP folder may keep its text tower's BERT config (the Hub repo itself has none).
 BERT_CONFIG_CANDIDATES = ("pubmedbert_config/config.json", "text_config.json", "bert_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # Buffers some open_clip exports carry; the towers rebuild them.
 IGNORED_OPEN_CLIP_KEYS = re.compile(r"text\.transformer\.embeddings\.(position_ids|token_type_ids)$")
 ADAPTER_KEYS = {
@@ -83,6 +87,21 @@ def biomedclip_config(biomedclip_dir: Path) -> AceLoraConfig:
         projection_dim=model_cfg.get("embed_dim", 512),
         text_context_length=text_cfg.get("context_length", 256),
     )
+
+
+def biomedclip_processor(biomedclip_dir: Path) -> AceLoraProcessor | None:
+    """The folder's tokenizer (BiomedCLIP ships PubMedBERT's) with its image preprocessing; `None` without one."""
+    if not any((biomedclip_dir / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    open_clip_config = _read_json(biomedclip_dir / OPEN_CLIP_CONFIG)
+    model_cfg, preprocess = open_clip_config.get("model_cfg", {}), open_clip_config.get("preprocess_cfg", {})
+    image_size = int(model_cfg.get("vision_cfg", {}).get("image_size", 224))
+    image_processor = AceLoraImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        **{f"image_{key}": preprocess[key] for key in ("mean", "std") if key in preprocess},
+    )
+    return AceLoraProcessor(image_processor, BertTokenizer.from_pretrained(biomedclip_dir))
 
 
 def _open_clip_key_to_hf(key: str) -> list[tuple[str, slice | None]]:
@@ -309,6 +328,15 @@ def main(argv=None) -> None:
     logging.set_verbosity_info()
     model = convert_biomedclip(args.biomedclip, args.ace_checkpoint)
     model.save_pretrained(args.output)
+    processor = biomedclip_processor(args.biomedclip)
+    if processor is None:
+        logger.warning(
+            "%s has no tokenizer files (%s): the output has no processor. Copy PubMedBERT's tokenizer there and "
+            "convert again, or save an AceLoraProcessor into %s yourself.",
+            args.biomedclip, ", ".join(TOKENIZER_FILES), args.output,
+        )
+    else:
+        processor.save_pretrained(args.output)
     print(f"Wrote ACE-LoRA ({'released adapters' if args.ace_checkpoint else 'fresh adapters'}) to {args.output}")
 
 

@@ -359,6 +359,23 @@ class AceLoraModel(AceLoraPreTrainedModel):
             return tokens[:, 0]
         return self.vision_hypergraph(tokens, cls_attention)
 
+    @torch.no_grad()
+    def get_image_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""
+        What the ACE image embedding looks at, for explanations.
+
+        Returns:
+            `cls_attention` (`torch.FloatTensor` of shape `(batch_size, num_patches)`): the last layer's
+            head-averaged, pre-softmax attention scores of CLS to each patch (the hypergraph's row 0), and
+            `neighbours` (`torch.LongTensor` of shape `(batch_size, top_k)`): the patches (0-based) the hypergraph
+            connects to CLS, or `None` without a vision hypergraph.
+        """
+        _, cls_attention = self._image_tokens(pixel_values, with_cls_attention=True)
+        if self.vision_hypergraph is None:
+            return cls_attention, None
+        neighbours, _ = self.vision_hypergraph.cls_neighbours(cls_attention)
+        return cls_attention, neighbours - 1
+
     # ------------------------------------------------------------------------------------------------------- text
 
     def _pad_text(

@@ -19,6 +19,17 @@ REFERENCE = SHARED / "reference"
 ACE_CHECKPOINT = SHARED / "checkpoints" / "ACE_LoRA.pt"
 SAMPLES = SHARED / "samples"
 REFERENCE_SEED = 20240601
+# A small uncased WordPiece vocabulary with PubMedBERT's special-token ids ([PAD]=0 ... [MASK]=4).
+TEST_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "-", "'"] + sorted(
+    set("a an the of and with no finding findings suggesting chest x ray image pneumonia pneumothorax normal "
+        "cardiomegaly edema effusion pleural atelectasis consolidation lung heart opacity histopathology "
+        "h & e stained tissue section showing adenocarcinoma benign colon left right there is mild".split())
+)
+
+
+def write_test_vocab(folder: Path) -> Path:
+    (folder / "vocab.txt").write_text("\n".join(TEST_VOCAB) + "\n")
+    return folder
 
 
 class AceLoraModelTester:
@@ -42,7 +53,8 @@ class AceLoraModelTester:
                      num_attention_heads=self.num_heads, intermediate_size=37)
         return AceLoraConfig(
             vision_config=dict(tower, image_size=self.image_size, patch_size=self.patch_size),
-            text_config=dict(tower, vocab_size=self.vocab_size, max_position_embeddings=64),
+            text_config=dict(tower, vocab_size=self.vocab_size,
+                             max_position_embeddings=max(64, self.text_context_length)),
             projection_dim=self.projection_dim,
             text_projection_hidden_size=24,
             text_context_length=self.text_context_length,
@@ -70,6 +82,24 @@ def perturb_lora(model: AceLoraModel, seed: int = 0) -> AceLoraModel:
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_hub_folder(tmp_path_factory) -> Path:
+    """A complete tiny model folder (weights, code, processor) as `push_to_hub` would upload it."""
+    from transformers import BertTokenizer
+
+    from ace_lora_hf import AceLoraImageProcessor, AceLoraProcessor
+
+    tester = AceLoraModelTester(image_size=32, patch_size=8, text_context_length=256)
+    torch.manual_seed(0)
+    model = perturb_lora(AceLoraModel(tester.get_config()))
+    folder = tmp_path_factory.mktemp("tiny_hub_model")
+    model.save_pretrained(folder)
+    tokenizer = BertTokenizer.from_pretrained(write_test_vocab(tmp_path_factory.mktemp("vocab")))
+    image_processor = AceLoraImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    AceLoraProcessor(image_processor, tokenizer).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tester() -> AceLoraModelTester:
     return AceLoraModelTester()
@@ -95,7 +125,7 @@ def biomedclip_dir(tmp_path_factory) -> Path:
         [sys.executable, str(REFERENCE / "make_random_biomedclip.py"), str(out), "--seed", str(REFERENCE_SEED)],
         check=True, capture_output=True,
     )
-    return out
+    return write_test_vocab(out)
 
 
 @pytest.fixture(scope="session")

@@ -24,10 +24,20 @@ from conftest import ACE_CHECKPOINT
 
 def test_converted_folder_layout(converted_dir):
     files = {path.name for path in converted_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_ace_lora.py", "configuration_ace_lora.py"} <= files
+    assert {"config.json", "model.safetensors", "modeling_ace_lora.py", "configuration_ace_lora.py",
+            "processor_config.json", "tokenizer.json", "processing_ace_lora.py"} <= files
     assert "adapter_config.json" not in files
     config = json.loads((converted_dir / "config.json").read_text())
     assert config["model_type"] == "ace_lora" and config["vision_config"]["layer_norm_eps"] == 1e-6
+
+
+def test_converted_processor_follows_open_clip_config(converted_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(converted_dir)
+    assert list(processor.image_processor.image_mean) == [0.48145466, 0.4578275, 0.40821073]
+    assert processor.image_processor.crop_size == {"height": 224, "width": 224}
+    assert processor(text=["a chest x-ray image of pneumonia."])["input_ids"][0][:3] == [2, 9, 16]  # [CLS] a chest
 
 
 def test_cli_refuses_to_overwrite_a_non_empty_folder(tmp_path):

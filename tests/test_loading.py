@@ -82,6 +82,7 @@ def test_saved_folder_is_self_contained_remote_code(saved_tiny, tiny_model, tmp_
     assert config["auto_map"] == {
         "AutoConfig": "configuration_ace_lora.AceLoraConfig",
         "AutoModel": "modeling_ace_lora.AceLoraModel",
+        "AutoModelForZeroShotImageClassification": "modeling_ace_lora.AceLoraModel",
     }
     for code_file in ("configuration_ace_lora.py", "modeling_ace_lora.py", "loss_ace_lora.py"):
         source = (folder / code_file).read_text()

@@ -1,0 +1,127 @@
+"""Publishing: the staged Hub folder, its model card (whose snippet runs as written), adapter-only exports."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from ace_lora_hf import AceLoraModel
+from ace_lora_hf.adapters import ADAPTER_WEIGHTS_NAME, AdapterMismatchError, load_adapters, save_adapters
+from ace_lora_hf.model_card import PUBLISHED_RESULTS
+
+from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora
+from test_loading import HUB_REPO_ID, populate_hub_cache
+
+
+def _push_to_hub_module():
+    spec = importlib.util.spec_from_file_location("push_to_hub", REPO_ROOT / "examples" / "push_to_hub.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def staged(tiny_hub_folder, tmp_path_factory):
+    staging = tmp_path_factory.mktemp("staging") / "repo"
+    return _push_to_hub_module().stage_repository(tiny_hub_folder, HUB_REPO_ID, staging)
+
+
+def _front_matter(card: str) -> dict:
+    match = re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL)
+    assert match, "the model card must open with YAML metadata"
+    return yaml.safe_load(match.group(1))
+
+
+def test_staged_repository_is_complete(staged):
+    names = {path.name for path in staged.iterdir()}
+    assert {
+        "config.json", "model.safetensors", "configuration_ace_lora.py", "modeling_ace_lora.py", "loss_ace_lora.py",
+        "processing_ace_lora.py", "image_processing_ace_lora.py", "processor_config.json", "tokenizer.json",
+        "hf_model_inference.py", "README.md",
+    } <= names
+    assert "adapter_config.json" not in names
+    assert set(json.loads((staged / "config.json").read_text())["auto_map"]) == {
+        "AutoConfig", "AutoModel", "AutoModelForZeroShotImageClassification"
+    }
+
+
+def test_model_card_metadata(staged):
+    metadata = _front_matter((staged / "README.md").read_text())
+    assert metadata["license"] == "mit" and metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "zero-shot-image-classification"
+    assert metadata["base_model"] == "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    assert "medical" in metadata["tags"] and metadata["datasets"]
+    values = [r["metrics"][0]["value"] for r in metadata["model-index"][0]["results"]]
+    assert values == [value for *_, value in PUBLISHED_RESULTS] and 87.19 in values
+
+
+def test_model_card_snippet_runs_against_the_hub_cache(staged, tmp_path):
+    """The exact snippet users copy, run offline against the staged repository laid out as a Hub download."""
+    card = (staged / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
+    assert f'"{HUB_REPO_ID}"' in snippet
+    populate_hub_cache(staged, tmp_path / "hf_home" / "hub")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    shutil.copy(SAMPLES / "nih_00000001_000.png", workdir / "chest_xray.png")
+    (workdir / "snippet.py").write_text(snippet + "\nimport sys\nassert 'ace_lora_hf' not in sys.modules\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "snippet.py"], cwd=workdir, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probabilities = eval(result.stdout.strip().splitlines()[-1])  # the snippet prints a dict literal
+    assert set(probabilities) == {"No Finding", "pneumonia"}
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_staging_refuses_a_non_empty_folder(tiny_hub_folder, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not empty"):
+        _push_to_hub_module().stage_repository(tiny_hub_folder, HUB_REPO_ID, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- adapters
+
+
+def test_adapter_export_round_trip(tiny_model, tester, tmp_path):
+    save_adapters(tiny_model, tmp_path)
+    size = (tmp_path / ADAPTER_WEIGHTS_NAME).stat().st_size
+    trainable = sum(p.numel() for p in tiny_model.parameters() if p.requires_grad)
+    assert trainable * 4 <= size < trainable * 4 + 20_000  # float32 tensors plus the safetensors header
+    torch.manual_seed(0)  # the same base weights as `tiny_model`, different adapters
+    fresh = perturb_lora(AceLoraModel(tester.get_config()), seed=5).eval()
+    with torch.no_grad():
+        fresh.logit_scale.fill_(3.0)
+        fresh.vision_hypergraph.node_adapter.up.bias.normal_()
+    _, inputs = tester.prepare_config_and_inputs()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(**inputs).logits_per_image, tiny_model(**inputs).logits_per_image)
+    load_adapters(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits_per_image, tiny_model(**inputs).logits_per_image)
+    with pytest.raises(FileExistsError):
+        save_adapters(tiny_model, tmp_path)
+
+
+def test_adapters_for_another_rank_are_refused(tiny_model, tmp_path):
+    save_adapters(tiny_model, tmp_path)
+    other = AceLoraModel(AceLoraModelTester().get_config(lora_rank=8))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(AdapterMismatchError, match="lora_rank: adapters 4, model 8"):
+        load_adapters(other, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_adapters_with_nan_are_refused(tiny_model, tester, tmp_path):
+    with torch.no_grad():
+        tiny_model.logit_scale.fill_(float("nan"))
+    save_adapters(tiny_model, tmp_path)
+    with pytest.raises(AdapterMismatchError, match="logit_scale contains NaN"):
+        load_adapters(AceLoraModel(tester.get_config()), tmp_path)
+

@@ -1,0 +1,68 @@
+"""Zero-shot classification and the metric code it reports with."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModel, AutoProcessor
+
+from ace_lora_hf.image_loading import load_image
+from ace_lora_hf.metrics import binary_classification_metrics
+from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
+
+from conftest import SAMPLES
+
+
+IMAGES = [SAMPLES / "nih_00000001_000.png", SAMPLES / "fake_monochrome1.dcm", SAMPLES / "nih_00027426_000.png"]
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_hub_folder):
+    return AutoModel.from_pretrained(tiny_hub_folder).eval(), AutoProcessor.from_pretrained(tiny_hub_folder)
+
+
+def test_probabilities_follow_spec_section_6(model_and_processor):
+    model, processor = model_and_processor
+    labels = ["No Finding", "pneumonia", "edema"]
+    probabilities = ZeroShotClassifier(model, processor, batch_size=2)(IMAGES, labels)
+    prompts = [template.format(label) for label in labels for template in CHEST_XRAY_TEMPLATES]
+    tokens = processor(text=prompts, return_tensors="pt")["input_ids"].view(3, 2, -1)
+    pixels = processor(images=[load_image(path) for path in IMAGES], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = model.logit_scale * model.get_image_features(pixels) @ model.get_class_embeddings(tokens).t()
+    torch.testing.assert_close(probabilities, logits.softmax(dim=-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(3))
+
+
+def test_class_prompts_are_encoded_once_per_label_set(model_and_processor, monkeypatch):
+    model, processor = model_and_processor
+    classifier = ZeroShotClassifier(model, processor, templates=PATHOLOGY_TEMPLATES)
+    calls = []
+    encode = model.get_class_embeddings
+    monkeypatch.setattr(model, "get_class_embeddings", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    first = classifier(IMAGES[0], ["adenocarcinoma", "benign tissue"])
+    second = classifier(IMAGES[1:], ["adenocarcinoma", "benign tissue"])
+    classifier(IMAGES[0], ["benign tissue", "adenocarcinoma"])
+    assert len(calls) == 2 and first.shape == (1, 2) and second.shape == (2, 2)
+
+
+def test_templates_need_a_placeholder(model_and_processor):
+    with pytest.raises(ValueError, match="needs a '{}'"):
+        ZeroShotClassifier(*model_and_processor, templates=["a chest X-ray"])
+
+
+def test_binary_metrics_hand_computed():
+    probabilities = [0.9, 0.4, 0.6, 0.2, 0.7]
+    targets = [1, 1, 0, 0, 1]
+    metrics = binary_classification_metrics(probabilities, targets)
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    # Positive/negative pairs ranked correctly: (0.9>0.6, 0.9>0.2, 0.4>0.2, 0.7>0.6, 0.7>0.2) of 6.
+    assert metrics["auc"] == pytest.approx(5 / 6)
+
+
+def test_binary_metrics_reject_bad_input():
+    assert math.isnan(binary_classification_metrics([0.2, 0.3], [1, 1])["auc"])
+    with pytest.raises(ValueError, match="0 or 1"):
+        binary_classification_metrics([0.2, 0.3], [1, 2])
+    with pytest.raises(ValueError, match="2 probabilities for 3 targets"):
+        binary_classification_metrics([0.2, 0.3], [1, 0, 1])
