@@ -325,7 +325,6 @@ def main(argv=None) -> None:
     args = _parse_args(argv)
     if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
         raise SystemExit(f"{args.output} is not empty; pass --overwrite to replace its files.")
-    logging.set_verbosity_info()
     model = convert_biomedclip(args.biomedclip, args.ace_checkpoint)
     model.save_pretrained(args.output)
     processor = biomedclip_processor(args.biomedclip)
