@@ -82,7 +82,7 @@ Vision-Language Models* (Aydın, Yilmaz, Koç, Çukur, arXiv 2603.17079). Weight
 ```python
 {USAGE_SNIPPET.format(repo_id=repo_id)}```
 
-`pip install ace-lora-hf` adds DICOM loading, batched zero-shot classification and the command line in
+The ace-lora-hf package (pip install from its repository) adds DICOM loading, batched zero-shot classification and the command line in
 `hf_model_inference.py` (`python hf_model_inference.py --model {repo_id} --images a.dcm b.png`).
 
 ## Results reported in the paper
