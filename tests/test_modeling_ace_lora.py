@@ -230,3 +230,24 @@ def test_hypergraph_needs_enough_tokens():
     tokens, cls_attention = _hypergraph_inputs(tokens=6)
     with pytest.raises(ValueError, match="top_k=5"):
         hypergraph(tokens, cls_attention)
+
+
+def test_activation_checkpointing_keeps_gradients(tester):
+    """The CLS attention row is recorded by hooks; recomputation in backward must not change any gradient."""
+    config, inputs = tester.prepare_config_and_inputs()
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = perturb_lora(AceLoraModel(config))
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.vision_model.layers[-1].gradient_checkpointing
+            assert model.text_model.encoder.layer[-1].gradient_checkpointing
+        model.train()
+        model(**inputs, return_loss=True).loss.backward()
+        gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
