@@ -1,6 +1,7 @@
 """Training: the data layer, the gathering loss on two real processes, and examples/pretrain.py end to end."""
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -239,3 +240,14 @@ def test_help_documents_every_flag():
     for flag in ("--resume_from_checkpoint", "--report_to", "--mixed_precision", "--gradient_accumulation_steps",
                  "--gradient_checkpointing", "--global_negatives", "--checkpointing_steps", "--validation_file"):
         assert flag in result.stdout
+
+
+def test_an_interrupted_save_is_never_the_latest_checkpoint(tmp_path):
+    spec = importlib.util.spec_from_file_location("pretrain", PRETRAIN)
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("step_4", "step_12", "step_16.tmp"):
+        (checkpoints / name).mkdir(parents=True)
+    assert pretrain.latest_checkpoint(tmp_path) == checkpoints / "step_12"
+    assert pretrain.latest_checkpoint(tmp_path / "empty") is None
