@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf.explain import explain_images
 from ace_lora_hf.image_loading import ImageLoadError, load_image
-from ace_lora_hf.metrics import binary_classification_metrics
+from ace_lora_hf.metrics import classification_metrics
 from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
 
@@ -125,7 +125,7 @@ def main(argv=None) -> None:
         ],
     }
     if targets is not None:
-        results["metrics"] = binary_classification_metrics(probabilities[:, 1], targets)
+        results["metrics"] = classification_metrics(probabilities, targets)
         print(f"accuracy {results['metrics']['accuracy']:.4f}  AUC ({args.labels[1]}) {results['metrics']['auc']:.4f}")
     if args.output:
         args.output.write_text(json.dumps(results, indent=2))

@@ -36,7 +36,7 @@ from ace_lora_hf.adapters import save_adapters
 from ace_lora_hf.data import CHEXPERT_LABELS, ImageTextCollator, ImageTextColumns, load_image_text_dataset
 from ace_lora_hf.image_loading import load_image
 from ace_lora_hf.loss_ace_lora import LabelGuidedInfoNCELoss
-from ace_lora_hf.metrics import binary_classification_metrics
+from ace_lora_hf.metrics import classification_metrics
 from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
 
@@ -192,11 +192,11 @@ def evaluate(accelerator: Accelerator, model, processor, loader, labels: list[st
     probabilities, targets = [], []
     for pixel_values, target in loader:
         logits = unwrapped.logit_scale * unwrapped.get_image_features(pixel_values) @ classes.t()
-        probability, target = accelerator.gather_for_metrics((logits.softmax(dim=-1)[:, 1], target))
+        probability, target = accelerator.gather_for_metrics((logits.softmax(dim=-1), target))
         probabilities.append(probability.float().cpu())
         targets.append(target.cpu())
     model.train()
-    return binary_classification_metrics(torch.cat(probabilities), torch.cat(targets))
+    return classification_metrics(torch.cat(probabilities), torch.cat(targets))
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from ace_lora_hf.metrics import binary_classification_metrics
+from ace_lora_hf.metrics import classification_metrics
 
 from conftest import REPO_ROOT, SAMPLES
 
@@ -56,8 +56,8 @@ def test_csv_reports_accuracy_and_auc(tiny_hub_folder, tmp_path, capsys):
     output = tmp_path / "results.json"
     out = run(capsys, "--model", tiny_hub_folder, "--csv", table, "--image-root", SAMPLES, "--output", output)
     results = json.loads(output.read_text())
-    positive = [r["probabilities"]["pneumonia"] for r in results["results"]]
-    assert results["metrics"] == binary_classification_metrics(positive, [0, 1, 1])
+    probabilities = [[r["probabilities"]["No Finding"], r["probabilities"]["pneumonia"]] for r in results["results"]]
+    assert results["metrics"] == classification_metrics(probabilities, [0, 1, 1])
     assert f"AUC (pneumonia) {results['metrics']['auc']:.4f}" in out
 
 

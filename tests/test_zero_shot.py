@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf.image_loading import load_image
-from ace_lora_hf.metrics import binary_classification_metrics
+from ace_lora_hf.metrics import classification_metrics, multilabel_metrics
 from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
 
 from conftest import SAMPLES
@@ -52,17 +52,33 @@ def test_templates_need_a_placeholder(model_and_processor):
 
 
 def test_binary_metrics_hand_computed():
-    probabilities = [0.9, 0.4, 0.6, 0.2, 0.7]
-    targets = [1, 1, 0, 0, 1]
-    metrics = binary_classification_metrics(probabilities, targets)
+    positive = [0.9, 0.4, 0.6, 0.2, 0.7]
+    probabilities = [[1 - p, p] for p in positive]
+    metrics = classification_metrics(probabilities, [1, 1, 0, 0, 1])
     assert metrics["accuracy"] == pytest.approx(3 / 5)
     # Positive/negative pairs ranked correctly: (0.9>0.6, 0.9>0.2, 0.4>0.2, 0.7>0.6, 0.7>0.2) of 6.
     assert metrics["auc"] == pytest.approx(5 / 6)
 
 
-def test_binary_metrics_reject_bad_input():
-    assert math.isnan(binary_classification_metrics([0.2, 0.3], [1, 1])["auc"])
-    with pytest.raises(ValueError, match="0 or 1"):
-        binary_classification_metrics([0.2, 0.3], [1, 2])
-    with pytest.raises(ValueError, match="2 probabilities for 3 targets"):
-        binary_classification_metrics([0.2, 0.3], [1, 0, 1])
+def test_multiclass_metrics_hand_computed():
+    probabilities = [[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]]
+    metrics = classification_metrics(probabilities, [0, 2, 2, 1])
+    assert metrics["accuracy"] == pytest.approx(2 / 4)
+    # One-vs-rest AUCs: class 0: 3/3; class 1: (0.4 > 0.2, 0.3 ; < 0.5) = 2/3; class 2: (0.4, 0.5 vs 0.1, 0.2) = 4/4.
+    assert metrics["auc"] == pytest.approx((1 + 2 / 3 + 1) / 3)
+
+
+def test_multilabel_metrics_hand_computed():
+    scores = [[0.9, 0.1], [0.2, 0.8], [0.6, 0.3], [0.1, 0.4]]
+    metrics = multilabel_metrics(scores, [[1, 0], [0, 1], [0, 0], [1, 0]])
+    # class 0: positives 0.9, 0.1 vs negatives 0.2, 0.6 -> 2/4; class 1: positive 0.8 above 0.1, 0.3, 0.4 -> 1.
+    assert metrics["auc_per_class"] == pytest.approx([0.5, 1.0])
+    assert metrics["auc"] == pytest.approx(0.75)
+
+
+def test_metrics_reject_bad_input():
+    assert math.isnan(classification_metrics([[0.8, 0.2], [0.7, 0.3]], [1, 1])["auc"])
+    with pytest.raises(ValueError, match="class indices"):
+        classification_metrics([[0.8, 0.2], [0.7, 0.3]], [1, 2])
+    with pytest.raises(ValueError, match="2 score rows for 3 targets"):
+        classification_metrics([[0.8, 0.2], [0.7, 0.3]], [1, 0, 1])

@@ -1,0 +1,1 @@
+"""The `classification` evaluate module (loaded by path with `evaluate.load`)."""
