@@ -4,6 +4,8 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForObjectDetection,
+    AutoModelForSemanticSegmentation,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
@@ -12,25 +14,33 @@ from .configuration_ace_lora import AceLoraConfig
 from .image_processing_ace_lora import AceLoraImageProcessor
 from .loss_ace_lora import binarize_labels, false_negative_mask, label_guided_infonce
 from .modeling_ace_lora import AceHypergraph, AceLoraModel, AceLoraOutput, AceLoraPreTrainedModel
+from .modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraObjectDetectionOutput
 from .processing_ace_lora import AceLoraProcessor
 
 
 AutoConfig.register(AceLoraConfig.model_type, AceLoraConfig, exist_ok=True)
 AutoModel.register(AceLoraConfig, AceLoraModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(AceLoraConfig, AceLoraModel, exist_ok=True)
+AutoModelForSemanticSegmentation.register(AceLoraConfig, AceLoraForSegmentation, exist_ok=True)
+AutoModelForObjectDetection.register(AceLoraConfig, AceLoraForObjectDetection, exist_ok=True)
 AutoImageProcessor.register(AceLoraConfig, image_processor_classes={"pil": AceLoraImageProcessor}, exist_ok=True)
 AutoProcessor.register(AceLoraConfig, AceLoraProcessor, exist_ok=True)
 # `save_pretrained` then writes `auto_map` and copies the code, so a saved folder also loads as remote code.
 AceLoraConfig.register_for_auto_class()
 AceLoraModel.register_for_auto_class("AutoModel")
+AceLoraForSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+AceLoraForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 AceLoraImageProcessor.register_for_auto_class("AutoImageProcessor")
 AceLoraProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "AceHypergraph",
     "AceLoraConfig",
+    "AceLoraForObjectDetection",
+    "AceLoraForSegmentation",
     "AceLoraImageProcessor",
     "AceLoraModel",
+    "AceLoraObjectDetectionOutput",
     "AceLoraOutput",
     "AceLoraPreTrainedModel",
     "AceLoraProcessor",

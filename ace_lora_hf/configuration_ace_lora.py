@@ -76,6 +76,11 @@ class AceLoraConfig(PreTrainedConfig):
             Bottleneck width of the hyperedge and node adapters.
         hypergraph_towers (`str`, *optional*, defaults to `"both"`):
             Towers whose embedding goes through the hypergraph: `"both"`, `"vision"`, `"text"` or `"none"`.
+        head_feature_layers (`list[int]`, *optional*):
+            ViT layers (1-based) whose patch tokens feed the segmentation decoder of `AceLoraForSegmentation`;
+            by default the ends of the four quarters of the tower (3, 6, 9 and 12 for ViT-B).
+        head_hidden_size (`int`, *optional*, defaults to 256):
+            Channels of the downstream segmentation and detection heads.
         logit_scale_init_value (`float`, *optional*, defaults to 1/0.07):
             Initial value of the learnable logit scale, stored on the exponentiated scale (BiomedCLIP's
             `exp(logit_scale)`; the released checkpoint learned 78.3486).
@@ -111,6 +116,8 @@ class AceLoraConfig(PreTrainedConfig):
     hypergraph_hidden_size: int = 128
     hypergraph_towers: str = "both"
     logit_scale_init_value: float = 1 / 0.07
+    head_feature_layers: list[int] | None = None
+    head_hidden_size: int = 256
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, dict):
@@ -131,6 +138,11 @@ class AceLoraConfig(PreTrainedConfig):
             raise ValueError(
                 f"lora_target_projections has {sorted(unknown)}: only {list(LORA_PROJECTION_CHOICES)} can be adapted."
             )
+        layers = self.vision_config.num_hidden_layers
+        if self.head_feature_layers is None:
+            self.head_feature_layers = sorted({max(1, layers * quarter // 4) for quarter in range(1, 5)})
+        if not all(1 <= layer <= layers for layer in self.head_feature_layers):
+            raise ValueError(f"head_feature_layers={self.head_feature_layers}: the vision tower has layers 1..{layers}.")
         if self.text_context_length > self.text_config.max_position_embeddings:
             raise ValueError(
                 f"text_context_length={self.text_context_length} exceeds the text tower's "

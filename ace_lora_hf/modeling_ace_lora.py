@@ -2,7 +2,7 @@
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,8 @@ from .loss_ace_lora import label_guided_infonce
 
 logger = logging.get_logger(__name__)
 
+# Tokens per tower call in CPU inference (see `AceLoraModel._inference_chunk_size`).
+CPU_CHUNK_TOKENS = 1024
 # Names of the attention projections that LoRA adapts, per tower (`AceLoraConfig.lora_target_projections`).
 VISION_PROJECTION_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
 TEXT_PROJECTION_NAMES = {"q": "query", "k": "key", "v": "value"}
@@ -176,6 +178,14 @@ def recording_outputs(**modules: nn.Module) -> Iterator[dict[str, torch.Tensor]]
             handle.remove()
 
 
+def _map_chunks(function, chunk_size: int, *tensors: torch.Tensor) -> tuple:
+    """`function` over matching chunks of `tensors` (along dim 0), each of its outputs concatenated (None stays None)."""
+    if chunk_size >= tensors[0].shape[0]:
+        return function(*tensors)
+    outputs = [function(*parts) for parts in zip(*(tensor.split(chunk_size) for tensor in tensors))]
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
+
+
 def cls_attention_scores(query: torch.Tensor, key: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Scaled dot products of the CLS query with every key, per head: `[B, heads, N]` from `[B, N, hidden]` q, k."""
     batch_size, num_tokens, hidden_size = key.shape
@@ -187,6 +197,7 @@ def cls_attention_scores(query: torch.Tensor, key: torch.Tensor, num_heads: int)
 
 class AceLoraPreTrainedModel(PreTrainedModel):
     config_class = AceLoraConfig
+    _extra_auto_classes: tuple[str, ...] = ()
     config: AceLoraConfig
     base_model_prefix = "ace_lora"
     input_modalities = ("image", "text")
@@ -204,6 +215,34 @@ class AceLoraPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
         if isinstance(module, AceLoraModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+    def mark_only_adapters_trainable(self) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading replaces every parameter with a new, trainable one.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.mark_only_adapters_trainable()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if any(isinstance(m, LoraLayer) and m.merged for m in self.modules()):
+            raise ValueError(
+                "LoRA is merged into the base weights; saving now would apply it twice when loading. "
+                "Call `unmerge_lora()` before `save_pretrained`."
+            )
+        if any(getattr(m, "tower_dtype", None) is not None for m in self.modules()):
+            raise ValueError("The towers were cast with `cast_towers` for inference; save the float32 model instead.")
+        if self._auto_class is not None:
+            # One class may serve several auto classes; `register_for_auto_class` records only one of them.
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                **{auto: f"{module}.{type(self).__name__}" for auto in self._extra_auto_classes},
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -231,6 +270,8 @@ class AceLoraModel(AceLoraPreTrainedModel):
     ```
     """
 
+    _extra_auto_classes = ("AutoModelForZeroShotImageClassification",)
+
     def __init__(self, config: AceLoraConfig):
         super().__init__(config)
         self.vision_model = ViTModel(config.vision_config, add_pooling_layer=False)
@@ -245,6 +286,7 @@ class AceLoraModel(AceLoraPreTrainedModel):
         self.vision_hypergraph = AceHypergraph(*hypergraph_args) if config.vision_uses_hypergraph else None
         self.text_hypergraph = AceHypergraph(*hypergraph_args) if config.text_uses_hypergraph else None
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.tower_dtype: torch.dtype | None = None  # set by `cast_towers`
         self.post_init()
         self._inject_lora()
 
@@ -279,13 +321,6 @@ class AceLoraModel(AceLoraPreTrainedModel):
         for name, parameter in self.named_parameters():
             parameter.requires_grad = self._is_trainable(name)
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # Loading replaces every parameter with a new, trainable one.
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.mark_only_adapters_trainable()
-        return loaded
 
     @staticmethod
     def _is_trainable(parameter_name: str) -> bool:
@@ -309,35 +344,61 @@ class AceLoraModel(AceLoraPreTrainedModel):
         for layer in self.lora_layers():
             layer.unmerge()
 
+    def cast_towers(self, dtype: torch.dtype = torch.bfloat16) -> "AceLoraModel":
+        """Run the ViT and BERT towers' matrix products in `dtype` (bfloat16 or float16) for fast inference.
+
+        The towers' `Linear`/`Conv2d` weights are stored in `dtype` and the towers run under autocast, so their
+        residual stream and normalisations stay in float32; the projections, the CLS attention row and the
+        hypergraph stay float32 too (the hypergraph's top-k choices are precision-sensitive). Call
+        [`merge_lora`] first so that the adapters are folded in at full precision. The rounding of the weights
+        is not undone: reload the model to return to float32.
+        """
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"cast_towers takes torch.bfloat16 or torch.float16, got {dtype}.")
+        for tower in (self.vision_model, self.text_model):
+            for module in tower.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    module.to(dtype)
+        self.tower_dtype = dtype
+        return self
+
+    def _tower_autocast(self, device: torch.device):
+        # A disabled autocast block would also switch off a caller's autocast (mixed-precision training).
+        return nullcontext() if self.tower_dtype is None else torch.autocast(device.type, dtype=self.tower_dtype)
+
     @property
     def lora_merged(self) -> bool:
         return any(layer.merged for layer in self.lora_layers())
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if self.lora_merged:
-            raise ValueError(
-                "LoRA is merged into the base weights; saving now would apply it twice when loading. "
-                "Call `model.unmerge_lora()` before `save_pretrained`."
-            )
-        if self._auto_class is not None:
-            # One class serves both auto classes; `register_for_auto_class` records only one of them.
-            module = type(self).__module__.rsplit(".", 1)[-1]
-            self.config.auto_map = {
-                **(getattr(self.config, "auto_map", None) or {}),
-                "AutoModelForZeroShotImageClassification": f"{module}.{type(self).__name__}",
-            }
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
     # ----------------------------------------------------------------------------------------------------- vision
+
+    def _inference_chunk_size(self, batch_size: int, tokens_per_sample: int, device: torch.device) -> int:
+        """Samples per tower call: the whole batch, except for CPU inference, which runs best in small chunks.
+
+        On the CPU, the activations of a large batch exceed glibc's mmap threshold so that every allocation
+        page-faults; chunks of about `CPU_CHUNK_TOKENS` tokens keep the GEMMs near peak. Outputs are unchanged.
+        """
+        if torch.is_grad_enabled() or device.type != "cpu":
+            return batch_size
+        return max(1, CPU_CHUNK_TOKENS // tokens_per_sample)
 
     def _image_tokens(self, pixel_values: torch.Tensor, with_cls_attention: bool):
         """Normalised projected tokens `[B, N, D]` and, if asked, the last layer's pre-softmax CLS row `[B, N-1]`."""
+        embeddings = self.vision_model.embeddings
+        num_tokens = embeddings.patch_embeddings.num_patches + 1
+        chunk_size = self._inference_chunk_size(pixel_values.shape[0], num_tokens, pixel_values.device)
+        return _map_chunks(lambda pixels: self._image_tokens_chunk(pixels, with_cls_attention), chunk_size,
+                           pixel_values)
+
+    def _image_tokens_chunk(self, pixel_values: torch.Tensor, with_cls_attention: bool):
         attention = self.vision_model.layers[-1].attention
         with recording_outputs(query=attention.q_proj, key=attention.k_proj) as recorded:
-            hidden_states = self.vision_model(pixel_values=pixel_values).last_hidden_state
+            with self._tower_autocast(pixel_values.device):
+                hidden_states = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        hidden_states = hidden_states.to(self.visual_projection.weight.dtype)
         if not with_cls_attention:
             return F.normalize(self.visual_projection(hidden_states[:, :1]), dim=-1), None
-        scores = cls_attention_scores(recorded["query"], recorded["key"], attention.num_attention_heads)
+        scores = cls_attention_scores(recorded["query"].float(), recorded["key"].float(), attention.num_attention_heads)
         cls_attention = scores.mean(dim=1)[:, 1:]
         return F.normalize(self.visual_projection(hidden_states), dim=-1), cls_attention
 
@@ -397,12 +458,19 @@ class AceLoraModel(AceLoraPreTrainedModel):
 
     def _text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_cls_attention: bool):
         """Normalised projected tokens `[B, L, D]` and, if asked, the last layer's CLS attention probabilities."""
+        chunk_size = self._inference_chunk_size(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+        return _map_chunks(lambda ids, mask: self._text_tokens_chunk(ids, mask, with_cls_attention), chunk_size,
+                           input_ids, attention_mask)
+
+    def _text_tokens_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_cls_attention: bool):
         attention = self.text_model.encoder.layer[-1].attention.self
         with recording_outputs(query=attention.query, key=attention.key) as recorded:
-            hidden_states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            with self._tower_autocast(input_ids.device):
+                hidden_states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden_states = hidden_states.to(self.text_projection.fc1.weight.dtype)
         if not with_cls_attention:
             return F.normalize(self.text_projection(hidden_states[:, :1]), dim=-1), None
-        scores = cls_attention_scores(recorded["query"], recorded["key"], attention.num_attention_heads)
+        scores = cls_attention_scores(recorded["query"].float(), recorded["key"].float(), attention.num_attention_heads)
         scores = scores.masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
         cls_attention = scores.softmax(dim=-1).mean(dim=1)[:, 1:]
         return F.normalize(self.text_projection(hidden_states), dim=-1), cls_attention

@@ -17,9 +17,6 @@ import csv
 import json
 import logging
 import math
-import re
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,11 +34,11 @@ from ace_lora_hf.data import CHEXPERT_LABELS, ImageTextCollator, ImageTextColumn
 from ace_lora_hf.image_loading import load_image
 from ace_lora_hf.loss_ace_lora import LabelGuidedInfoNCELoss
 from ace_lora_hf.metrics import classification_metrics
+from ace_lora_hf.training_utils import (TrainingProgress, check_output_dir, resume, save_checkpoint, save_model)
 from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
 
 logger = get_logger(__name__)
-CHECKPOINT_PATTERN = re.compile(r"step_(\d+)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,73 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if known.config:
         parser.set_defaults(**yaml.safe_load(known.config.read_text()) or {})
     return parser.parse_args(argv)
-
-
-class TrainingProgress:
-    """Where training stands; saved in every checkpoint so that a resumed run continues exactly."""
-
-    def __init__(self):
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.completed_steps = 0
-        self.epoch_loss_sum = 0.0
-        self.best_loss = math.inf
-        self.history: list[dict] = []
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def checkpoint_dir(output_dir: Path) -> Path:
-    return output_dir / "checkpoints"
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint; an interrupted save (`*.tmp`) never counts."""
-    steps = [(int(m.group(1)), p) for p in checkpoint_dir(output_dir).glob("step_*")
-             if (m := CHECKPOINT_PATTERN.fullmatch(p.name)) and p.is_dir()]
-    return max(steps)[1] if steps else None
-
-
-@contextmanager
-def atomic_directory(accelerator: Accelerator, target: Path):
-    """Yield a temporary folder that becomes `target` only once everything was written into it."""
-    staging = target.with_name(target.name + ".tmp")
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    yield staging
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    accelerator.wait_for_everyone()
-
-
-def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
-    with atomic_directory(accelerator, checkpoint_dir(args.output_dir) / f"step_{step}") as staging:
-        accelerator.save_state(str(staging))
-    accelerator.print(f"saved checkpoint step_{step}")
-    if accelerator.is_main_process:
-        steps = sorted(int(m.group(1)) for p in checkpoint_dir(args.output_dir).iterdir()
-                       if (m := CHECKPOINT_PATTERN.fullmatch(p.name)))
-        for old in steps[: -args.keep_checkpoints]:
-            shutil.rmtree(checkpoint_dir(args.output_dir) / f"step_{old}")
-
-
-def save_model(accelerator: Accelerator, model, processor, target: Path) -> None:
-    with atomic_directory(accelerator, target) as staging:
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(staging, save_function=accelerator.save)
-            processor.save_pretrained(staging)
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
@@ -215,18 +145,6 @@ def build_train_loader(args, model, processor) -> DataLoader:
                       generator=torch.Generator().manual_seed(args.seed))
 
 
-def check_output_dir(args) -> None:
-    """Refuse to train over an earlier run unless resuming it or told to replace it."""
-    if args.resume_from_checkpoint or args.overwrite_output_dir or not args.output_dir.exists():
-        return
-    earlier = [name for name in ("checkpoints", "final", "best", "adapters") if (args.output_dir / name).exists()]
-    if earlier:
-        raise SystemExit(
-            f"{args.output_dir} holds an earlier run ({', '.join(earlier)}): pass --resume_from_checkpoint latest "
-            "to continue it, --overwrite_output_dir to replace it, or another --output_dir."
-        )
-
-
 def training_function(args: argparse.Namespace) -> TrainingProgress:
     accelerator = Accelerator(
         cpu=args.cpu,
@@ -237,7 +155,7 @@ def training_function(args: argparse.Namespace) -> TrainingProgress:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
-    check_output_dir(args)
+    check_output_dir(args.output_dir, bool(args.resume_from_checkpoint), args.overwrite_output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -264,14 +182,7 @@ def training_function(args: argparse.Namespace) -> TrainingProgress:
     accelerator.register_for_checkpointing(progress)
     loss_function = LabelGuidedInfoNCELoss(global_negatives=args.global_negatives)
 
-    if args.resume_from_checkpoint:
-        path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else Path(
-            args.resume_from_checkpoint)
-        if path is None:
-            logger.info("No checkpoint in %s yet: starting from scratch.", checkpoint_dir(args.output_dir))
-        else:
-            accelerator.load_state(str(path))
-            logger.info("Resumed from %s (epoch %d, step %d)", path, progress.epoch, progress.completed_steps)
+    resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
     if args.report_to != "none":
         accelerator.init_trackers("ace_lora", config={k: str(v) for k, v in vars(args).items()})
 
@@ -281,11 +192,7 @@ def training_function(args: argparse.Namespace) -> TrainingProgress:
     skipped_rows = 0
     for epoch in range(progress.epoch, args.num_epochs):
         model.train()
-        train_loader.set_epoch(epoch)
-        resuming_mid_epoch = progress.step_in_epoch > 0
-        batches = accelerator.skip_first_batches(train_loader, progress.step_in_epoch) if resuming_mid_epoch else (
-            train_loader)
-        for batch in batches:
+        for batch in progress.epoch_batches(accelerator, train_loader):
             skipped_rows += int(batch.pop("num_skipped"))
             labels = batch.pop("labels", None)
             with accelerator.accumulate(model):
@@ -296,16 +203,12 @@ def training_function(args: argparse.Namespace) -> TrainingProgress:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            progress.step_in_epoch += 1
-            progress.completed_steps += 1
-            progress.epoch_loss_sum += accelerator.reduce(loss.detach(), reduction="mean").item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+            progress.record_step(accelerator, loss, bar)
             if progress.completed_steps % args.log_every_steps == 0:
                 accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
                                  "train/logit_scale": logit_scale.item()}, step=progress.completed_steps)
             if args.checkpointing_steps and progress.completed_steps % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, progress.completed_steps)
+                save_checkpoint(accelerator, args.output_dir, progress.completed_steps, args.keep_checkpoints)
             if args.max_train_steps and progress.completed_steps >= args.max_train_steps:
                 break
         finished_epoch = progress.step_in_epoch == len(train_loader)
@@ -337,12 +240,12 @@ def end_epoch(accelerator, args, model, processor, progress: TrainingProgress, v
         history = args.output_dir / "training_history.json"
         history.with_suffix(".tmp").write_text(json.dumps(progress.history, indent=2))
         history.with_suffix(".tmp").replace(history)
-    is_best = epoch_loss < progress.best_loss
-    progress.best_loss = min(progress.best_loss, epoch_loss)
+    is_best = epoch_loss < progress.best_score
+    progress.best_score = min(progress.best_score, epoch_loss)
     progress.epoch, progress.step_in_epoch, progress.epoch_loss_sum = epoch + 1, 0, 0.0
     if is_best:
         save_model(accelerator, model, processor, args.output_dir / "best")
-    save_checkpoint(accelerator, args, progress.completed_steps)
+    save_checkpoint(accelerator, args.output_dir, progress.completed_steps, args.keep_checkpoints)
 
 
 def main(argv=None) -> None:

@@ -251,3 +251,45 @@ def test_activation_checkpointing_keeps_gradients(tester):
         gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+def test_cpu_inference_chunks_do_not_change_outputs(tiny_model, tester, monkeypatch):
+    from ace_lora_hf import modeling_ace_lora
+
+    config, inputs = tester.prepare_config_and_inputs()
+    classes = torch.stack([inputs["input_ids"]] * 2, dim=1)
+    with torch.enable_grad():  # no chunking when gradients are recorded
+        expected = (tiny_model.get_image_features(inputs["pixel_values"]).detach(),
+                    tiny_model.get_class_embeddings(classes).detach())
+    monkeypatch.setattr(modeling_ace_lora, "CPU_CHUNK_TOKENS", 30)  # one image, one text per call
+    with torch.no_grad():
+        assert tiny_model._inference_chunk_size(3, 26, torch.device("cpu")) == 1
+        torch.testing.assert_close(tiny_model.get_image_features(inputs["pixel_values"]), expected[0])
+        torch.testing.assert_close(tiny_model.get_class_embeddings(classes), expected[1])
+
+
+def test_bfloat16_towers_keep_projections_and_hypergraph_in_float32(tiny_model, tester):
+    _, inputs = tester.prepare_config_and_inputs()
+    with torch.no_grad():
+        expected = tiny_model(**inputs).logits_per_image.softmax(-1)
+        tiny_model.merge_lora()
+        tiny_model.cast_towers(torch.bfloat16)
+        output = tiny_model(**inputs)
+    assert tiny_model.vision_model.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert tiny_model.visual_projection.weight.dtype == tiny_model.vision_hypergraph.edge_adapter.up.weight.dtype
+    assert output.image_embeds.dtype == torch.float32 == tiny_model.visual_projection.weight.dtype
+    torch.testing.assert_close(output.logits_per_image.softmax(-1), expected, rtol=0, atol=5e-2)
+
+
+def test_a_callers_autocast_reaches_the_towers(tiny_model, tester):
+    _, inputs = tester.prepare_config_and_inputs()
+    recorded = {}
+
+    def record_dtype(module, args, output):
+        recorded["dtype"] = output.dtype
+
+    hook = tiny_model.vision_model.layers[0].mlp.fc1.register_forward_hook(record_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny_model.get_image_features(inputs["pixel_values"])
+    hook.remove()
+    assert recorded["dtype"] == torch.bfloat16

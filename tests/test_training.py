@@ -1,7 +1,6 @@
 """Training: the data layer, the gathering loss on two real processes, and examples/pretrain.py end to end."""
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ from transformers import AutoModel, AutoProcessor
 from ace_lora_hf.data import DataFormatError, ImageTextCollator, ImageTextColumns, load_image_text_dataset
 from ace_lora_hf.image_loading import ImageLoadError
 from ace_lora_hf.loss_ace_lora import LabelGuidedInfoNCELoss, label_guided_infonce
+from ace_lora_hf.training_utils import latest_checkpoint
 
 from conftest import REPO_ROOT
 
@@ -243,11 +243,8 @@ def test_help_documents_every_flag():
 
 
 def test_an_interrupted_save_is_never_the_latest_checkpoint(tmp_path):
-    spec = importlib.util.spec_from_file_location("pretrain", PRETRAIN)
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
     checkpoints = tmp_path / "checkpoints"
     for name in ("step_4", "step_12", "step_16.tmp"):
         (checkpoints / name).mkdir(parents=True)
-    assert pretrain.latest_checkpoint(tmp_path) == checkpoints / "step_12"
-    assert pretrain.latest_checkpoint(tmp_path / "empty") is None
+    assert latest_checkpoint(tmp_path) == checkpoints / "step_12"
+    assert latest_checkpoint(tmp_path / "empty") is None

@@ -1,0 +1,296 @@
+"""Downstream heads on the frozen ACE-LoRA image encoder: semantic segmentation and object detection."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.utils import ModelOutput
+
+from .configuration_ace_lora import AceLoraConfig
+from .modeling_ace_lora import AceLoraModel, AceLoraPreTrainedModel
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.GroupNorm(8, out_channels), nn.ReLU())
+
+
+class AceLoraHeadModel(AceLoraPreTrainedModel):
+    """A task head on the ACE-LoRA image encoder. The encoder (ViT + LoRA) is frozen; only the head trains.
+
+    Loads from an `AceLoraModel` folder as well (`from_pretrained` maps its weights under `ace_lora.`).
+    """
+
+    def __init__(self, config: AceLoraConfig):
+        super().__init__(config)
+        self.ace_lora = AceLoraModel(config)
+
+    def mark_only_adapters_trainable(self) -> None:
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad = not name.startswith("ace_lora.")
+
+    def feature_maps(self, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """Patch tokens after the given (1-based) ViT layers as `[B, hidden, H/patch, W/patch]` maps."""
+        outputs = self.ace_lora.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        side = pixel_values.shape[-1] // self.config.vision_config.patch_size
+        return [outputs.hidden_states[layer][:, 1:].transpose(1, 2).unflatten(2, (side, side)) for layer in layers]
+
+
+# ------------------------------------------------------------------------------------------------ segmentation
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, epsilon: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss of binary `logits` against 0/1 `targets`, both `[B, H, W]`, averaged over images."""
+    probabilities = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    overlap = (probabilities * targets).sum(1)
+    return (1 - (2 * overlap + epsilon) / (probabilities.sum(1) + targets.sum(1) + epsilon)).mean()
+
+
+class AceLoraForSegmentation(AceLoraHeadModel):
+    r"""
+    Binary semantic segmentation (e.g. SIIM pneumothorax) on the frozen ACE-LoRA image encoder: patch tokens of
+    several ViT depths (`config.head_feature_layers`) fused by a decoder that upsamples step by step from the
+    patch grid to the input resolution. `labels` (`[B, H, W]`, 0/1) switch on the Dice + BCE loss; `logits` are
+    `[B, 1, H, W]` at the input resolution.
+    """
+
+    def __init__(self, config: AceLoraConfig):
+        super().__init__(config)
+        hidden, width = config.vision_config.hidden_size, config.head_hidden_size
+        levels = len(config.head_feature_layers)
+        self.lateral = nn.ModuleList(nn.Conv2d(hidden, width, 1) for _ in range(levels))
+        self.fuse = nn.ModuleList(_conv_block(width, width) for _ in range(levels))
+        self.classifier = nn.Conv2d(width, 1, 1)
+        self.post_init()
+        self.mark_only_adapters_trainable()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> SemanticSegmenterOutput:
+        with torch.no_grad():
+            features = self.feature_maps(pixel_values, list(self.config.head_feature_layers))
+        decoded = self.fuse[-1](self.lateral[-1](features[-1]))
+        for lateral, fuse, feature in zip(self.lateral[-2::-1], self.fuse[-2::-1], features[-2::-1]):
+            decoded = F.interpolate(decoded, scale_factor=2, mode="bilinear", align_corners=False)
+            decoded = fuse(decoded + F.interpolate(lateral(feature), size=decoded.shape[-2:], mode="bilinear",
+                                                   align_corners=False))
+        logits = F.interpolate(self.classifier(decoded), size=pixel_values.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        loss = None
+        if labels is not None:
+            labels = labels.float()
+            loss = dice_loss(logits[:, 0], labels) + F.binary_cross_entropy_with_logits(logits[:, 0], labels)
+        return SemanticSegmenterOutput(loss=loss, logits=logits)
+
+
+# --------------------------------------------------------------------------------------------------- detection
+
+
+@dataclass
+class AceLoraObjectDetectionOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): focal classification + GIoU box + centerness loss (with `labels`).
+    logits (`torch.FloatTensor` of shape `(batch_size, num_locations, num_labels)`): class logits per location.
+    pred_boxes (`torch.FloatTensor` of shape `(batch_size, num_locations, 4)`): boxes as normalised
+        (center_x, center_y, width, height), like DETR's.
+    centerness (`torch.FloatTensor` of shape `(batch_size, num_locations)`): centerness logits.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    centerness: torch.FloatTensor | None = None
+
+
+def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of `[N, 4]` and `[M, 4]` boxes (x1, y1, x2, y2)."""
+    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    other_area = (others[:, 2] - others[:, 0]).clamp(min=0) * (others[:, 3] - others[:, 1]).clamp(min=0)
+    top_left = torch.maximum(boxes[:, None, :2], others[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], others[None, :, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
+    return intersection / (area[:, None] + other_area[None, :] - intersection).clamp(min=1e-9)
+
+
+def non_maximum_suppression(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Indices of the boxes kept, highest score first (torchvision's `nms`, which is unavailable on CPU torch)."""
+    order = scores.argsort(descending=True)
+    keep = []
+    while order.numel():
+        best = order[0]
+        keep.append(best)
+        if order.numel() == 1:
+            break
+        overlaps = box_iou(boxes[best][None], boxes[order[1:]])[0]
+        order = order[1:][overlaps <= iou_threshold]
+    return torch.stack(keep) if keep else torch.empty(0, dtype=torch.long)
+
+
+def _box_area(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(-1)
+
+
+def _giou_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean generalised-IoU loss of matching `[N, 4]` box pairs (x1, y1, x2, y2)."""
+    intersection = (torch.minimum(predicted[:, 2:], target[:, 2:]) - torch.maximum(predicted[:, :2], target[:, :2]))
+    intersection = intersection.clamp(min=0).prod(-1)
+    union = _box_area(predicted) + _box_area(target) - intersection
+    enclosing = (torch.maximum(predicted[:, 2:], target[:, 2:]) - torch.minimum(predicted[:, :2], target[:, :2]))
+    enclosing = enclosing.clamp(min=0).prod(-1).clamp(min=1e-9)
+    iou = intersection / union.clamp(min=1e-9)
+    return (1 - iou + (enclosing - union) / enclosing).mean()
+
+
+def _per_class_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float):
+    """Indices kept by non-maximum suppression within each class."""
+    kept = [torch.nonzero(labels == label)[:, 0][non_maximum_suppression(boxes[labels == label],
+                                                                          scores[labels == label], iou_threshold)]
+            for label in labels.unique()]
+    return torch.cat(kept) if kept else labels.new_empty(0)
+
+
+def _flatten_levels(maps: list[torch.Tensor]) -> torch.Tensor:
+    """`[B, C, H, W]` maps of every level to one `[B, sum(H*W), C]` tensor."""
+    return torch.cat([level.flatten(2).transpose(1, 2) for level in maps], dim=1)
+
+
+class AceLoraForObjectDetection(AceLoraHeadModel):
+    r"""
+    Anchor-free (FCOS-style) detection on the frozen ACE-LoRA image encoder: a simple feature pyramid from the last
+    ViT layer's patch grid (strides 8, 16 and 32 for 16-pixel patches), one shared head predicting per location
+    class logits, distances to the box sides and centerness. `labels` are DETR-style: one dict per image with
+    `class_labels` (`[n]`) and `boxes` (`[n, 4]`, normalised center_x, center_y, width, height).
+    Use [`post_process_object_detection`] for boxes in pixels after score threshold and non-maximum suppression.
+    """
+
+    def __init__(self, config: AceLoraConfig):
+        super().__init__(config)
+        hidden, width = config.vision_config.hidden_size, config.head_hidden_size
+        self.pyramid = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(hidden, width, 2, stride=2), nn.GroupNorm(8, width), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(hidden, width, 1), nn.GroupNorm(8, width), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(hidden, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.ReLU()),
+        ])
+        self.tower = nn.Sequential(_conv_block(width, width), _conv_block(width, width))
+        self.class_logits = nn.Conv2d(width, config.num_labels, 3, padding=1)
+        self.box_distances = nn.Conv2d(width, 4, 3, padding=1)
+        self.centerness_logits = nn.Conv2d(width, 1, 3, padding=1)
+        self.post_init()
+        self.mark_only_adapters_trainable()
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        patch = self.config.vision_config.patch_size
+        return patch // 2, patch, patch * 2
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is getattr(self, "class_logits", None):  # a 1% prior for the rare positive locations
+            nn.init.constant_(module.bias, -math.log(99))
+
+    def _locations(self, sizes: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel centres of every location of every level `[L, 2]` and each location's stride `[L]`."""
+        points, strides = [], []
+        for (height, width), stride in zip(sizes, self.strides):
+            ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
+                                    indexing="ij")
+            points.append(torch.stack([xs, ys], -1).flatten(0, 1).float() * stride + stride / 2)
+            strides.append(torch.full((height * width,), float(stride), device=device))
+        return torch.cat(points), torch.cat(strides)
+
+    def forward(self, pixel_values: torch.Tensor, labels: list[dict] | None = None, **kwargs):
+        with torch.no_grad():
+            (feature,) = self.feature_maps(pixel_values, [self.config.vision_config.num_hidden_layers])
+        levels = [self.tower(level(feature)) for level in self.pyramid]
+        logits = _flatten_levels([self.class_logits(level) for level in levels])
+        centerness = _flatten_levels([self.centerness_logits(level) for level in levels])[..., 0]
+        points, strides = self._locations([level.shape[-2:] for level in levels], pixel_values.device)
+        distances = _flatten_levels([self.box_distances(level) for level in levels]).float().exp()
+        distances = distances * strides[None, :, None]
+        corners = torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
+        size = pixel_values.shape[-1]
+        pred_boxes = torch.cat([(corners[..., :2] + corners[..., 2:]) / 2, corners[..., 2:] - corners[..., :2]], -1)
+        pred_boxes = pred_boxes / size
+        loss = None if labels is None else self._loss(logits, corners, centerness, points, strides, labels, size)
+        return AceLoraObjectDetectionOutput(loss=loss, logits=logits, pred_boxes=pred_boxes, centerness=centerness)
+
+    def _targets(self, points, strides, target: dict, size: int):
+        """Per location: class (-1 background), its box in pixels and the centerness target."""
+        boxes = target["boxes"].to(points.device).float() * size
+        boxes = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1)
+        classes = torch.full((points.shape[0],), -1, dtype=torch.long, device=points.device)
+        if boxes.numel() == 0:
+            return classes, points.new_zeros(points.shape[0], 4), points.new_zeros(points.shape[0])
+        left_top = points[:, None] - boxes[None, :, :2]
+        right_bottom = boxes[None, :, 2:] - points[:, None]
+        sides = torch.cat([left_top, right_bottom], -1)  # [L, n, 4]
+        inside = sides.min(-1).values > 0
+        # Each level takes the boxes whose longest side distance fits its stride (FCOS's size ranges).
+        longest = sides.max(-1).values
+        fits = (longest > strides[:, None] * 2) | (strides[:, None] == min(self.strides))
+        fits &= (longest <= strides[:, None] * 8) | (strides[:, None] == max(self.strides))
+        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[None].expand_as(inside)
+        area = torch.where(inside & fits, area, torch.full_like(area, float("inf")))
+        best_area, best = area.min(dim=1)
+        positive = torch.isfinite(best_area)
+        classes[positive] = target["class_labels"].to(points.device)[best[positive]]
+        matched = sides[torch.arange(len(points)), best]
+        centerness = ((matched[:, [0, 2]].min(-1).values / matched[:, [0, 2]].max(-1).values.clamp(min=1e-9))
+                      * (matched[:, [1, 3]].min(-1).values / matched[:, [1, 3]].max(-1).values.clamp(min=1e-9))
+                      ).clamp(min=0).sqrt()
+        return classes, boxes[best], centerness
+
+    def _loss(self, logits, corners, centerness, points, strides, labels, size) -> torch.Tensor:
+        total_classification, total_box, total_centerness, positives = 0.0, 0.0, 0.0, 0
+        for index, target in enumerate(labels):
+            classes, boxes, centerness_target = self._targets(points, strides, target, size)
+            one_hot = F.one_hot(classes.clamp(min=0), logits.shape[-1]).float() * (classes >= 0)[:, None]
+            total_classification = total_classification + _focal_loss(logits[index].float(), one_hot)
+            positive = classes >= 0
+            positives += int(positive.sum())
+            if positive.any():
+                total_box = total_box + _giou_loss(corners[index][positive], boxes[positive]) * positive.sum()
+                total_centerness = total_centerness + F.binary_cross_entropy_with_logits(
+                    centerness[index][positive].float(), centerness_target[positive], reduction="sum")
+        normaliser = max(positives, 1)
+        return (total_classification + total_box + total_centerness) / normaliser
+
+    @torch.no_grad()
+    def post_process_object_detection(
+        self,
+        outputs: AceLoraObjectDetectionOutput,
+        threshold: float = 0.05,
+        target_sizes: list[tuple[int, int]] | None = None,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per image: `scores`, `labels` and `boxes` (x1, y1, x2, y2; in `target_sizes` pixels if given, else
+        normalised) above `threshold`, after non-maximum suppression per class."""
+        scores_all = (outputs.logits.sigmoid() * outputs.centerness.sigmoid()[..., None]).sqrt()
+        results = []
+        for index, scores in enumerate(scores_all):
+            boxes = outputs.pred_boxes[index]
+            boxes = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1).clamp(0, 1)
+            if target_sizes is not None:
+                height, width = target_sizes[index]
+                boxes = boxes * boxes.new_tensor([width, height, width, height])
+            location, label = (scores > threshold).nonzero(as_tuple=True)
+            kept_scores, kept_boxes = scores[location, label], boxes[location]
+            keep = _per_class_nms(kept_boxes, kept_scores, label, nms_threshold)
+            keep = keep[kept_scores[keep].argsort(descending=True)][:max_detections]
+            results.append({"scores": kept_scores[keep], "labels": label[keep], "boxes": kept_boxes[keep]})
+        return results
+
+
+def _focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0):
+    probabilities = logits.sigmoid()
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
+    weight = alpha * targets + (1 - alpha) * (1 - targets)
+    return (weight * (1 - p_t) ** gamma * cross_entropy).sum()
+
+
+__all__ = ["AceLoraForObjectDetection", "AceLoraForSegmentation", "AceLoraObjectDetectionOutput", "box_iou",
+           "non_maximum_suppression"]

@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: timing, the GEMM roofline, FLOP counts and the model to measure."""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def median_seconds(function, repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_flops_per_second(dtype: torch.dtype, device: str = "cpu", size: int = 4096) -> float:
+    """Measured matrix-multiply throughput at size^3 (the roofline the towers are compared with)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+
+    def multiply():
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return 2 * size**3 / median_seconds(multiply, repeats=5)
+
+
+def vit_forward_flops(config) -> float:
+    """Multiply-add FLOPs (x2) of one image through the ViT: patch embedding, attention and MLP of every layer."""
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    hidden, inner = vision.hidden_size, vision.intermediate_size
+    patch = (tokens - 1) * hidden * 3 * vision.patch_size**2
+    per_layer = 4 * tokens * hidden * hidden + 2 * tokens * tokens * hidden + 2 * tokens * hidden * inner
+    return 2 * (patch + vision.num_hidden_layers * per_layer)
+
+
+def stand_in_model_dir(cache: Path) -> Path:
+    """BiomedCLIP's deterministic stand-in with the released adapters, converted once into `cache`."""
+    converted = cache / "ace_lora_stand_in"
+    if (converted / "model.safetensors").is_file():
+        return converted
+    biomedclip = cache / "biomedclip_stand_in"
+    subprocess.run([sys.executable, str(SHARED / "reference" / "make_random_biomedclip.py"), str(biomedclip)],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "ace_lora_hf.convert", "--biomedclip", str(biomedclip), "--ace-checkpoint",
+                    str(SHARED / "checkpoints" / "ACE_LoRA.pt"), "--output", str(converted), "--overwrite"],
+                   check=True, capture_output=True)
+    return converted
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path, help="Converted model folder (default: the reference stand-in).")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ace_lora_bench",
+                        help="Where the stand-in model is built once (default: %(default)s).")
+    parser.add_argument("--json", type=Path, help="Also write the results as JSON here.")
+    return parser
+
+
+def resolve_model(args) -> Path:
+    return args.model or stand_in_model_dir(args.cache)
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    print(f"\n{title}")
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+def write_json(path: Path | None, results: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {path}")

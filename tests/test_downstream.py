@@ -1,0 +1,181 @@
+"""Segmentation and detection heads on the frozen encoder: metrics by hand, heads, training, the scripts."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForObjectDetection, AutoModelForSemanticSegmentation
+
+from ace_lora_hf import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraModel
+from ace_lora_hf.metrics import detection_map, dice_metrics
+from ace_lora_hf.modeling_ace_lora_heads import box_iou, non_maximum_suppression
+
+from conftest import REPO_ROOT, AceLoraModelTester, perturb_lora
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def test_dice_per_image_and_pooled_by_hand():
+    true = np.zeros((3, 4, 4), bool)
+    predicted = np.zeros((3, 4, 4), bool)
+    true[0, :2, :2] = True  # 4 pixels
+    predicted[0, :2, :1] = True  # 2 pixels, both inside: Dice 2*2/(2+4) = 2/3
+    true[1, 0, 0] = True  # 1 pixel, predicted nowhere: Dice 0
+    # image 2: nothing true, nothing predicted: Dice 1
+    metrics = dice_metrics(predicted, true)
+    assert metrics["dice_per_image"] == pytest.approx((2 / 3 + 0 + 1) / 3)
+    assert metrics["dice_pooled"] == pytest.approx(2 * 2 / (2 + 5))
+
+
+def test_rsna_map_by_hand():
+    truth = [[[0, 0, 10, 10]], [], [[0, 0, 10, 10], [20, 20, 30, 30]], []]
+    predictions = [
+        {"boxes": [[0, 0, 10, 6]], "scores": [0.9]},  # IoU 0.6: a hit for t < 0.6 (0.4..0.55: 4 of 8 thresholds)
+        {"boxes": [[5, 5, 9, 9]], "scores": [0.3]},  # a false positive on an empty image: 0
+        {"boxes": [[20, 20, 30, 30], [0, 0, 10, 10]], "scores": [0.8, 0.7]},  # both exact: 1
+        {"boxes": [], "scores": []},  # nothing true, nothing predicted: left out
+    ]
+    result = detection_map(predictions, truth)
+    assert result["num_images"] == 3
+    # image 0: TP/(TP+FP+FN) = 1 for 4 thresholds, 0/(0+1+1) = 0 for the other 4 -> 0.5
+    assert result["map"] == pytest.approx((0.5 + 0 + 1) / 3)
+
+
+def test_box_iou_and_nms():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
+    assert box_iou(boxes[:1], boxes[1:2]).item() == pytest.approx(81 / 100)
+    keep = non_maximum_suppression(boxes, torch.tensor([0.5, 0.9, 0.8]), iou_threshold=0.5)
+    assert keep.tolist() == [1, 2]
+
+
+# -------------------------------------------------------------------------------------------------------- heads
+
+
+@pytest.fixture
+def head_config():
+    return AceLoraModelTester(image_size=32, patch_size=8).get_config(head_hidden_size=16, num_labels=1)
+
+
+def _bright_square_batch(generator, batch=4, size=32):
+    pixels = torch.randn(batch, 3, size, size, generator=generator) * 0.1
+    masks = torch.zeros(batch, size, size, dtype=torch.long)
+    boxes = []
+    for index in range(batch):
+        top, left = (int(v) for v in torch.randint(0, size - 12, (2,), generator=generator))
+        pixels[index, :, top : top + 12, left : left + 12] += 2.0
+        masks[index, top : top + 12, left : left + 12] = 1
+        boxes.append({"class_labels": torch.tensor([0]),
+                      "boxes": torch.tensor([[(left + 6) / size, (top + 6) / size, 12 / size, 12 / size]])})
+    return pixels, masks, boxes
+
+
+def test_only_the_head_trains_and_the_encoder_stays_frozen(head_config):
+    model = AceLoraForSegmentation(head_config)
+    pixels, masks, _ = _bright_square_batch(torch.Generator().manual_seed(0))
+    model(pixel_values=pixels, labels=masks).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.requires_grad == (not name.startswith("ace_lora."))
+        assert (parameter.grad is not None) == parameter.requires_grad, name
+
+
+@pytest.mark.parametrize("head", [AceLoraForSegmentation, AceLoraForObjectDetection])
+def test_head_training_lowers_the_loss(head, head_config):
+    torch.manual_seed(0)
+    model = head(head_config).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    generator = torch.Generator().manual_seed(1)
+    batches = [_bright_square_batch(generator) for _ in range(4)]
+    losses = []
+    for epoch in range(8):
+        for pixels, masks, boxes in batches:
+            loss = model(pixel_values=pixels, labels=masks if head is AceLoraForSegmentation else boxes).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+
+
+@pytest.mark.parametrize(("head", "auto"), [(AceLoraForSegmentation, AutoModelForSemanticSegmentation),
+                                            (AceLoraForObjectDetection, AutoModelForObjectDetection)])
+def test_heads_round_trip_and_start_from_an_ace_lora_folder(head, auto, head_config, tmp_path):
+    torch.manual_seed(0)
+    base = perturb_lora(AceLoraModel(head_config))
+    base.save_pretrained(tmp_path / "base")
+    model = head.from_pretrained(tmp_path / "base").eval()
+    for key, value in base.state_dict().items():
+        torch.testing.assert_close(model.ace_lora.state_dict()[key], value, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "head")
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert auto.__name__ in config["auto_map"]
+    reloaded = auto.from_pretrained(tmp_path / "head").eval()
+    assert type(reloaded) is head
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, actual = model(pixel_values=pixels), reloaded(pixel_values=pixels)
+    torch.testing.assert_close(actual.logits, expected.logits)
+
+
+def test_detection_post_processing(head_config):
+    model = AceLoraForObjectDetection(head_config).eval()
+    with torch.no_grad():
+        outputs = model(pixel_values=torch.randn(2, 3, 32, 32))
+    results = model.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(64, 48), (32, 32)])
+    for result, (height, width) in zip(results, [(64, 48), (32, 32)]):
+        assert result["boxes"].shape[1] == 4 and len(result["scores"]) == len(result["labels"]) <= 100
+        assert (result["boxes"][:, 2] <= width).all() and (result["boxes"][:, 3] <= height).all()
+        assert torch.equal(result["scores"], result["scores"].sort(descending=True).values)
+        kept_iou = box_iou(result["boxes"], result["boxes"]).fill_diagonal_(0)
+        assert (kept_iou <= 0.5 + 1e-6).all()  # after non-maximum suppression
+
+
+# ------------------------------------------------------------------------------------------------------ scripts
+
+
+@pytest.fixture(scope="module")
+def downstream_data(tmp_path_factory):
+    """A SIIM-like segmentation table and an RSNA-like detection table over the same synthetic images."""
+    root = tmp_path_factory.mktemp("downstream")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    segmentation, detection = [], []
+    for index in range(24):
+        pixels = rng.integers(0, 60, (48, 48), dtype=np.uint8)
+        top, left = rng.integers(0, 30, 2)
+        pixels[top : top + 16, left : left + 16] += 180
+        mask = np.zeros((48, 48), np.uint8)
+        mask[top : top + 16, left : left + 16] = 255
+        Image.fromarray(pixels).save(root / "images" / f"{index}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{index}.png")
+        split = "train" if index < 16 else ("valid" if index < 20 else "test")
+        segmentation.append({"Path": f"images/{index}.png", "Mask": f"masks/{index}.png", "split": split})
+        box = [float(left), float(top), float(left + 16), float(top + 16)]
+        detection.append({"Path": f"images/{index}.png", "boxes": json.dumps([box]), "split": split})
+    for name, rows in (("siim_segmentation.csv", segmentation), ("rsna_detection.csv", detection)):
+        with (root / name).open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+@pytest.mark.parametrize(("task", "metric"), [("segmentation", "dice_per_image"), ("detection", "map")])
+def test_finetune_scripts_end_to_end(task, metric, tiny_hub_folder, downstream_data, tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "examples" / f"finetune_{task}.py"), "--model", str(tiny_hub_folder),
+               "--data-root", str(downstream_data), "--output_dir", str(tmp_path / "run"), "--num_epochs", "2",
+               "--batch_size", "4", "--num_workers", "0", "--fraction", "0.5", "--learning_rate", "3e-3"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "run" / "training_history.json").read_text())
+    assert len(history) == 2 and all(f"valid_{metric}" in epoch for epoch in history)
+    test = json.loads((tmp_path / "run" / "test_results.json").read_text())["test"]
+    assert 0.0 <= test[metric] <= 1.0
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
