@@ -20,7 +20,7 @@ from .loss_ace_lora import label_guided_infonce
 
 logger = logging.get_logger(__name__)
 
-# Tokens per tower call in CPU inference (see `AceLoraModel._inference_chunk_size`).
+# Tokens per tower call in CPU inference (see `AceLoraModel._inference_chunks`).
 CPU_CHUNK_TOKENS = 1024
 # Names of the attention projections that LoRA adapts, per tower (`AceLoraConfig.lora_target_projections`).
 VISION_PROJECTION_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
@@ -178,11 +178,11 @@ def recording_outputs(**modules: nn.Module) -> Iterator[dict[str, torch.Tensor]]
             handle.remove()
 
 
-def _map_chunks(function, chunk_size: int, *tensors: torch.Tensor) -> tuple:
-    """`function` over matching chunks of `tensors` (along dim 0), each of its outputs concatenated (None stays None)."""
-    if chunk_size >= tensors[0].shape[0]:
+def _map_chunks(function, chunks: int, *tensors: torch.Tensor) -> tuple:
+    """`function` over `chunks` near-equal parts of `tensors` (along dim 0), each output concatenated (None stays)."""
+    if chunks <= 1:
         return function(*tensors)
-    outputs = [function(*parts) for parts in zip(*(tensor.split(chunk_size) for tensor in tensors))]
+    outputs = [function(*parts) for parts in zip(*(tensor.tensor_split(chunks) for tensor in tensors))]
     return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
 
 
@@ -372,23 +372,23 @@ class AceLoraModel(AceLoraPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------------- vision
 
-    def _inference_chunk_size(self, batch_size: int, tokens_per_sample: int, device: torch.device) -> int:
-        """Samples per tower call: the whole batch, except for CPU inference, which runs best in small chunks.
+    def _inference_chunks(self, batch_size: int, tokens_per_sample: int, device: torch.device) -> int:
+        """How many tower calls a batch takes: one, except for CPU inference, which runs best in small chunks.
 
         On the CPU, the activations of a large batch exceed glibc's mmap threshold so that every allocation
-        page-faults; chunks of about `CPU_CHUNK_TOKENS` tokens keep the GEMMs near peak. Outputs are unchanged.
+        page-faults; equal chunks of at most about `CPU_CHUNK_TOKENS` tokens keep the GEMMs near peak. Outputs are
+        unchanged.
         """
         if torch.is_grad_enabled() or device.type != "cpu":
-            return batch_size
-        return max(1, CPU_CHUNK_TOKENS // tokens_per_sample)
+            return 1
+        return math.ceil(batch_size * tokens_per_sample / max(CPU_CHUNK_TOKENS, tokens_per_sample))
 
     def _image_tokens(self, pixel_values: torch.Tensor, with_cls_attention: bool):
         """Normalised projected tokens `[B, N, D]` and, if asked, the last layer's pre-softmax CLS row `[B, N-1]`."""
         embeddings = self.vision_model.embeddings
         num_tokens = embeddings.patch_embeddings.num_patches + 1
-        chunk_size = self._inference_chunk_size(pixel_values.shape[0], num_tokens, pixel_values.device)
-        return _map_chunks(lambda pixels: self._image_tokens_chunk(pixels, with_cls_attention), chunk_size,
-                           pixel_values)
+        chunks = self._inference_chunks(pixel_values.shape[0], num_tokens, pixel_values.device)
+        return _map_chunks(lambda pixels: self._image_tokens_chunk(pixels, with_cls_attention), chunks, pixel_values)
 
     def _image_tokens_chunk(self, pixel_values: torch.Tensor, with_cls_attention: bool):
         attention = self.vision_model.layers[-1].attention
@@ -458,8 +458,8 @@ class AceLoraModel(AceLoraPreTrainedModel):
 
     def _text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_cls_attention: bool):
         """Normalised projected tokens `[B, L, D]` and, if asked, the last layer's CLS attention probabilities."""
-        chunk_size = self._inference_chunk_size(input_ids.shape[0], input_ids.shape[1], input_ids.device)
-        return _map_chunks(lambda ids, mask: self._text_tokens_chunk(ids, mask, with_cls_attention), chunk_size,
+        chunks = self._inference_chunks(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+        return _map_chunks(lambda ids, mask: self._text_tokens_chunk(ids, mask, with_cls_attention), chunks,
                            input_ids, attention_mask)
 
     def _text_tokens_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_cls_attention: bool):

@@ -179,3 +179,18 @@ def test_finetune_scripts_end_to_end(task, metric, tiny_hub_folder, downstream_d
     test = json.loads((tmp_path / "run" / "test_results.json").read_text())["test"]
     assert 0.0 <= test[metric] <= 1.0
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_evaluate_modules_match_the_metric_functions():
+    import evaluate
+
+    from ace_lora_hf.evaluate_modules import metric_path
+
+    predicted = [[[1, 1, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]]
+    true = [[[1, 0, 0], [1, 0, 0]], [[0, 0, 0], [0, 0, 1]]]
+    dice = evaluate.load(metric_path("segmentation_dice")).compute(predictions=predicted, references=true)
+    assert dice == pytest.approx(dice_metrics(np.array(predicted), np.array(true)))
+    predictions = [{"boxes": [[0.0, 0, 10, 6]], "scores": [0.9]}, {"boxes": [], "scores": []}]
+    truth = [[[0.0, 0, 10, 10]], [[1.0, 1, 4, 4]]]
+    mean_ap = evaluate.load(metric_path("detection_map")).compute(predictions=predictions, references=truth)
+    assert mean_ap == pytest.approx(detection_map(predictions, truth))

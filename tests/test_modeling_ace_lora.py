@@ -263,7 +263,7 @@ def test_cpu_inference_chunks_do_not_change_outputs(tiny_model, tester, monkeypa
                     tiny_model.get_class_embeddings(classes).detach())
     monkeypatch.setattr(modeling_ace_lora, "CPU_CHUNK_TOKENS", 30)  # one image, one text per call
     with torch.no_grad():
-        assert tiny_model._inference_chunk_size(3, 26, torch.device("cpu")) == 1
+        assert tiny_model._inference_chunks(3, 26, torch.device("cpu")) == 3
         torch.testing.assert_close(tiny_model.get_image_features(inputs["pixel_values"]), expected[0])
         torch.testing.assert_close(tiny_model.get_class_embeddings(classes), expected[1])
 

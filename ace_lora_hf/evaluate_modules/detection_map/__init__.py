@@ -1,0 +1,1 @@
+"""The `detection_map` evaluate module (loaded by path with `evaluate.load`)."""

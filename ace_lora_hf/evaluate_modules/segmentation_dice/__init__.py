@@ -1,0 +1,1 @@
+"""The `segmentation_dice` evaluate module (loaded by path with `evaluate.load`)."""
