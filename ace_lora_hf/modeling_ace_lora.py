@@ -216,7 +216,8 @@ class AceLoraPreTrainedModel(PreTrainedModel):
         if isinstance(module, AceLoraModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
-    def mark_only_adapters_trainable(self) -> None:
+    def mark_trainable_parameters(self) -> None:
+        """Set `requires_grad` on what this model trains (after construction and after loading)."""
         raise NotImplementedError
 
     @classmethod
@@ -224,7 +225,7 @@ class AceLoraPreTrainedModel(PreTrainedModel):
         # Loading replaces every parameter with a new, trainable one.
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.mark_only_adapters_trainable()
+        model.mark_trainable_parameters()
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -314,13 +315,12 @@ class AceLoraModel(AceLoraPreTrainedModel):
         # The adapters belong to this model and are saved in its own state dict; transformers must not mistake
         # the model for a PEFT-wrapped one.
         del self.peft_config
-        self.mark_only_adapters_trainable()
+        self.mark_trainable_parameters()
 
-    def mark_only_adapters_trainable(self) -> None:
+    def mark_trainable_parameters(self) -> None:
         """Freeze every base weight; LoRA, the hypergraph adapters and the logit scale train."""
         for name, parameter in self.named_parameters():
             parameter.requires_grad = self._is_trainable(name)
-
 
     @staticmethod
     def _is_trainable(parameter_name: str) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 
@@ -27,7 +28,7 @@ class AceLoraHeadModel(AceLoraPreTrainedModel):
         super().__init__(config)
         self.ace_lora = AceLoraModel(config)
 
-    def mark_only_adapters_trainable(self) -> None:
+    def mark_trainable_parameters(self) -> None:
         for name, parameter in self.named_parameters():
             parameter.requires_grad = not name.startswith("ace_lora.")
 
@@ -65,7 +66,7 @@ class AceLoraForSegmentation(AceLoraHeadModel):
         self.fuse = nn.ModuleList(_conv_block(width, width) for _ in range(levels))
         self.classifier = nn.Conv2d(width, 1, 1)
         self.post_init()
-        self.mark_only_adapters_trainable()
+        self.mark_trainable_parameters()
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> SemanticSegmenterOutput:
         with torch.no_grad():
@@ -177,7 +178,7 @@ class AceLoraForObjectDetection(AceLoraHeadModel):
         self.box_distances = nn.Conv2d(width, 4, 3, padding=1)
         self.centerness_logits = nn.Conv2d(width, 1, 3, padding=1)
         self.post_init()
-        self.mark_only_adapters_trainable()
+        self.mark_trainable_parameters()
 
     @property
     def strides(self) -> tuple[int, int, int]:
@@ -188,7 +189,7 @@ class AceLoraForObjectDetection(AceLoraHeadModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if module is getattr(self, "class_logits", None):  # a 1% prior for the rare positive locations
-            nn.init.constant_(module.bias, -math.log(99))
+            init.constant_(module.bias, -math.log(99))
 
     def _locations(self, sizes: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel centres of every location of every level `[L, 2]` and each location's stride `[L]`."""
