@@ -194,3 +194,17 @@ def test_evaluate_modules_match_the_metric_functions():
     truth = [[[0.0, 0, 10, 10]], [[1.0, 1, 4, 4]]]
     mean_ap = evaluate.load(metric_path("detection_map")).compute(predictions=predictions, references=truth)
     assert mean_ap == pytest.approx(detection_map(predictions, truth))
+
+
+def test_evaluate_only_reproduces_the_test_metrics(tiny_hub_folder, downstream_data, tmp_path):
+    script = str(REPO_ROOT / "examples" / "finetune_segmentation.py")
+    common = ["--data-root", str(downstream_data), "--batch_size", "4", "--num_workers", "0"]
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, script, "--model", str(tiny_hub_folder), "--output_dir", str(run),
+                              "--num_epochs", "1", *common], capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    expected = json.loads((run / "test_results.json").read_text())["test"]
+    evaluated = subprocess.run([sys.executable, script, "--model", str(run / "best"), "--output_dir", str(run),
+                                "--evaluate_only", *common], capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((run / "test_results.json").read_text())["test"] == pytest.approx(expected)
