@@ -106,12 +106,10 @@ class AceLoraObjectDetectionOutput(ModelOutput):
 
 def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU of `[N, 4]` and `[M, 4]` boxes (x1, y1, x2, y2)."""
-    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-    other_area = (others[:, 2] - others[:, 0]).clamp(min=0) * (others[:, 3] - others[:, 1]).clamp(min=0)
     top_left = torch.maximum(boxes[:, None, :2], others[None, :, :2])
     bottom_right = torch.minimum(boxes[:, None, 2:], others[None, :, 2:])
     intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
-    return intersection / (area[:, None] + other_area[None, :] - intersection).clamp(min=1e-9)
+    return intersection / (_box_area(boxes)[:, None] + _box_area(others)[None, :] - intersection).clamp(min=1e-9)
 
 
 def non_maximum_suppression(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:

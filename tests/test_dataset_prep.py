@@ -102,7 +102,7 @@ def test_rsna_errors(rsna_input, tmp_path):
 def encode_rle(mask: np.ndarray) -> str:
     """The SIIM competition's mask2rle: relative runs over the column-major pixel order."""
     flat = mask.T.flatten()
-    runs, position, last_end, index = [], 0, 0, 0
+    runs, last_end, index = [], 0, 0
     while index < flat.size:
         if flat[index]:
             start = index
