@@ -49,6 +49,30 @@ class AceLoraOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
 
 
+class AceLoraDropout(nn.Dropout):
+    """`nn.Dropout` that draws its CPU mask from `torch.rand`: the same distribution, about 2x faster per step.
+
+    PyTorch's CPU Bernoulli kernel samples one element at a time on CPUs where it does not use MKL (AMD among
+    them): 12 ms for a `[8, 197, 768]` input on the 2-core development CPU against 5 ms here, and a training step
+    runs 85 of them (LoRA's input dropout on 72 projections, PubMedBERT's hidden dropout). Other devices keep
+    PyTorch's fused dropout.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p in (0, 1) or hidden_states.device.type != "cpu":
+            return super().forward(hidden_states)
+        dropped = torch.rand(hidden_states.shape, device=hidden_states.device) < self.p
+        return hidden_states.masked_fill(dropped, 0).mul_(1 / (1 - self.p))
+
+
+def use_fast_dropout(model: nn.Module) -> None:
+    """Replace every `nn.Dropout` inside `model` with an [`AceLoraDropout`] of the same rate."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, AceLoraDropout(child.p, child.inplace))
+
+
 class AceHypergraphAdapterLinear(nn.Linear):
     """A `Linear` of a hypergraph adapter: Kaiming-normal weight and PyTorch's default bias, as released."""
 
@@ -312,6 +336,7 @@ class AceLoraModel(AceLoraPreTrainedModel):
             bias="none",
         )
         inject_adapter_in_model(lora_config, self)
+        use_fast_dropout(self)
         # The adapters belong to this model and are saved in its own state dict; transformers must not mistake
         # the model for a PEFT-wrapped one.
         del self.peft_config

@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ace_lora_hf import AceHypergraph, AceLoraConfig, AceLoraModel, AceLoraOutput
+from ace_lora_hf.modeling_ace_lora import AceLoraDropout
 
 from conftest import perturb_lora
 
@@ -251,6 +252,44 @@ def test_activation_checkpointing_keeps_gradients(tester):
         gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+def test_activation_checkpointing_replays_dropout_masks(tester):
+    """Recomputation restores the RNG state, so the fast dropout draws the same masks in backward."""
+    config, inputs = tester.prepare_config_and_inputs()
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = perturb_lora(AceLoraModel(config)).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        torch.manual_seed(1)
+        model(**inputs, return_loss=True).loss.backward()
+        gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+def test_every_dropout_is_the_fast_dropout(tiny_model):
+    dropouts = [module for module in tiny_model.modules() if isinstance(module, nn.Dropout)]
+    assert all(type(module) is AceLoraDropout for module in dropouts)
+    assert {layer.lora_dropout["default"].p for layer in tiny_model.lora_layers()} == {0.1}
+    assert tiny_model.text_model.embeddings.dropout.p == 0.1
+
+
+def test_fast_dropout_has_the_distribution_and_gradient_of_dropout():
+    dropout = AceLoraDropout(0.1).train()
+    inputs = (torch.rand(1000, 1000) + 1).requires_grad_()
+    torch.manual_seed(0)
+    outputs = dropout(inputs)
+    dropped = outputs == 0
+    assert dropped.float().mean().item() == pytest.approx(0.1, abs=2e-3)  # about 7 standard deviations
+    assert torch.equal(outputs[~dropped], inputs[~dropped] * (1 / 0.9))
+    outputs.sum().backward()
+    assert torch.equal(inputs.grad, (~dropped).float() * (1 / 0.9))
+    torch.manual_seed(0)
+    assert torch.equal(dropout(inputs), outputs)  # reproducible under the global seed
+    assert torch.equal(dropout.eval()(inputs), inputs)
 
 
 def test_cpu_inference_chunks_do_not_change_outputs(tiny_model, tester, monkeypatch):

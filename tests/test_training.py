@@ -168,16 +168,27 @@ def trainable_weights(folder):
     return {k: v for k, v in weights.items() if ".lora_" in k or "hypergraph" in k or k == "logit_scale"}
 
 
-def test_one_process_run_learns_and_reloads(tiny_hub_folder, synthetic_data, tmp_path):
+@torch.no_grad()
+def training_set_loss(model, batch) -> float:
+    inputs = {key: batch[key] for key in ("input_ids", "pixel_values", "labels")}
+    return model.eval()(**inputs).loss.item()
+
+
+def test_one_process_run_lowers_the_loss_and_reloads(tiny_hub_folder, synthetic_data, tmp_path):
     output = tmp_path / "run"
     run_pretrain(pretrain_command(tiny_hub_folder, synthetic_data, output, "--num_epochs", 6, "--batch_size", 8,
                                   "--learning_rate", "2e-2", "--validation_file", synthetic_data / "validation.csv"))
     history = json.loads((output / "training_history.json").read_text())
     losses = [epoch["loss"] for epoch in history]
-    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
+    assert len(losses) == 6 and losses[-1] < losses[0]
     assert 0.0 <= history[-1]["validation_accuracy"] <= 1.0
     model = AutoModel.from_pretrained(output / "final")
     start = AutoModel.from_pretrained(tiny_hub_folder)
+    # The objective on the whole training set, without dropout: 0.55-0.91 of the start's across seeds 1-8. (How
+    # far 18 steps get varies with the seed: some runs leave the tiny model's plateau and some do not.)
+    dataset = load_image_text_dataset(synthetic_data / "train.csv", COLUMNS, split="train")
+    batch = ImageTextCollator(AutoProcessor.from_pretrained(tiny_hub_folder), 256)(list(dataset))
+    assert training_set_loss(model, batch) < 0.95 * training_set_loss(start, batch)
     assert not torch.equal(model.logit_scale, start.logit_scale)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
         p.numel() for p in start.parameters() if p.requires_grad)
