@@ -13,30 +13,52 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
+GEMM_SIZE = 4096
+# What the issue measured on this machine for the original code (float32): its GEMM peak and the figures at it.
+ORIGINAL = {"gemm_flops": 197e9, "ace_s_per_image": 0.22, "train_step_s": 10.0,
+            "train_peak_gb": 6.4}
 
 
-def median_seconds(function, repeats: int = 5, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def interleaved_seconds(functions: dict, rounds: int) -> dict[str, list[float]]:
+    """Time every function once per round, after one warm-up round: `{name: [seconds per round]}`.
+
+    This machine's speed drifts by 10-20% over minutes (a shared VM), so figures that are compared are measured
+    in turns and compared round by round (see `median_ratio`), never from two separate stretches of time.
+    """
+    for function in functions.values():
         function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            times[name].append(seconds(function))
+    return times
 
 
-def gemm_flops_per_second(dtype: torch.dtype, device: str = "cpu", size: int = 4096) -> float:
-    """Measured matrix-multiply throughput at size^3 (the roofline the towers are compared with)."""
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
+def gemm(dtype: torch.dtype, device: str = "cpu", size: int = GEMM_SIZE):
+    """One size^3 matrix multiply (the roofline the towers are compared with) and its FLOP count."""
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
 
     def multiply():
         a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
+        synchronize(device)
 
-    return 2 * size**3 / median_seconds(multiply, repeats=5)
+    return multiply, 2 * size**3
+
+
+def synchronize(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
 
 
 def vit_forward_flops(config) -> float:
@@ -69,6 +91,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ace_lora_bench",
                         help="Where the stand-in model is built once (default: %(default)s).")
     parser.add_argument("--json", type=Path, help="Also write the results as JSON here.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=5, help="Timed rounds per comparison (default: %(default)s).")
     return parser
 
 

@@ -1,0 +1,39 @@
+"""The benchmark scripts run as the README shows and report every figure (timings are not asserted here)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def run_benchmark(script: str, tmp_path, *args) -> tuple[dict, str]:
+    results = tmp_path / "results.json"
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / script), *map(str, args), "--json", str(results)]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return json.loads(results.read_text()), finished.stdout
+
+
+def test_inference_benchmark_measures_bf16_fidelity_on_the_reference_case(converted_dir, tmp_path):
+    results, printed = run_benchmark("bench_inference.py", tmp_path, "--model", converted_dir, "--batch-sizes", 2,
+                                     "--bf16-batch", 2, "--rounds", 1)
+    bf16 = results["bf16_towers"]
+    assert bf16["argmax_identical"] and bf16["max_abs_probability_difference"] <= 1e-2  # issue #7's bound
+    assert bf16["batch"] == 2 and bf16["bf16_gemm_over_fp32_gemm"] > 0
+    (encoding,) = results["image_encoding"]
+    assert encoding["batch"] == 2 and 0 < encoding["vit_fraction_of_gemm_peak"] and encoding["ace_over_plain"] > 0
+    assert encoding["plain_plus_ace_only_over_plain"] > 1
+    assert results["class_embedding_cache"]["uncached_over_cached"] > 1
+    assert "Image encoding, float32, LoRA merged" in printed and "bfloat16 towers" in printed
+
+
+def test_training_benchmark_times_and_measures_every_configuration(tiny_hub_folder, tmp_path):
+    results, printed = run_benchmark("bench_training.py", tmp_path, "--model", tiny_hub_folder, "--batch-size", 2,
+                                     "--rounds", 1)
+    steps = results["steps"]
+    assert list(steps) == ["float32", "float32 + checkpointing", "bf16 autocast", "bf16 autocast + checkpointing"]
+    for step in steps.values():
+        assert step["step_s"] > 0 and step["peak_gb"] >= step["after_loading_gb"] > 0
+    assert steps["float32"]["speedup_over_float32"] == 1.0
+    assert "Training step, batch 2" in printed
