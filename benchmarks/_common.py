@@ -61,6 +61,11 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def original_at_equal_peak(gemm_seconds: list[float], gemm_flops: float, original_seconds: float) -> list[float]:
+    """The original's time rescaled from its 197 GFLOP/s GEMM peak to the peak of each round here."""
+    return [original_seconds * ORIGINAL["gemm_flops"] / (gemm_flops / seconds) for seconds in gemm_seconds]
+
+
 def vit_forward_flops(config) -> float:
     """Multiply-add FLOPs (x2) of one image through the ViT: patch embedding, attention and MLP of every layer."""
     vision = config.vision_config

@@ -18,8 +18,8 @@ from transformers import AutoModel
 
 import ace_lora_hf  # noqa: F401
 from ace_lora_hf.modeling_ace_lora import cls_attention_scores, recording_outputs
-from _common import (ORIGINAL, SHARED, base_parser, gemm, interleaved_seconds, median_ratio, print_table,
-                     resolve_model, synchronize, vit_forward_flops, write_json)
+from _common import (ORIGINAL, SHARED, base_parser, gemm, interleaved_seconds, median_ratio, original_at_equal_peak,
+                     print_table, resolve_model, synchronize, vit_forward_flops, write_json)
 
 
 def load(model_dir, device: str, bf16: bool = False):
@@ -61,11 +61,6 @@ def ace_only_work(model, pixels: torch.Tensor, device: str):
         synchronize(device)
 
     return ace_only
-
-
-def original_at_equal_peak(gemm_seconds: list[float], gemm_flops: float, original_seconds: float) -> list[float]:
-    """The original's time rescaled from its 197 GFLOP/s GEMM peak to the peak of each round here."""
-    return [original_seconds * ORIGINAL["gemm_flops"] / (gemm_flops / seconds) for seconds in gemm_seconds]
 
 
 def image_encoding(model, device: str, batch_sizes, rounds: int) -> list[dict]:

@@ -22,8 +22,8 @@ import torch
 from transformers import AutoModel
 
 import ace_lora_hf  # noqa: F401
-from _common import (ORIGINAL, base_parser, gemm, interleaved_seconds, median_ratio, print_table, resolve_model,
-                     synchronize, write_json)
+from _common import (ORIGINAL, base_parser, gemm, interleaved_seconds, median_ratio, original_at_equal_peak,
+                     print_table, resolve_model, synchronize, write_json)
 
 
 CONFIGURATIONS = {
@@ -87,7 +87,7 @@ def step_times(model_dir: str, device: str, batch_size: int, rounds: int) -> dic
 
     times = interleaved_seconds({"gemm": multiply, **{name: configured(settings)
                                                       for name, settings in CONFIGURATIONS.items()}}, rounds)
-    original = [ORIGINAL["train_step_s"] * ORIGINAL["gemm_flops"] / (gemm_flops / s) for s in times["gemm"]]
+    original = original_at_equal_peak(times["gemm"], gemm_flops, ORIGINAL["train_step_s"])
     return {name: {"step_s": statistics.median(times[name]),
                    "speedup_over_float32": median_ratio(times["float32"], times[name]),
                    "speedup_over_original": ORIGINAL["train_step_s"] / statistics.median(times[name]),
