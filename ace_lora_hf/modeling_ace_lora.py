@@ -420,12 +420,18 @@ class AceLoraModel(AceLoraPreTrainedModel):
         with recording_outputs(query=attention.q_proj, key=attention.k_proj) as recorded:
             with self._tower_autocast(pixel_values.device):
                 hidden_states = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        return self._project_image_tokens(hidden_states, recorded["query"], recorded["key"], with_cls_attention)
+
+    def _project_image_tokens(
+        self, hidden_states: torch.Tensor, query: torch.Tensor, key: torch.Tensor, with_cls_attention: bool
+    ):
+        """The image path after the ViT: normalised projected tokens and the CLS row from the last layer's q, k."""
         hidden_states = hidden_states.to(self.visual_projection.weight.dtype)
         if not with_cls_attention:
             return F.normalize(self.visual_projection(hidden_states[:, :1]), dim=-1), None
-        scores = cls_attention_scores(recorded["query"].float(), recorded["key"].float(), attention.num_attention_heads)
-        cls_attention = scores.mean(dim=1)[:, 1:]
-        return F.normalize(self.visual_projection(hidden_states), dim=-1), cls_attention
+        num_heads = self.vision_model.layers[-1].attention.num_attention_heads
+        scores = cls_attention_scores(query.float(), key.float(), num_heads)
+        return F.normalize(self.visual_projection(hidden_states), dim=-1), scores.mean(dim=1)[:, 1:]
 
     def get_image_features(self, pixel_values: torch.Tensor, use_hgnn: bool = True) -> torch.Tensor:
         r"""

@@ -13,11 +13,10 @@ import statistics
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModel
 
 import ace_lora_hf  # noqa: F401
-from ace_lora_hf.modeling_ace_lora import cls_attention_scores, recording_outputs
+from ace_lora_hf.modeling_ace_lora import recording_outputs
 from _common import (ORIGINAL, SHARED, base_parser, gemm, interleaved_seconds, median_ratio, original_at_equal_peak,
                      print_table, resolve_model, synchronize, vit_forward_flops, write_json)
 
@@ -55,9 +54,9 @@ def ace_only_work(model, pixels: torch.Tensor, device: str):
 
     def ace_only():
         with torch.no_grad():
-            tokens = F.normalize(model.visual_projection(hidden_states), dim=-1)
-            scores = cls_attention_scores(recorded["query"], recorded["key"], attention.num_attention_heads)
-            model.vision_hypergraph(tokens, scores.mean(dim=1)[:, 1:])
+            tokens, cls_attention = model._project_image_tokens(hidden_states, recorded["query"], recorded["key"],
+                                                                with_cls_attention=True)
+            model.vision_hypergraph(tokens, cls_attention)
         synchronize(device)
 
     return ace_only
