@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf.explain import explain_images
-from ace_lora_hf.image_loading import ImageLoadError, load_image
+from ace_lora_hf.errors import ImageLoadError
+from ace_lora_hf.image_loading import load_image
 from ace_lora_hf.metrics import classification_metrics
 from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import AdapterMismatchError
 from .modeling_ace_lora import AceLoraModel
 
 
@@ -17,10 +18,6 @@ STRUCTURE_FIELDS = (
     "hypergraph_top_k", "hypergraph_hidden_size", "hypergraph_towers", "projection_dim", "text_context_length",
 )
 TOWER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads")
-
-
-class AdapterMismatchError(ValueError):
-    """Adapters that do not fit the model; the message names the file and what differs."""
 
 
 def _structure(model: AceLoraModel) -> dict:
@@ -82,4 +79,4 @@ def load_adapters(model: AceLoraModel, directory: str | Path) -> AceLoraModel:
     return model
 
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterMismatchError", "load_adapters", "save_adapters"]
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "load_adapters", "save_adapters"]

@@ -17,6 +17,7 @@ from transformers import BertTokenizer
 from transformers.utils import logging
 
 from .configuration_ace_lora import AceLoraConfig
+from .errors import CheckpointError
 from .image_processing_ace_lora import AceLoraImageProcessor
 from .modeling_ace_lora import TEXT_PROJECTION_NAMES, VISION_PROJECTION_NAMES, AceLoraModel
 from .processing_ace_lora import AceLoraProcessor
@@ -37,10 +38,6 @@ ADAPTER_KEYS = {
     "text_edge_adapter": "text_hypergraph.edge_adapter",
     "text_node_adapter": "text_hypergraph.node_adapter",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that does not fit the expected format; the message names the file and the key."""
 
 
 # --------------------------------------------------------------------------------------------------- BiomedCLIP

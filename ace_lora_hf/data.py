@@ -9,7 +9,8 @@ import datasets
 import torch
 from transformers.utils import logging
 
-from .image_loading import ImageLoadError, load_image
+from .errors import DataFormatError, ImageLoadError
+from .image_loading import load_image
 from .processing_ace_lora import AceLoraProcessor
 
 
@@ -21,10 +22,6 @@ CHEXPERT_LABELS = (
     "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
     "Pneumothorax", "Support Devices",
 )
-
-
-class DataFormatError(ValueError):
-    """A table or row that cannot be used; the message names the file, the row and the problem."""
 
 
 @dataclass
@@ -158,4 +155,4 @@ class ImageTextCollator:
         return batch
 
 
-__all__ = ["CHEXPERT_LABELS", "DataFormatError", "ImageTextCollator", "ImageTextColumns", "load_image_text_dataset"]
+__all__ = ["CHEXPERT_LABELS", "ImageTextCollator", "ImageTextColumns", "load_image_text_dataset"]

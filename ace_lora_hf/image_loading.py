@@ -7,21 +7,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import ImageLoadError
+
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 CODEC_HINT = (
     "install a decoder for it: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
     "(JPEG, JPEG-LS, JPEG 2000) or pip install python-gdcm"
 )
-
-
-class ImageLoadError(ValueError):
-    """An image that cannot be used; the message names the file and the reason."""
-
-    def __init__(self, source: str, reason: str):
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
 
 
 def load_image(source: str | Path | bytes | Image.Image, name: str | None = None) -> Image.Image:
@@ -158,4 +151,4 @@ def _load_dicom(file, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).convert("RGB")
 
 
-__all__ = ["ImageLoadError", "load_image"]
+__all__ = ["load_image"]

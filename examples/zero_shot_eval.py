@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoProcessor
 
 import ace_lora_hf  # noqa: F401  (registers the Auto classes)
 from ace_lora_hf.evaluate_modules import metric_path
-from ace_lora_hf.image_loading import ImageLoadError
+from ace_lora_hf.errors import ImageLoadError
 from ace_lora_hf.model_card import PUBLISHED_RESULTS
 from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
 

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import BasicTextSRStorage, JPEGLSLossless
 
-from ace_lora_hf.image_loading import ImageLoadError, load_image
+from ace_lora_hf.errors import ImageLoadError
+from ace_lora_hf.image_loading import load_image
 
 from conftest import SAMPLES
 from dicom_fixtures import write_dicom

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from ace_lora_hf import AceLoraModel
-from ace_lora_hf.adapters import ADAPTER_WEIGHTS_NAME, AdapterMismatchError, load_adapters, save_adapters
+from ace_lora_hf.adapters import ADAPTER_WEIGHTS_NAME, load_adapters, save_adapters
+from ace_lora_hf.errors import AdapterMismatchError
 from ace_lora_hf.model_card import PUBLISHED_RESULTS
 
 from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora

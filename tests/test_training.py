@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
-from ace_lora_hf.data import DataFormatError, ImageTextCollator, ImageTextColumns, load_image_text_dataset
-from ace_lora_hf.image_loading import ImageLoadError
+from ace_lora_hf.data import ImageTextCollator, ImageTextColumns, load_image_text_dataset
+from ace_lora_hf.errors import DataFormatError, ImageLoadError
 from ace_lora_hf.loss_ace_lora import LabelGuidedInfoNCELoss, label_guided_infonce
 from ace_lora_hf.training_utils import latest_checkpoint
 

@@ -1,0 +1,113 @@
+"""Outputs never replace inputs, are written atomically, and a folder in use by another job is refused."""
+
+import errno
+import multiprocessing
+
+import pytest
+
+from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.errors import DataFormatError, FolderInUseError, OutputPathError
+from ace_lora_hf.safe_outputs import (atomic_folder, check_output_file, check_output_folder, folder_lock,
+                                      write_text_atomic)
+
+
+def test_output_file_is_never_an_input_even_with_overwrite(tmp_path):
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(b"x-ray")
+    with pytest.raises(OutputPathError, match="is also an input"):
+        check_output_file(tmp_path / "." / "scan.png", inputs=[scan], overwrite=True)
+    assert scan.read_bytes() == b"x-ray"
+
+
+def test_output_file_checks(tmp_path):
+    (tmp_path / "old.json").write_text("{}")
+    with pytest.raises(OutputPathError, match="exists; pass --overwrite"):
+        check_output_file(tmp_path / "old.json")
+    assert check_output_file(tmp_path / "old.json", overwrite=True) == tmp_path / "old.json"
+    with pytest.raises(OutputPathError, match="is a folder"):
+        check_output_file(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputPathError, match="is a file, not a folder"):
+        check_output_file(tmp_path / "afile" / "out.json")
+    created = check_output_file(tmp_path / "new" / "deep" / "out.json")
+    assert created.parent.is_dir() and not created.exists()
+
+
+def test_output_folder_checks(tmp_path):
+    table = tmp_path / "data" / "table.csv"
+    table.parent.mkdir()
+    table.write_text("a\n")
+    with pytest.raises(OutputPathError, match="holds an input"):
+        check_output_folder(tmp_path, inputs=[table], overwrite=True)
+    with pytest.raises(OutputPathError, match="not empty"):
+        check_output_folder(tmp_path / "data")
+    with pytest.raises(OutputPathError, match="is a file"):
+        check_output_folder(table)
+
+
+def test_atomic_writes_leave_the_old_output_when_interrupted(tmp_path):
+    target = tmp_path / "results.json"
+    write_text_atomic(target, "old")
+    folder = tmp_path / "model"
+    with atomic_folder(folder) as staging:
+        (staging / "weights").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(folder) as staging:
+            (staging / "weights").write_text("new, half written")
+            raise RuntimeError("disk failed")
+    assert (folder / "weights").read_text() == "old"
+    with atomic_folder(folder) as staging:
+        (staging / "weights").write_text("new")
+    assert (folder / "weights").read_text() == "new"
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "results.json"]
+
+
+def _hold_lock(folder, ready, release):
+    with folder_lock(folder):
+        ready.set()
+        release.wait(30)
+
+
+def test_a_folder_in_use_by_another_process_is_refused(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(tmp_path / "run", ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(FolderInUseError, match="in use by another running job"):
+            with folder_lock(tmp_path / "run"):
+                pass
+    finally:
+        release.set()
+        holder.join(30)
+    with folder_lock(tmp_path / "run"):  # free again once the other job ended
+        pass
+
+
+def _fails_with(error):
+    def main(argv):
+        raise error
+    return main
+
+
+def test_user_errors_are_one_line_without_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(_fails_with(DataFormatError("table.csv, row 3: column 'Target' is 'abc'; expected 0 or 1.\nmore")))
+    assert exit_info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "error: table.csv, row 3: column 'Target' is 'abc'; expected 0 or 1. more" in err
+
+
+def test_disk_full_is_one_line_and_bugs_keep_their_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(_fails_with(OSError(errno.ENOSPC, "No space left on device", "out/model.safetensors")))
+    assert exit_info.value.code == EXIT_USER_ERROR
+    assert "no space left on the device while writing out/model.safetensors" in capsys.readouterr().err
+    with pytest.raises(KeyError):
+        run_cli(_fails_with(KeyError("a bug")))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda argv: 3)
+    assert exit_info.value.code == 3
