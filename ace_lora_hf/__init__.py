@@ -10,16 +10,27 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_ace_lora import AceLoraConfig
+from .configuration_ace_lora import AceLoraConfig, AceLoraTextConfig, AceLoraVisionConfig
 from .image_processing_ace_lora import AceLoraImageProcessor
 from .loss_ace_lora import binarize_labels, false_negative_mask, label_guided_infonce
-from .modeling_ace_lora import AceHypergraph, AceLoraModel, AceLoraOutput, AceLoraPreTrainedModel
+from .modeling_ace_lora import (
+    AceHypergraph,
+    AceLoraModel,
+    AceLoraOutput,
+    AceLoraPreTrainedModel,
+    AceLoraTextModel,
+    AceLoraTokenFeatures,
+    AceLoraVisionModel,
+)
 from .modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraObjectDetectionOutput
 from .processing_ace_lora import AceLoraProcessor
 
 
-AutoConfig.register(AceLoraConfig.model_type, AceLoraConfig, exist_ok=True)
+for _config in (AceLoraConfig, AceLoraVisionConfig, AceLoraTextConfig):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
 AutoModel.register(AceLoraConfig, AceLoraModel, exist_ok=True)
+AutoModel.register(AceLoraVisionConfig, AceLoraVisionModel, exist_ok=True)
+AutoModel.register(AceLoraTextConfig, AceLoraTextModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(AceLoraConfig, AceLoraModel, exist_ok=True)
 AutoModelForSemanticSegmentation.register(AceLoraConfig, AceLoraForSegmentation, exist_ok=True)
 AutoModelForObjectDetection.register(AceLoraConfig, AceLoraForObjectDetection, exist_ok=True)
@@ -44,6 +55,11 @@ __all__ = [
     "AceLoraOutput",
     "AceLoraPreTrainedModel",
     "AceLoraProcessor",
+    "AceLoraTextConfig",
+    "AceLoraTextModel",
+    "AceLoraTokenFeatures",
+    "AceLoraVisionConfig",
+    "AceLoraVisionModel",
     "binarize_labels",
     "false_negative_mask",
     "label_guided_infonce",

@@ -19,7 +19,7 @@ from transformers.utils import logging
 from .configuration_ace_lora import AceLoraConfig
 from .errors import CheckpointError
 from .image_processing_ace_lora import AceLoraImageProcessor
-from .modeling_ace_lora import TEXT_PROJECTION_NAMES, VISION_PROJECTION_NAMES, AceLoraModel
+from .modeling_ace_lora import AceLoraModel, AceLoraTextModel, AceLoraVisionModel
 from .processing_ace_lora import AceLoraProcessor
 
 
@@ -33,10 +33,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # Buffers some open_clip exports carry; the towers rebuild them.
 IGNORED_OPEN_CLIP_KEYS = re.compile(r"text\.transformer\.embeddings\.(position_ids|token_type_ids)$")
 ADAPTER_KEYS = {
-    "img_edge_adapter": "vision_hypergraph.edge_adapter",
-    "img_node_adapter": "vision_hypergraph.node_adapter",
-    "text_edge_adapter": "text_hypergraph.edge_adapter",
-    "text_node_adapter": "text_hypergraph.node_adapter",
+    "img_edge_adapter": "vision_model.hypergraph.edge_adapter",
+    "img_node_adapter": "vision_model.hypergraph.node_adapter",
+    "text_edge_adapter": "text_model.hypergraph.edge_adapter",
+    "text_node_adapter": "text_model.hypergraph.node_adapter",
 }
 
 
@@ -59,8 +59,9 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({error}).") from error
 
 
-def biomedclip_config(biomedclip_dir: Path) -> AceLoraConfig:
-    """An `AceLoraConfig` for the BiomedCLIP folder (its adapters and hypergraph at the released defaults)."""
+def biomedclip_config(biomedclip_dir: Path, **config_overrides) -> AceLoraConfig:
+    """An `AceLoraConfig` for the BiomedCLIP folder (its adapters and hypergraph at the released defaults unless
+    `config_overrides` set them)."""
     config_path = biomedclip_dir / OPEN_CLIP_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: --biomedclip must be a BiomedCLIP (open_clip) folder.")
@@ -82,7 +83,7 @@ def biomedclip_config(biomedclip_dir: Path) -> AceLoraConfig:
         vision_config=_timm_vision_config(model_cfg.get("vision_cfg", {}), config_path),
         text_config=text_config,
         projection_dim=model_cfg.get("embed_dim", 512),
-        text_context_length=text_cfg.get("context_length", 256),
+        **{"text_context_length": text_cfg.get("context_length", 256), **config_overrides},
     )
 
 
@@ -112,10 +113,10 @@ def _open_clip_key_to_hf(key: str) -> list[tuple[str, slice | None]]:
         (r"visual\.trunk\.blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"vision_model.layers.\1.attention.o_proj.\2"),
         (r"visual\.trunk\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"vision_model.layers.\1.mlp.\2.\3"),
         (r"visual\.trunk\.norm\.(weight|bias)", r"vision_model.layernorm.\1"),
-        (r"visual\.head\.proj\.weight", "visual_projection.weight"),
+        (r"visual\.head\.proj\.weight", "vision_model.projection.weight"),
         (r"text\.transformer\.(.+)", r"text_model.\1"),
-        (r"text\.proj\.0\.weight", "text_projection.fc1.weight"),
-        (r"text\.proj\.2\.weight", "text_projection.fc2.weight"),
+        (r"text\.proj\.0\.weight", "text_model.projection.fc1.weight"),
+        (r"text\.proj\.2\.weight", "text_model.projection.fc2.weight"),
     ]
     qkv = re.fullmatch(r"visual\.trunk\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key)
     if qkv:
@@ -171,7 +172,7 @@ def biomedclip_state_dict(biomedclip_dir: Path, model: AceLoraModel) -> dict[str
                     f"{list(model_state[name].shape)} for {name!r}."
                 )
             converted[name] = value
-    _check_complete(path, converted, model_keys, expected=lambda k: not AceLoraModel._is_trainable(k))
+    _check_complete(path, converted, model_keys, expected=lambda k: not model._is_trainable(k))
     if "logit_scale" in state:
         converted["logit_scale"] = state["logit_scale"].exp()
     return converted
@@ -228,23 +229,24 @@ def _released_layer_module(config: AceLoraConfig, index: int) -> tuple[str, dict
     """Module prefix, projection names and layer index of the authors' `layer_{index}`: text first, then vision."""
     num_text_layers = config.text_config.num_hidden_layers
     if index < num_text_layers:
-        return f"text_model.encoder.layer.{index}.attention.self.", TEXT_PROJECTION_NAMES, index
+        return f"text_model.encoder.layer.{index}.attention.self.", AceLoraTextModel._lora_module_names, index
     layer = index - num_text_layers
-    return f"vision_model.layers.{layer}.attention.", VISION_PROJECTION_NAMES, layer
+    return f"vision_model.layers.{layer}.attention.", AceLoraVisionModel._lora_module_names, layer
 
 
 def ace_state_dict(path: Path, config: AceLoraConfig) -> dict[str, torch.Tensor]:
     """The authors' adapters (SPEC §8 layout) as `AceLoraModel` state-dict entries, every shape checked."""
     weights, _ = _ace_weights(path)
-    rank, hidden = config.lora_rank, config.hypergraph_hidden_size
+    rank, hidden = config.vision_config.lora_rank, config.vision_config.hypergraph_hidden_size
     converted = {}
     for index in range(config.text_config.num_hidden_layers + config.vision_config.num_hidden_layers):
         prefix, names, layer = _released_layer_module(config, index)
-        if config.lora_layers is not None and layer not in config.lora_layers:
+        tower = config.text_config if names is AceLoraTextModel._lora_module_names else config.vision_config
+        if tower.lora_layers is not None and layer not in tower.lora_layers:
             continue
         entry = _require(path, weights, f"layer_{index}", "weights/")
-        size = (config.text_config if names is TEXT_PROJECTION_NAMES else config.vision_config).hidden_size
-        for projection in config.lora_target_projections:
+        size = tower.hidden_size
+        for projection in tower.lora_target_projections:
             where = f"weights/layer_{index}/{projection}_proj/"
             adapter = _require(path, entry, f"{projection}_proj", f"weights/layer_{index}/")
             lora_a = _require(path, adapter, "w_lora_A", where)
@@ -257,8 +259,7 @@ def ace_state_dict(path: Path, config: AceLoraConfig) -> dict[str, torch.Tensor]
             converted[f"{module}.lora_A.default.weight"] = _checked(path, lora_a, where + "w_lora_A", (rank, size))
             converted[f"{module}.lora_B.default.weight"] = _checked(path, lora_b, where + "w_lora_B", (size, rank))
     for source, target in ADAPTER_KEYS.items():
-        uses_hypergraph = config.vision_uses_hypergraph if target.startswith("vision") else config.text_uses_hypergraph
-        if not uses_hypergraph:
+        if not (config.vision_config if target.startswith("vision") else config.text_config).use_hypergraph:
             continue
         adapter = _require(path, weights, source, "weights/")
         dim = config.projection_dim
@@ -280,11 +281,10 @@ def conversion_config(
 ) -> AceLoraConfig:
     """The BiomedCLIP folder's config, updated by the checkpoint's metadata (rank, top-k, projections), then
     by `config_overrides`."""
-    config = biomedclip_config(Path(biomedclip_dir))
     if ace_checkpoint is not None:
         _, metadata = _ace_weights(Path(ace_checkpoint))
         config_overrides = {**ace_config_updates(metadata), **config_overrides}
-    return AceLoraConfig(**{**config.to_dict(), **config_overrides})
+    return biomedclip_config(Path(biomedclip_dir), **config_overrides)
 
 
 def convert_biomedclip(

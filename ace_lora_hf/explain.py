@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from .modeling_ace_lora import AceLoraModel
@@ -46,7 +47,10 @@ def explain_images(model: AceLoraModel, processor: AceLoraProcessor, images: lis
     image_processor = processor.image_processor
     pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
     crops = image_processor(images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
-    cls_attention, neighbours = model.get_image_attention(pixel_values.to(model.device, model.dtype))
+    with torch.no_grad():
+        cls_attention = model.vision_model.get_token_features(pixel_values.to(model.device)).cls_attention
+    hypergraph = model.vision_model.hypergraph
+    neighbours = None if hypergraph is None else hypergraph.cls_neighbours(cls_attention)[0] - 1
     pictures = []
     for index, crop in enumerate(crops):
         crop_image = Image.fromarray(np.moveaxis(crop, 0, -1).astype(np.uint8))

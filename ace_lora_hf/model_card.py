@@ -26,8 +26,8 @@ templates = ["a chest X-ray image of {{}}.", "Findings suggesting {{}}."]
 prompts = processor(text=[t.format(label) for label in labels for t in templates], return_tensors="pt")
 pixels = processor(images=Image.open("chest_xray.png"), return_tensors="pt")["pixel_values"]
 with torch.no_grad():
-    classes = model.get_class_embeddings(prompts["input_ids"].view(len(labels), len(templates), -1))
-    image = model.get_image_features(pixels)
+    classes = model.get_class_embeddings(prompts["input_ids"].view(len(labels), len(templates), -1)).pooler_output
+    image = model.get_image_features(pixels).pooler_output
     probabilities = (model.logit_scale * image @ classes.T).softmax(dim=-1)
 print(dict(zip(labels, probabilities[0].tolist())))
 '''

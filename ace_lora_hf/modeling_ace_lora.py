@@ -1,9 +1,13 @@
-"""PyTorch ACE-LoRA: BiomedCLIP with LoRA adapters and an attention-guided hypergraph on each tower."""
+# Copyright 2026 The ACE-LoRA authors and the ace-lora-hf contributors. All rights reserved.
+#
+# Licensed under the MIT License (the "License"); you may not use this file except in compliance with the License.
+"""PyTorch ACE-LoRA: BiomedCLIP's towers with LoRA adapters and an attention-guided hypergraph on each tower."""
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+import re
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,41 +16,81 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import BertModel, PreTrainedModel, ViTModel
 from transformers import initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
+from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
-from .configuration_ace_lora import AceLoraConfig
+from .configuration_ace_lora import AceLoraConfig, AceLoraTextConfig, AceLoraTowerFields, AceLoraVisionConfig
+from .errors import InvalidArgumentError
 from .loss_ace_lora import label_guided_infonce
 
 
 logger = logging.get_logger(__name__)
 
-# Tokens per tower call in CPU inference (see `AceLoraModel._inference_chunks`).
+# Tokens per tower call in CPU inference (see `AceLoraEncoderMixin._inference_chunks`).
 CPU_CHUNK_TOKENS = 1024
-# Names of the attention projections that LoRA adapts, per tower (`AceLoraConfig.lora_target_projections`).
-VISION_PROJECTION_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
-TEXT_PROJECTION_NAMES = {"q": "query", "k": "key", "v": "value"}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass
 class AceLoraOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `return_loss` is `True` or `labels` is given):
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss` is `True` or `labels` is given):
         Contrastive loss: label-guided InfoNCE when `labels` is given, plain symmetric InfoNCE otherwise.
     logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
-        Scaled cosine similarities between the ACE image and text embeddings.
+        Scaled cosine similarities between the ACE image and text embeddings (when both are given).
     logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
         The transpose of `logits_per_image`.
-    image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-        L2-normalised image embeddings (see [`AceLoraModel.get_image_features`]).
     text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-        L2-normalised text embeddings (see [`AceLoraModel.get_text_features`]).
+        L2-normalised text embeddings (the `pooler_output` of [`AceLoraTextModel`]).
+    image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        L2-normalised image embeddings (the `pooler_output` of [`AceLoraVisionModel`]).
+    text_model_output (`BaseModelOutputWithPooling`):
+        The output of the [`AceLoraTextModel`].
+    vision_model_output (`BaseModelOutputWithPooling`):
+        The output of the [`AceLoraVisionModel`].
     """
 
     loss: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[key] if key not in ("text_model_output", "vision_model_output") else getattr(self, key).to_tuple()
+            for key in self.keys()
+        )
+
+
+@dataclass
+class AceLoraTokenFeatures(ModelOutput):
+    r"""
+    What a tower's hypergraph is built from.
+
+    tokens (`torch.FloatTensor` of shape `(batch_size, num_tokens, projection_dim)`):
+        Every token of the last hidden state, projected into the shared space and L2-normalised (CLS first).
+    cls_attention (`torch.FloatTensor` of shape `(batch_size, num_tokens - 1)`):
+        The last layer's attention of CLS to every other token, averaged over heads: pre-softmax scores for images,
+        probabilities (padding masked) for texts. Row 0 of the hypergraph.
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
+        The backbone's last hidden state.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The backbone's hidden states (embeddings, then every layer).
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        The backbone's attention probabilities of every layer.
+    """
+
+    tokens: torch.FloatTensor | None = None
+    cls_attention: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class AceLoraDropout(nn.Dropout):
@@ -71,6 +115,9 @@ def use_fast_dropout(model: nn.Module) -> None:
         for name, child in module.named_children():
             if type(child) is nn.Dropout:
                 setattr(module, name, AceLoraDropout(child.p, child.inplace))
+
+
+# ---------------------------------------------------------------------------------------------------- hypergraph
 
 
 class AceHypergraphAdapterLinear(nn.Linear):
@@ -109,7 +156,9 @@ class AceHypergraph(nn.Module):
 
     def _check_size(self, num_tokens: int) -> None:
         if num_tokens - 2 < self.top_k:
-            raise ValueError(f"The hypergraph keeps top_k={self.top_k} neighbours but got only {num_tokens} tokens.")
+            raise InvalidArgumentError(
+                f"The hypergraph keeps top_k={self.top_k} neighbours but got only {num_tokens} tokens."
+            )
 
     def cls_neighbours(self, cls_attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token indices (1-based, CLS is 0) of CLS's `top_k` neighbours and their softmax weights, `[B, top_k]`."""
@@ -135,25 +184,27 @@ class AceHypergraph(nn.Module):
         # Rows of the neighbours: themselves, CLS (mirrored column 0) and their own top-k patches.
         unit_patches = F.normalize(patch_tokens, dim=-1)
         similarity = _gather_tokens(unit_patches, neighbour_index) @ unit_patches.transpose(1, 2)  # [B, k, N-1]
-        similarity.scatter_(-1, neighbour_index.unsqueeze(-1), float("-inf"))
+        similarity = similarity.scatter(-1, neighbour_index.unsqueeze(-1), float("-inf"))
         second_scores, second_index = similarity.topk(self.top_k, dim=-1)  # [B, k, k]
         second_weight = second_scores.softmax(dim=-1)
         second_neighbours = _gather_tokens(patch_tokens, second_index.flatten(1)).unflatten(1, second_index.shape[1:])
 
-        cls_edge = cls_token + torch.einsum("bk,bkd->bd", neighbour_weight, neighbours)
+        cls_edge = cls_token + torch.einsum("bk,bkd->bd", neighbour_weight.to(tokens.dtype), neighbours)
         neighbour_edges = (
             neighbours
-            + neighbour_weight.unsqueeze(-1) * cls_token.unsqueeze(1)
-            + torch.einsum("bkj,bkjd->bkd", second_weight, second_neighbours)
+            + neighbour_weight.unsqueeze(-1).to(tokens.dtype) * cls_token.unsqueeze(1)
+            + torch.einsum("bkj,bkjd->bkd", second_weight.to(tokens.dtype), second_neighbours)
         )
         cls_edge, neighbour_edges = self.edge_adapter(cls_edge), self.edge_adapter(neighbour_edges)
-        cls_node = self.node_adapter(cls_edge + torch.einsum("bk,bkd->bd", neighbour_weight, neighbour_edges))
+        cls_node = self.node_adapter(
+            cls_edge + torch.einsum("bk,bkd->bd", neighbour_weight.to(cls_edge.dtype), neighbour_edges)
+        )
         return F.normalize(cls_node, dim=-1)
 
     def incidence_matrix(self, tokens: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
         """The full `[B, N, N]` hypergraph `A` (for inspection and explanations; `forward` never builds it)."""
         self._check_size(tokens.shape[1])
-        unit = F.normalize(tokens, dim=-1)
+        unit = F.normalize(tokens.float(), dim=-1)
         scores = unit @ unit.transpose(1, 2)
         scores[:, 0, 1:] = cls_attention
         scores[:, 1:, 0] = float("-inf")
@@ -183,178 +234,77 @@ class AceLoraTextProjection(nn.Module):
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
-@contextmanager
-def recording_outputs(**modules: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the output of each named module during the forward passes run inside the block."""
-    outputs: dict[str, torch.Tensor] = {}
-
-    def recorder(name):
-        def hook(module, args, output):
-            outputs[name] = output
-
-        return hook
-
-    handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _map_chunks(function, chunks: int, *tensors: torch.Tensor) -> tuple:
-    """`function` over `chunks` near-equal parts of `tensors` (along dim 0), each output concatenated (None stays)."""
-    if chunks <= 1:
-        return function(*tensors)
-    outputs = [function(*parts) for parts in zip(*(tensor.tensor_split(chunks) for tensor in tensors))]
-    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
-
-
-def cls_attention_scores(query: torch.Tensor, key: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Scaled dot products of the CLS query with every key, per head: `[B, heads, N]` from `[B, N, hidden]` q, k."""
+def cls_attention_scores(cls_query: torch.Tensor, key: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Scaled dot products of the CLS query `[B, 1, hidden]` with every key `[B, N, hidden]`, per head: `[B, heads, N]`."""
     batch_size, num_tokens, hidden_size = key.shape
     head_dim = hidden_size // num_heads
-    cls_query = query[:, 0].view(batch_size, num_heads, 1, head_dim)
+    cls_query = cls_query.view(batch_size, num_heads, 1, head_dim)
     keys = key.view(batch_size, num_tokens, num_heads, head_dim).transpose(1, 2)
     return (cls_query @ keys.transpose(-1, -2)).squeeze(2) * head_dim**-0.5
 
 
-class AceLoraPreTrainedModel(PreTrainedModel):
-    config_class = AceLoraConfig
+def first_device(inputs: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(inputs.values())).device
+
+
+def float32_only(device: torch.device):
+    """Switch a caller's autocast off: the CLS row, the top-k choices and the hypergraph are precision-sensitive."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+# ------------------------------------------------------------------------------------------------ shared behaviour
+
+
+class AceLoraModelMixin:
+    """What every ACE-LoRA model class shares: which parameters train, LoRA's lifecycle, the float32 parts, saving.
+
+    The precision-sensitive parts (CLS attention row, top-k, hypergraph, projections, embeddings and normalisations,
+    logit scale) stay in float32 when the model is loaded or cast to float16/bfloat16: `from_pretrained(dtype=...)`
+    keeps them through `_keep_in_fp32_modules_strict`, and `.to(dtype)`, `.half()` and `.bfloat16()` leave them alone
+    (see `_apply`). The towers then run their matrix products in the half dtype under autocast, so their residual
+    stream stays float32.
+    """
+
+    _keep_in_fp32_modules_strict = ["embeddings", "layernorm", "LayerNorm", "projection", "hypergraph", "logit_scale", "lora_"]
+    # Auto classes besides the one `register_for_auto_class` records, written into `auto_map` on save.
     _extra_auto_classes: tuple[str, ...] = ()
-    config: AceLoraConfig
-    base_model_prefix = "ace_lora"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_flash_attn = True
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, AceHypergraphAdapterLinear):
-            init.kaiming_normal_(module.weight)
-            bound = 1 / math.sqrt(module.in_features)
-            init.uniform_(module.bias, -bound, bound)
-        else:
-            super()._init_weights(module)
-        if isinstance(module, AceLoraModel):
-            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-
-    def mark_trainable_parameters(self) -> None:
-        """Set `requires_grad` on what this model trains (after construction and after loading)."""
-        raise NotImplementedError
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        # Loading replaces every parameter with a new, trainable one.
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # Weights missing from the checkpoint are created in the requested dtype; loading replaces every parameter
+        # with a new, trainable one.
+        model._restore_float32_parts()
         model.mark_trainable_parameters()
         return loaded
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if any(isinstance(m, LoraLayer) and m.merged for m in self.modules()):
-            raise ValueError(
-                "LoRA is merged into the base weights; saving now would apply it twice when loading. "
-                "Call `unmerge_lora()` before `save_pretrained`."
-            )
-        if any(getattr(m, "tower_dtype", None) is not None for m in self.modules()):
-            raise ValueError("The towers were cast with `cast_towers` for inference; save the float32 model instead.")
-        if self._auto_class is not None:
-            # One class may serve several auto classes; `register_for_auto_class` records only one of them.
-            module = type(self).__module__.rsplit(".", 1)[-1]
-            self.config.auto_map = {
-                **(getattr(self.config, "auto_map", None) or {}),
-                **{auto: f"{module}.{type(self).__name__}" for auto in self._extra_auto_classes},
-            }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+    # ----------------------------------------------------------------------------------------- float32 parts
+
+    def _float32_tensor_ids(self) -> set[int]:
+        pattern = re.compile("|".join(sorted(self._keep_in_fp32_modules_strict)))
+        named = [*self.named_parameters(), *self.named_buffers()]
+        return {id(tensor) for name, tensor in named if pattern.search(name)}
+
+    def _apply(self, fn, recurse: bool = True):
+        target = fn(torch.zeros((), dtype=torch.float32))
+        if target.dtype not in HALF_DTYPES:
+            return super()._apply(fn, recurse)
+        keep = self._float32_tensor_ids()
+        return super()._apply(lambda tensor: tensor.to(target.device) if id(tensor) in keep else fn(tensor), recurse)
 
     @torch.no_grad()
-    def initialize_weights(self) -> None:
-        # The towers' own init treats LoRA's A/B as ordinary Linears (normal, std 0.02). Restore LoRA's init
-        # (Kaiming-uniform A, zero B) on every adapter not loaded from a checkpoint, so a fresh adapter is a no-op.
-        super().initialize_weights()
-        with init.guard_torch_init_functions():
-            for module in self.modules():
-                if isinstance(module, LoraLayer):
-                    for adapter_name in module.lora_A:
-                        module.reset_lora_parameters(adapter_name, init_lora_weights=True)
+    def _restore_float32_parts(self) -> None:
+        keep = self._float32_tensor_ids()
+        for tensor in [*self.parameters(), *self.buffers()]:
+            if id(tensor) in keep and tensor.dtype in HALF_DTYPES:
+                tensor.data = tensor.data.float()
 
-
-class AceLoraModel(AceLoraPreTrainedModel):
-    r"""
-    ACE-LoRA: BiomedCLIP's ViT-B/16 and PubMedBERT towers with rank-stabilised LoRA on their attention
-    projections, an attention-guided hypergraph (ACE-HGNN) on the tokens of each tower and a learnable logit
-    scale. Only the adapters, the hypergraphs and the logit scale are trainable.
-
-    Example:
-
-    ```python
-    >>> from transformers import AutoModel, AutoProcessor
-    >>> model = AutoModel.from_pretrained("aydnarda/ACE-LoRA", trust_remote_code=True)
-    ```
-    """
-
-    _extra_auto_classes = ("AutoModelForZeroShotImageClassification",)
-
-    def __init__(self, config: AceLoraConfig):
-        super().__init__(config)
-        self.vision_model = ViTModel(config.vision_config, add_pooling_layer=False)
-        self.text_model = BertModel(config.text_config, add_pooling_layer=False)
-        for layer in self.text_model.encoder.layer:
-            layer.attention.output.dropout = nn.Dropout(config.text_attention_output_dropout)
-        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        self.text_projection = AceLoraTextProjection(
-            config.text_config.hidden_size, config.text_projection_hidden_size, config.projection_dim
-        )
-        hypergraph_args = (config.projection_dim, config.hypergraph_hidden_size, config.hypergraph_top_k)
-        self.vision_hypergraph = AceHypergraph(*hypergraph_args) if config.vision_uses_hypergraph else None
-        self.text_hypergraph = AceHypergraph(*hypergraph_args) if config.text_uses_hypergraph else None
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
-        self.tower_dtype: torch.dtype | None = None  # set by `cast_towers`
-        self.post_init()
-        self._inject_lora()
-
-    def _lora_target_pattern(self) -> str:
-        config = self.config
-        vision_layers = config.lora_layers or range(config.vision_config.num_hidden_layers)
-        text_layers = config.lora_layers or range(config.text_config.num_hidden_layers)
-        vision = "|".join(VISION_PROJECTION_NAMES[p] for p in config.lora_target_projections)
-        text = "|".join(TEXT_PROJECTION_NAMES[p] for p in config.lora_target_projections)
-        return (
-            rf"vision_model\.layers\.({'|'.join(map(str, vision_layers))})\.attention\.({vision})"
-            rf"|text_model\.encoder\.layer\.({'|'.join(map(str, text_layers))})\.attention\.self\.({text})"
-        )
-
-    def _inject_lora(self) -> None:
-        lora_config = LoraConfig(
-            r=self.config.lora_rank,
-            lora_alpha=self.config.lora_alpha,
-            lora_dropout=self.config.lora_dropout,
-            use_rslora=self.config.use_rslora,
-            target_modules=self._lora_target_pattern(),
-            bias="none",
-        )
-        inject_adapter_in_model(lora_config, self)
-        use_fast_dropout(self)
-        # The adapters belong to this model and are saved in its own state dict; transformers must not mistake
-        # the model for a PEFT-wrapped one.
-        del self.peft_config
-        self.mark_trainable_parameters()
-
-    def mark_trainable_parameters(self) -> None:
-        """Freeze every base weight; LoRA, the hypergraph adapters and the logit scale train."""
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad = self._is_trainable(name)
-
-    @staticmethod
-    def _is_trainable(parameter_name: str) -> bool:
-        return (
-            ".lora_A." in parameter_name
-            or ".lora_B." in parameter_name
-            or parameter_name.startswith(("vision_hypergraph.", "text_hypergraph."))
-            or parameter_name == "logit_scale"
-        )
+    # --------------------------------------------------------------------------------------------------- LoRA
 
     def lora_layers(self) -> list[LoraLayer]:
         return [module for module in self.modules() if isinstance(module, LoraLayer)]
@@ -369,173 +319,422 @@ class AceLoraModel(AceLoraPreTrainedModel):
         for layer in self.lora_layers():
             layer.unmerge()
 
-    def cast_towers(self, dtype: torch.dtype = torch.bfloat16) -> "AceLoraModel":
-        """Run the ViT and BERT towers' matrix products in `dtype` (bfloat16 or float16) for fast inference.
-
-        The towers' `Linear`/`Conv2d` weights are stored in `dtype` and the towers run under autocast, so their
-        residual stream and normalisations stay in float32; the projections, the CLS attention row and the
-        hypergraph stay float32 too (the hypergraph's top-k choices are precision-sensitive). Call
-        [`merge_lora`] first so that the adapters are folded in at full precision. The rounding of the weights
-        is not undone: reload the model to return to float32.
-        """
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"cast_towers takes torch.bfloat16 or torch.float16, got {dtype}.")
-        for tower in (self.vision_model, self.text_model):
-            for module in tower.modules():
-                if isinstance(module, (nn.Linear, nn.Conv2d)):
-                    module.to(dtype)
-        self.tower_dtype = dtype
-        return self
-
-    def _tower_autocast(self, device: torch.device):
-        # A disabled autocast block would also switch off a caller's autocast (mixed-precision training).
-        return nullcontext() if self.tower_dtype is None else torch.autocast(device.type, dtype=self.tower_dtype)
-
     @property
     def lora_merged(self) -> bool:
         return any(layer.merged for layer in self.lora_layers())
 
-    # ----------------------------------------------------------------------------------------------------- vision
+    def mark_trainable_parameters(self) -> None:
+        """Set `requires_grad` on what this model trains (after construction and after loading)."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad = self._is_trainable(name)
+
+    def _is_trainable(self, parameter_name: str) -> bool:
+        """LoRA, the hypergraph adapters and the logit scale train; every base weight is frozen."""
+        return (
+            ".lora_A." in parameter_name
+            or ".lora_B." in parameter_name
+            or parameter_name.startswith("hypergraph.")
+            or ".hypergraph." in parameter_name
+            or parameter_name == "logit_scale"
+        )
+
+    # ------------------------------------------------------------------------------------------------- saving
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self.lora_merged:
+            raise InvalidArgumentError(
+                "LoRA is merged into the base weights; saving now would apply it twice when loading. "
+                "Call `unmerge_lora()` before `save_pretrained`."
+            )
+        if self._auto_class is not None and self._extra_auto_classes:
+            # One class may serve several auto classes; `register_for_auto_class` records only one of them.
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                **{auto: f"{module}.{type(self).__name__}" for auto in self._extra_auto_classes},
+            }
+        # transformers' PEFT integration would save only the adapter; this model owns its adapters and saves whole.
+        peft_visible, self._hf_peft_config_loaded = self._hf_peft_config_loaded, False
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self._hf_peft_config_loaded = peft_visible
+
+
+# ----------------------------------------------------------------------------------------------------- towers
+
+
+class AceLoraEncoderMixin(AceLoraModelMixin):
+    """One ACE-LoRA tower, mixed into the library backbone class it extends (`ViTModel`, `BertModel`): LoRA on the
+    attention projections, the projection of every token, the last layer's CLS attention row and the hypergraph.
+
+    A tower class provides the backbone call (`_run_backbone`), the last layer's CLS query and keys computed from
+    that layer's input (`_cls_query_and_keys`), the CLS row (`_cls_attention`) and where LoRA goes
+    (`_lora_layer_path`, `_lora_module_names`).
+    """
+
+    _lora_layer_path: tuple[str, str]  # (the layer list, the attention module inside a layer)
+    _lora_module_names: dict[str, str]  # "q"/"k"/"v" -> the projection's module name
+
+    def _add_ace_modules(self, projection: nn.Module | None) -> None:
+        """Add projection, hypergraph and LoRA to the just-built backbone, then initialise what is new."""
+        config: AceLoraTowerFields = self.config
+        self.projection = projection
+        use_hypergraph = projection is not None and config.use_hypergraph
+        self.hypergraph = (
+            AceHypergraph(config.projection_dim, config.hypergraph_hidden_size, config.hypergraph_top_k)
+            if use_hypergraph else None
+        )
+        self._inject_lora()
+        use_fast_dropout(self)
+        self.post_init()
+        self.mark_trainable_parameters()
+        # Every call records the last layer's input; installing the recording hooks now (as transformers' backbones
+        # do) rather than lazily keeps a compiled first call free of the lazy installation's lock.
+        maybe_install_capturing_hooks(self)
+
+    # ---------------------------------------------------------------------------------------------------- LoRA
+
+    def lora_target_pattern(self, prefix: str = "") -> str:
+        """Regular expression of the module names (under `prefix`) that carry LoRA, as PEFT's `target_modules`."""
+        config: AceLoraTowerFields = self.config
+        layers = config.lora_layers if config.lora_layers is not None else range(config.num_hidden_layers)
+        layer_list, attention = self._lora_layer_path
+        names = "|".join(self._lora_module_names[projection] for projection in config.lora_target_projections)
+        return (rf"{re.escape(prefix)}{layer_list}\.({'|'.join(map(str, layers))})\.{attention}\.({names})")
+
+    def lora_config(self, target_modules: str | None = None) -> LoraConfig:
+        config: AceLoraTowerFields = self.config
+        return LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            target_modules=target_modules or self.lora_target_pattern(),
+            bias="none",
+        )
+
+    def _inject_lora(self) -> None:
+        inject_adapter_in_model(self.lora_config(), self)  # leaves `self.peft_config`
+        for layer in self.lora_layers():
+            for name in layer.lora_A:
+                layer.lora_A[name].ace_lora_role = "lora_A"
+                layer.lora_B[name].ace_lora_role = "lora_B"
+        # transformers' PEFT integration (active_adapters, disable_adapters, get_adapter_state_dict) sees the adapter.
+        self._hf_peft_config_loaded = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        role = getattr(module, "ace_lora_role", None)
+        if role == "lora_A":
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif role == "lora_B":
+            init.zeros_(module.weight)
+        elif isinstance(module, AceHypergraphAdapterLinear):
+            init.kaiming_normal_(module.weight)
+            bound = 1 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
+        else:
+            super()._init_weights(module)
+
+    # -------------------------------------------------------------------------------------------------- tokens
+
+    def _matmul_dtype(self) -> torch.dtype:
+        """The dtype the backbone's `Linear` weights are stored in (and its matrix products run in)."""
+        raise NotImplementedError
+
+    def _half_precision_autocast(self, device: torch.device):
+        # A disabled autocast block would also switch off a caller's autocast (mixed-precision training).
+        dtype = self._matmul_dtype()
+        return torch.autocast(device.type, dtype=dtype) if dtype in HALF_DTYPES else nullcontext()
 
     def _inference_chunks(self, batch_size: int, tokens_per_sample: int, device: torch.device) -> int:
-        """How many tower calls a batch takes: one, except for CPU inference, which runs best in small chunks.
+        """How many backbone calls a batch takes: one, except for eager CPU inference, which runs best in chunks.
 
         On the CPU, the activations of a large batch exceed glibc's mmap threshold so that every allocation
         page-faults; equal chunks of at most about `CPU_CHUNK_TOKENS` tokens keep the GEMMs near peak. Outputs are
-        unchanged.
+        unchanged. Compiled and exported graphs keep one call, so that their batch size stays free.
         """
-        if torch.is_grad_enabled() or device.type != "cpu":
+        if torch.is_grad_enabled() or device.type != "cpu" or _is_tracing():
             return 1
         return math.ceil(batch_size * tokens_per_sample / max(CPU_CHUNK_TOKENS, tokens_per_sample))
 
-    def _image_tokens(self, pixel_values: torch.Tensor, with_cls_attention: bool):
-        """Normalised projected tokens `[B, N, D]` and, if asked, the last layer's pre-softmax CLS row `[B, N-1]`."""
-        embeddings = self.vision_model.embeddings
-        num_tokens = embeddings.patch_embeddings.num_patches + 1
-        chunks = self._inference_chunks(pixel_values.shape[0], num_tokens, pixel_values.device)
-        return _map_chunks(lambda pixels: self._image_tokens_chunk(pixels, with_cls_attention), chunks, pixel_values)
+    def _token_features(
+        self, inputs: dict[str, torch.Tensor], output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> AceLoraTokenFeatures:
+        """Projected tokens and CLS row of a batch of backbone `inputs` (in CPU chunks when nothing else is asked)."""
+        if self.projection is None:
+            raise InvalidArgumentError(f"This {type(self).__name__} was built without its embedding head "
+                                       "(add_embedding_head=False): it has no projection or hypergraph.")
+        first = next(iter(inputs.values()))
+        chunks = 1
+        if not (output_hidden_states or output_attentions):
+            chunks = self._inference_chunks(first.shape[0], self.config.num_tokens, first.device)
+        if chunks == 1:
+            return self._token_features_chunk(inputs, output_hidden_states, output_attentions)
+        parts = [
+            self._token_features_chunk(dict(zip(inputs, chunk)), False, False)
+            for chunk in zip(*(tensor.tensor_split(chunks) for tensor in inputs.values()))
+        ]
+        return AceLoraTokenFeatures(
+            **{key: torch.cat([part[key] for part in parts]) for key in ("tokens", "cls_attention", "last_hidden_state")}
+        )
 
-    def _image_tokens_chunk(self, pixel_values: torch.Tensor, with_cls_attention: bool):
-        attention = self.vision_model.layers[-1].attention
-        with recording_outputs(query=attention.q_proj, key=attention.k_proj) as recorded:
-            with self._tower_autocast(pixel_values.device):
-                hidden_states = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        return self._project_image_tokens(hidden_states, recorded["query"], recorded["key"], with_cls_attention)
+    def _token_features_chunk(
+        self, inputs: dict[str, torch.Tensor], output_hidden_states: bool, output_attentions: bool
+    ) -> AceLoraTokenFeatures:
+        # The CLS row comes from the last layer's input, so only that hidden state is kept unless all are asked for.
+        with self._half_precision_autocast(first_device(inputs)):
+            outputs = self._run_backbone(
+                inputs, output_hidden_states=True if output_hidden_states else [-2], output_attentions=output_attentions
+            )
+        features = self.project_backbone_outputs(outputs, inputs.get("attention_mask"))
+        features.hidden_states = outputs.hidden_states if output_hidden_states else None
+        features.attentions = outputs.attentions if output_attentions else None
+        return features
 
-    def _project_image_tokens(
-        self, hidden_states: torch.Tensor, query: torch.Tensor, key: torch.Tensor, with_cls_attention: bool
-    ):
-        """The image path after the ViT: normalised projected tokens and the CLS row from the last layer's q, k."""
-        hidden_states = hidden_states.to(self.visual_projection.weight.dtype)
-        if not with_cls_attention:
-            return F.normalize(self.visual_projection(hidden_states[:, :1]), dim=-1), None
-        num_heads = self.vision_model.layers[-1].attention.num_attention_heads
-        scores = cls_attention_scores(query.float(), key.float(), num_heads)
-        return F.normalize(self.visual_projection(hidden_states), dim=-1), scores.mean(dim=1)[:, 1:]
+    def project_backbone_outputs(
+        self, outputs: BaseModelOutputWithPooling, attention_mask: torch.Tensor | None = None
+    ) -> AceLoraTokenFeatures:
+        """The step after the backbone: the CLS attention row from the last layer's input (`outputs.hidden_states[-2]`)
+        and every token projected and normalised, in float32."""
+        device = outputs.last_hidden_state.device
+        with self._half_precision_autocast(device):
+            cls_query, keys = self._cls_query_and_keys(outputs.hidden_states[-2])
+        with float32_only(device):
+            cls_attention = self._cls_attention(cls_query.float(), keys.float(), attention_mask)
+            tokens = F.normalize(self.projection(outputs.last_hidden_state.float()), dim=-1)
+        return AceLoraTokenFeatures(
+            tokens=tokens, cls_attention=cls_attention, last_hidden_state=outputs.last_hidden_state
+        )
 
-    def get_image_features(self, pixel_values: torch.Tensor, use_hgnn: bool = True) -> torch.Tensor:
+    def pool(self, features: AceLoraTokenFeatures, use_hgnn: bool = True) -> torch.Tensor:
+        """The tower's L2-normalised embedding: the hypergraph's CLS node, or (`use_hgnn=False`) the projected CLS."""
+        if use_hgnn and self.hypergraph is not None:
+            with float32_only(features.tokens.device):
+                return self.hypergraph(features.tokens.float(), features.cls_attention.float())
+        return features.tokens[:, 0]
+
+    def _encode(
+        self,
+        inputs: dict[str, torch.Tensor],
+        use_hgnn: bool,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+        return_dict: bool | None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        config = self.config
+        features = self._token_features(
+            inputs,
+            output_hidden_states=config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            output_attentions=config.output_attentions if output_attentions is None else output_attentions,
+        )
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=features.last_hidden_state,
+            pooler_output=self.pool(features, use_hgnn),
+            hidden_states=features.hidden_states,
+            attentions=features.attentions,
+        )
+        return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+
+
+
+
+class AceLoraVisionModel(AceLoraEncoderMixin, ViTModel):
+    r"""
+    The vision tower of ACE-LoRA: BiomedCLIP's ViT-B/16 with LoRA on its attention, the projection of every token
+    and the ACE hypergraph, whose CLS node is the image embedding.
+
+    Args:
+        config ([`AceLoraVisionConfig`]): the tower's configuration.
+        add_embedding_head (`bool`, *optional*, defaults to `True`):
+            Whether to build the projection and the hypergraph (task heads use the backbone and LoRA only).
+    """
+
+    config_class = AceLoraVisionConfig
+    config: AceLoraVisionConfig
+    base_model_prefix = "vision_model"
+    _lora_layer_path = ("layers", "attention")
+    _lora_module_names = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
+
+    def __init__(self, config: AceLoraVisionConfig, add_embedding_head: bool = True):
+        super().__init__(config, add_pooling_layer=False)
+        projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False) if add_embedding_head else None
+        self._add_ace_modules(projection)
+
+    def _matmul_dtype(self) -> torch.dtype:
+        return self.layers[0].mlp.fc1.weight.dtype
+
+    def _run_backbone(self, inputs: dict[str, torch.Tensor], **output_flags) -> BaseModelOutputWithPooling:
+        return super().forward(**inputs, **output_flags)
+
+    def _cls_query_and_keys(self, last_layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[-1]
+        normed = layer.layernorm_before(last_layer_input)  # ViT blocks are pre-norm
+        return layer.attention.q_proj(normed[:, :1]), layer.attention.k_proj(normed)
+
+    def _cls_attention(self, cls_query: torch.Tensor, keys: torch.Tensor, attention_mask: None) -> torch.Tensor:
+        """Pre-softmax scores of the last layer, averaged over heads (SPEC §4)."""
+        num_heads = self.layers[-1].attention.num_attention_heads
+        return cls_attention_scores(cls_query, keys, num_heads).mean(dim=1)[:, 1:]
+
+    def backbone_outputs(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | list[int] = (-2,)
+    ) -> BaseModelOutputWithPooling:
+        """The ViT alone (LoRA included, no projection or hypergraph): its last hidden state and the hidden states
+        `output_hidden_states` selects (indices into embeddings + every layer; by default the last layer's input,
+        which `project_backbone_outputs` needs). Task heads read their feature maps here."""
+        if not isinstance(output_hidden_states, bool):
+            output_hidden_states = list(output_hidden_states)
+        with self._half_precision_autocast(pixel_values.device):
+            return self._run_backbone({"pixel_values": pixel_values}, output_hidden_states=output_hidden_states)
+
+    def get_token_features(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> AceLoraTokenFeatures:
+        r"""
+        The inputs of the vision hypergraph: every token projected and L2-normalised, and the CLS attention row
+        (the last layer's pre-softmax scores of CLS to each patch, averaged over heads). For explanations and analysis.
+        """
+        return self._token_features({"pixel_values": pixel_values}, output_hidden_states, output_attentions)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        use_hgnn: bool = True,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, 224, 224)`):
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
                 Normalised pixels (see `AceLoraImageProcessor`).
             use_hgnn (`bool`, *optional*, defaults to `True`):
-                `True`: the ACE embedding (CLS node of the vision hypergraph). `False`: the projected CLS token,
-                i.e. BiomedCLIP with LoRA.
-
+                `True`: the ACE embedding (CLS node of the hypergraph). `False`: the projected CLS token (BiomedCLIP
+                with LoRA).
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, projection_dim)`: L2-normalised image embeddings.
+            [`BaseModelOutputWithPooling`] (a tuple with `return_dict=False`): `pooler_output` is the L2-normalised
+            embedding `(batch_size, projection_dim)`, `last_hidden_state` the backbone's last hidden state,
+            `hidden_states` / `attentions` the backbone's when asked for.
         """
-        use_hgnn = use_hgnn and self.vision_hypergraph is not None
-        tokens, cls_attention = self._image_tokens(pixel_values, with_cls_attention=use_hgnn)
-        if not use_hgnn:
-            return tokens[:, 0]
-        return self.vision_hypergraph(tokens, cls_attention)
+        return self._encode({"pixel_values": pixel_values}, use_hgnn, output_hidden_states, output_attentions,
+                            return_dict)
 
-    @torch.no_grad()
-    def get_image_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        r"""
-        What the ACE image embedding looks at, for explanations.
 
-        Returns:
-            `cls_attention` (`torch.FloatTensor` of shape `(batch_size, num_patches)`): the last layer's
-            head-averaged, pre-softmax attention scores of CLS to each patch (the hypergraph's row 0), and
-            `neighbours` (`torch.LongTensor` of shape `(batch_size, top_k)`): the patches (0-based) the hypergraph
-            connects to CLS, or `None` without a vision hypergraph.
-        """
-        _, cls_attention = self._image_tokens(pixel_values, with_cls_attention=True)
-        if self.vision_hypergraph is None:
-            return cls_attention, None
-        neighbours, _ = self.vision_hypergraph.cls_neighbours(cls_attention)
-        return cls_attention, neighbours - 1
+class AceLoraTextModel(AceLoraEncoderMixin, BertModel):
+    r"""
+    The text tower of ACE-LoRA: PubMedBERT with LoRA on its self-attention, BiomedCLIP's projection MLP on every token
+    and the ACE hypergraph over the whole (padded) context, whose CLS node is the text embedding.
 
-    # ------------------------------------------------------------------------------------------------------- text
+    Args:
+        config ([`AceLoraTextConfig`]): the tower's configuration.
+        add_embedding_head (`bool`, *optional*, defaults to `True`):
+            Whether to build the projection and the hypergraph.
+    """
 
-    def _pad_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad ids and mask to the context length, which the text hypergraph's size depends on."""
-        context_length = self.config.text_context_length
+    config_class = AceLoraTextConfig
+    config: AceLoraTextConfig
+    base_model_prefix = "text_model"
+    _lora_layer_path = ("encoder.layer", "attention.self")
+    _lora_module_names = {"q": "query", "k": "key", "v": "value"}
+
+    def __init__(self, config: AceLoraTextConfig, add_embedding_head: bool = True):
+        super().__init__(config, add_pooling_layer=False)
+        for layer in self.encoder.layer:
+            layer.attention.output.dropout = nn.Dropout(config.attention_output_dropout)
+        projection = None
+        if add_embedding_head:
+            projection = AceLoraTextProjection(config.hidden_size, config.projection_hidden_size, config.projection_dim)
+        self._add_ace_modules(projection)
+
+    def _matmul_dtype(self) -> torch.dtype:
+        return self.encoder.layer[0].intermediate.dense.weight.dtype
+
+    def _run_backbone(self, inputs: dict[str, torch.Tensor], **output_flags) -> BaseModelOutputWithPooling:
+        return super().forward(**inputs, **output_flags)
+
+    def _cls_query_and_keys(self, last_layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = self.encoder.layer[-1].attention.self  # BERT layers are post-norm: attention sees the input
+        return attention.query(last_layer_input[:, :1]), attention.key(last_layer_input)
+
+    def _cls_attention(self, cls_query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of the last layer (padding keys masked), averaged over heads (SPEC §4)."""
+        num_heads = self.encoder.layer[-1].attention.self.num_attention_heads
+        scores = cls_attention_scores(cls_query, keys, num_heads)
+        scores = scores.masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
+        return scores.softmax(dim=-1).mean(dim=1)[:, 1:]
+
+    def _padded(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Ids, mask (and segment ids) padded to the context length, which the text hypergraph's size depends on."""
+        context_length = self.config.context_length
         length = input_ids.shape[-1]
         if length > context_length:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"input_ids has {length} tokens but the model's text context is {context_length}; "
                 f"tokenize with truncation=True, max_length={context_length} (AceLoraProcessor does)."
             )
-        pad_token_id = self.config.text_config.pad_token_id
+        pad_token_id = self.config.pad_token_id
         if attention_mask is None:
             attention_mask = input_ids != pad_token_id
         padding = (0, context_length - length)
-        return F.pad(input_ids, padding, value=pad_token_id), F.pad(attention_mask.long(), padding, value=0)
+        padded = {"input_ids": F.pad(input_ids, padding, value=pad_token_id),
+                  "attention_mask": F.pad(attention_mask.long(), padding, value=0)}
+        if token_type_ids is not None:
+            padded["token_type_ids"] = F.pad(token_type_ids, padding, value=0)
+        return padded
 
-    def _text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_cls_attention: bool):
-        """Normalised projected tokens `[B, L, D]` and, if asked, the last layer's CLS attention probabilities."""
-        chunks = self._inference_chunks(input_ids.shape[0], input_ids.shape[1], input_ids.device)
-        return _map_chunks(lambda ids, mask: self._text_tokens_chunk(ids, mask, with_cls_attention), chunks,
-                           input_ids, attention_mask)
+    def get_token_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> AceLoraTokenFeatures:
+        r"""
+        The inputs of the text hypergraph: every token of the padded context projected and L2-normalised, and the CLS
+        attention row (the last layer's probabilities of CLS to each token, padding masked, averaged over heads).
+        """
+        return self._token_features(self._padded(input_ids, attention_mask), output_hidden_states, output_attentions)
 
-    def _text_tokens_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_cls_attention: bool):
-        attention = self.text_model.encoder.layer[-1].attention.self
-        with recording_outputs(query=attention.query, key=attention.key) as recorded:
-            with self._tower_autocast(input_ids.device):
-                hidden_states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        hidden_states = hidden_states.to(self.text_projection.fc1.weight.dtype)
-        if not with_cls_attention:
-            return F.normalize(self.text_projection(hidden_states[:, :1]), dim=-1), None
-        scores = cls_attention_scores(recorded["query"].float(), recorded["key"].float(), attention.num_attention_heads)
-        scores = scores.masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
-        cls_attention = scores.softmax(dim=-1).mean(dim=1)[:, 1:]
-        return F.normalize(self.text_projection(hidden_states), dim=-1), cls_attention
-
-    def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_hgnn: bool = True
-    ) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        use_hgnn: bool = True,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Token ids, one text per row; padded here to `config.text_context_length`.
+                Token ids, one text per row; padded here to `config.context_length`.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Defaults to `input_ids != pad_token_id`.
+            token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                BERT's segment ids as the tokenizer returns them (all 0 for one text; the default).
             use_hgnn (`bool`, *optional*, defaults to `True`):
-                `True`: the ACE embedding (CLS node of the text hypergraph). `False`: the projected CLS token.
-
+                `True`: the ACE embedding (CLS node of the hypergraph). `False`: the projected CLS token.
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, projection_dim)`: L2-normalised text embeddings.
+            [`BaseModelOutputWithPooling`] (a tuple with `return_dict=False`): `pooler_output` is the L2-normalised
+            embedding `(batch_size, projection_dim)`, `last_hidden_state` the backbone's last hidden state,
+            `hidden_states` / `attentions` the backbone's when asked for.
         """
-        use_hgnn = use_hgnn and self.text_hypergraph is not None
-        input_ids, attention_mask = self._pad_text(input_ids, attention_mask)
-        tokens, cls_attention = self._text_tokens(input_ids, attention_mask, with_cls_attention=use_hgnn)
-        if not use_hgnn:
-            return tokens[:, 0]
-        return self.text_hypergraph(tokens, cls_attention)
+        return self._encode(self._padded(input_ids, attention_mask, token_type_ids), use_hgnn, output_hidden_states,
+                            output_attentions, return_dict)
 
     def get_class_embeddings(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, return_dict: bool | None = None
+    ) -> BaseModelOutputWithPooling | tuple:
         r"""
-        Zero-shot class embeddings from several prompt templates per class.
-
-        The templates' token features and CLS attention rows are averaged per class before the text hypergraph
-        runs once per class (without a hypergraph: the normalised mean of the template embeddings).
+        Zero-shot class embeddings from several prompt templates per class (SPEC §6): the templates' projected tokens
+        and CLS attention rows are averaged per class before the hypergraph runs once per class (without a
+        hypergraph: the normalised mean of the template embeddings).
 
         Args:
             input_ids (`torch.LongTensor` of shape `(num_classes, num_templates, sequence_length)`):
@@ -544,50 +743,197 @@ class AceLoraModel(AceLoraPreTrainedModel):
                 Defaults to `input_ids != pad_token_id`.
 
         Returns:
-            `torch.FloatTensor` of shape `(num_classes, projection_dim)`: L2-normalised class embeddings.
+            [`BaseModelOutputWithPooling`]: `pooler_output` the L2-normalised class embeddings
+            `(num_classes, projection_dim)`, `last_hidden_state` the backbone's, `(num_classes, num_templates,
+            context_length, hidden_size)`.
         """
         num_classes, num_templates = input_ids.shape[:2]
         flat_mask = None if attention_mask is None else attention_mask.flatten(0, 1)
-        flat_ids, flat_mask = self._pad_text(input_ids.flatten(0, 1), flat_mask)
-        use_hgnn = self.text_hypergraph is not None
-        tokens, cls_attention = self._text_tokens(flat_ids, flat_mask, with_cls_attention=use_hgnn)
-        tokens = tokens.unflatten(0, (num_classes, num_templates)).mean(dim=1)
-        if not use_hgnn:
-            return F.normalize(tokens[:, 0], dim=-1)
-        cls_attention = cls_attention.unflatten(0, (num_classes, num_templates)).mean(dim=1)
-        return self.text_hypergraph(tokens, cls_attention)
+        features = self._token_features(self._padded(input_ids.flatten(0, 1), flat_mask))
+        per_class = (num_classes, num_templates)
+        tokens = features.tokens.unflatten(0, per_class).mean(dim=1)
+        if self.hypergraph is None:
+            embeddings = F.normalize(tokens[:, 0], dim=-1)
+        else:
+            with float32_only(tokens.device):
+                embeddings = self.hypergraph(tokens, features.cls_attention.unflatten(0, per_class).mean(dim=1))
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=features.last_hidden_state.unflatten(0, per_class), pooler_output=embeddings
+        )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
-    # ---------------------------------------------------------------------------------------------------- forward
+
+# ------------------------------------------------------------------------------------------------- composite
+
+
+class AceLoraPreTrainedModel(AceLoraModelMixin, PreTrainedModel):
+    config_class = AceLoraConfig
+    config: AceLoraConfig
+    base_model_prefix = "ace_lora"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTEmbeddings", "ViTLayer", "BertEmbeddings", "BertLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, AceLoraModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+class AceLoraModel(AceLoraPreTrainedModel):
+    r"""
+    ACE-LoRA: BiomedCLIP's ViT-B/16 and PubMedBERT towers with rank-stabilised LoRA on their attention projections, an
+    attention-guided hypergraph (ACE-HGNN) on the tokens of each tower and a learnable logit scale. Only the adapters,
+    the hypergraphs and the logit scale are trainable.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModel
+    >>> model = AutoModel.from_pretrained("aydnarda/ACE-LoRA", trust_remote_code=True)
+    ```
+    """
+
+    _extra_auto_classes = ("AutoModelForZeroShotImageClassification",)
+
+    def __init__(self, config: AceLoraConfig):
+        super().__init__(config)
+        self.vision_model = AceLoraVisionModel._from_config(config.vision_config)
+        self.text_model = AceLoraTextModel._from_config(config.text_config)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+        # transformers' PEFT integration sees both towers' adapters as one adapter of this model.
+        vision_targets = self.vision_model.lora_target_pattern("vision_model.")
+        text_targets = self.text_model.lora_target_pattern("text_model.")
+        self.peft_config = {"default": self.vision_model.lora_config(f"{vision_targets}|{text_targets}")}
+        self._hf_peft_config_loaded = True
+        self.mark_trainable_parameters()
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        use_hgnn: bool = True,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        The vision tower's output: `pooler_output` is the L2-normalised ACE image embedding (`use_hgnn=False`: the
+        projected CLS token, i.e. BiomedCLIP with LoRA). See [`AceLoraVisionModel.forward`].
+        """
+        outputs = self.vision_model(pixel_values, use_hgnn, output_hidden_states, output_attentions, return_dict=True)
+        return outputs if self._return_dict(return_dict) else outputs.to_tuple()
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        use_hgnn: bool = True,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        The text tower's output: `pooler_output` is the L2-normalised ACE text embedding (`use_hgnn=False`: the
+        projected CLS token). See [`AceLoraTextModel.forward`].
+        """
+        outputs = self.text_model(input_ids, attention_mask, token_type_ids, use_hgnn, output_hidden_states,
+                                  output_attentions, return_dict=True)
+        return outputs if self._return_dict(return_dict) else outputs.to_tuple()
+
+    def get_class_embeddings(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, return_dict: bool | None = None
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""Zero-shot class embeddings in `pooler_output`; see [`AceLoraTextModel.get_class_embeddings`]."""
+        outputs = self.text_model.get_class_embeddings(input_ids, attention_mask, return_dict=True)
+        return outputs if self._return_dict(return_dict) else outputs.to_tuple()
+
+    def _return_dict(self, return_dict: bool | None) -> bool:
+        return self.config.return_dict if return_dict is None else return_dict
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        **kwargs,
-    ) -> AceLoraOutput:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> AceLoraOutput | tuple:
         r"""
+        Either tower alone, or both with their similarities (and the contrastive loss).
+
         labels (`torch.Tensor` of shape `(batch_size, num_labels)`, *optional*):
             Finding labels of each image-report pair (CheXpert style: 1, 0, -1 uncertain, NaN missing). Pairs
             with identical label vectors are not used as each other's negatives (label-guided InfoNCE).
         return_loss (`bool`, *optional*):
             Whether to return the contrastive loss; implied by `labels`.
         """
-        image_embeds = self.get_image_features(pixel_values)
-        text_embeds = self.get_text_features(input_ids, attention_mask)
-        logits_per_image = self.logit_scale * image_embeds @ text_embeds.t()
-        loss = None
+        if input_ids is None and pixel_values is None:
+            raise InvalidArgumentError("AceLoraModel needs pixel_values, input_ids or both.")
+        output_flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        vision_outputs = text_outputs = image_embeds = text_embeds = None
+        if pixel_values is not None:
+            vision_outputs = self.vision_model(pixel_values, **output_flags, return_dict=True)
+            image_embeds = vision_outputs.pooler_output
+        if input_ids is not None:
+            text_outputs = self.text_model(input_ids, attention_mask, token_type_ids, **output_flags, return_dict=True)
+            text_embeds = text_outputs.pooler_output
+        logits_per_image = loss = None
+        if image_embeds is not None and text_embeds is not None:
+            logits_per_image = self.logit_scale * image_embeds @ text_embeds.t()
         if return_loss or labels is not None:
+            if logits_per_image is None:
+                raise InvalidArgumentError("The contrastive loss needs both pixel_values and input_ids.")
             loss = label_guided_infonce(logits_per_image, labels)
-        return AceLoraOutput(
+        output = AceLoraOutput(
             loss=loss,
             logits_per_image=logits_per_image,
-            logits_per_text=logits_per_image.t(),
-            image_embeds=image_embeds,
+            logits_per_text=None if logits_per_image is None else logits_per_image.t(),
             text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
         )
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
 
-__all__ = ["AceLoraModel", "AceLoraOutput", "AceLoraPreTrainedModel", "AceHypergraph"]
+def _register_checkpoint_layouts() -> None:
+    """Keep the on-disk key names of ace-lora-hf 0.1 through transformers' own key-renaming mechanism.
+
+    Saved files keep 0.1's names (`visual_projection`, `vision_hypergraph`, the ViT's legacy layout, ...), which the
+    renamings map to the modules at load and back at save, so folders of either release load with either release.
+    """
+    vit_layout = get_checkpoint_conversion_mapping("ViTModel")
+    register_checkpoint_conversion_mapping("AceLoraVisionModel", vit_layout, overwrite=True)
+    register_checkpoint_conversion_mapping(
+        "AceLoraModel",
+        [
+            WeightRenaming(r"^visual_projection\.", "vision_model.projection."),
+            WeightRenaming(r"^vision_hypergraph\.", "vision_model.hypergraph."),
+            WeightRenaming(r"^text_projection\.", "text_model.projection."),
+            WeightRenaming(r"^text_hypergraph\.", "text_model.hypergraph."),
+        ],
+        overwrite=True,
+    )
+
+
+_register_checkpoint_layouts()
+
+
+__all__ = [
+    "AceHypergraph",
+    "AceLoraModel",
+    "AceLoraOutput",
+    "AceLoraPreTrainedModel",
+    "AceLoraTextModel",
+    "AceLoraTokenFeatures",
+    "AceLoraVisionModel",
+]

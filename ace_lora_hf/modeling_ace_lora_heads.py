@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 
 from .configuration_ace_lora import AceLoraConfig
-from .modeling_ace_lora import AceLoraModel, AceLoraPreTrainedModel
+from .modeling_ace_lora import AceLoraPreTrainedModel, AceLoraVisionModel
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -19,24 +21,32 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class AceLoraHeadModel(AceLoraPreTrainedModel):
-    """A task head on the ACE-LoRA image encoder. The encoder (ViT + LoRA) is frozen; only the head trains.
+    """A task head on the ACE-LoRA image encoder (ViT + LoRA, without the text tower, projection or hypergraph).
 
-    Loads from an `AceLoraModel` folder as well (`from_pretrained` maps its weights under `ace_lora.`).
+    The encoder is frozen; only the head trains. Loads from an `AceLoraModel` folder as well: the text tower, the
+    projections, the hypergraphs and the logit scale of such a folder are not used and are skipped.
     """
+
+    base_model_prefix = ""
+    input_modalities = ("image",)
+    main_input_name = "pixel_values"
+    _keys_to_ignore_on_load_unexpected = [
+        r"^(ace_lora\.)?(text_model|text_projection|text_hypergraph|visual_projection|vision_hypergraph)\.",
+        r"^(ace_lora\.)?logit_scale$",
+    ]
 
     def __init__(self, config: AceLoraConfig):
         super().__init__(config)
-        self.ace_lora = AceLoraModel(config)
+        self.vision_model = AceLoraVisionModel._from_config(config.vision_config, add_embedding_head=False)
 
-    def mark_trainable_parameters(self) -> None:
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad = not name.startswith("ace_lora.")
+    def _is_trainable(self, parameter_name: str) -> bool:
+        return not parameter_name.startswith("vision_model.")
 
     def feature_maps(self, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
         """Patch tokens after the given (1-based) ViT layers as `[B, hidden, H/patch, W/patch]` maps."""
-        outputs = self.ace_lora.vision_model(pixel_values=pixel_values, output_hidden_states=True)
         side = pixel_values.shape[-1] // self.config.vision_config.patch_size
-        return [outputs.hidden_states[layer][:, 1:].transpose(1, 2).unflatten(2, (side, side)) for layer in layers]
+        hidden_states = self.vision_model.backbone_outputs(pixel_values, output_hidden_states=layers).hidden_states
+        return [hidden_states[layer][:, 1:].float().transpose(1, 2).unflatten(2, (side, side)) for layer in layers]
 
 
 # ------------------------------------------------------------------------------------------------ segmentation
@@ -289,6 +299,17 @@ def _focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25
     p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
     weight = alpha * targets + (1 - alpha) * (1 - targets)
     return (weight * (1 - p_t) ** gamma * cross_entropy).sum()
+
+
+def _register_checkpoint_layouts() -> None:
+    """Heads of ace-lora-hf 0.1 kept the whole model under `ace_lora.`; their files keep that name on disk."""
+    for head in ("AceLoraForSegmentation", "AceLoraForObjectDetection"):
+        register_checkpoint_conversion_mapping(
+            head, [WeightRenaming(r"^ace_lora\.vision_model\.", "vision_model.")], overwrite=True
+        )
+
+
+_register_checkpoint_layouts()
 
 
 __all__ = ["AceLoraForObjectDetection", "AceLoraForSegmentation", "AceLoraObjectDetectionOutput", "box_iou",

@@ -65,14 +65,14 @@ class ZeroShotClassifier:
                 prompts,
                 padding="max_length",
                 truncation=True,
-                max_length=self.model.config.text_context_length,
+                max_length=self.model.config.text_config.context_length,
                 return_tensors="pt",
             )
             shape = (len(labels), len(self.templates), -1)
             self._class_embeddings[key] = self.model.get_class_embeddings(
                 tokens["input_ids"].view(shape).to(self.device),
                 tokens["attention_mask"].view(shape).to(self.device),
-            )
+            ).pooler_output
         return self._class_embeddings[key]
 
     @torch.no_grad()
@@ -83,7 +83,7 @@ class ZeroShotClassifier:
         for start in tqdm(batches, desc="images", unit="batch", disable=not self.show_progress):
             batch = [load_image(image) for image in images[start : start + self.batch_size]]
             pixel_values = self.processor.image_processor(batch, return_tensors="pt")["pixel_values"]
-            embeddings.append(self.model.get_image_features(pixel_values.to(self.device, self.model.dtype)))
+            embeddings.append(self.model.get_image_features(pixel_values.to(self.device)).pooler_output)
         return torch.cat(embeddings)
 
     def logits(self, images: Sequence[ImageInput], labels: Sequence[str]) -> torch.Tensor:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Inference benchmark: ACE image embeddings against the plain towers and the machine's GEMM roofline,
-the class-embedding cache, and the bfloat16-tower mode with its fidelity on the reference case.
+"""Inference benchmark: ACE image embeddings against the plain ViT and the machine's GEMM roofline, the
+class-embedding cache, and bfloat16 loading (`from_pretrained(dtype=torch.bfloat16)`) with its fidelity on the
+reference case.
 
     python benchmarks/bench_inference.py [--model DIR] [--device cuda] [--json results.json]
 
@@ -16,16 +17,13 @@ import torch
 from transformers import AutoModel
 
 import ace_lora_hf  # noqa: F401
-from ace_lora_hf.modeling_ace_lora import recording_outputs
 from _common import (ORIGINAL, SHARED, base_parser, gemm, interleaved_seconds, median_ratio, original_at_equal_peak,
                      print_table, resolve_model, synchronize, vit_forward_flops, write_json)
 
 
 def load(model_dir, device: str, bf16: bool = False):
-    model = AutoModel.from_pretrained(model_dir).to(device).eval()
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32).to(device).eval()
     model.merge_lora()
-    if bf16:
-        model.cast_towers(torch.bfloat16)
     return model
 
 
@@ -34,32 +32,23 @@ def random_pixels(model, batch_size: int, device: str) -> torch.Tensor:
     return torch.randn(batch_size, 3, size, size, device=device)
 
 
-def encoder(model, pixels: torch.Tensor, device: str, use_hgnn: bool = True):
-    def encode():
+def timed(function, device: str):
+    def run():
         with torch.no_grad():
-            model.get_image_features(pixels, use_hgnn=use_hgnn)
+            function()
         synchronize(device)
 
-    return encode
+    return run
 
 
 @torch.no_grad()
 def ace_only_work(model, pixels: torch.Tensor, device: str):
-    """What the ACE embedding adds to the plain towers, on one batch's tower outputs: projecting every token (not
-    only CLS), the last layer's CLS attention row and the hypergraph. Timed alone, its cost is not lost in the
-    towers' round-to-round noise (about 5% here)."""
-    attention = model.vision_model.layers[-1].attention
-    with recording_outputs(query=attention.q_proj, key=attention.k_proj) as recorded:
-        hidden_states = model.vision_model(pixel_values=pixels).last_hidden_state
-
-    def ace_only():
-        with torch.no_grad():
-            tokens, cls_attention = model._project_image_tokens(hidden_states, recorded["query"], recorded["key"],
-                                                                with_cls_attention=True)
-            model.vision_hypergraph(tokens, cls_attention)
-        synchronize(device)
-
-    return ace_only
+    """What the ACE embedding adds to the plain ViT, on one batch's ViT outputs: the last layer's CLS attention row,
+    projecting every token (not only CLS) and the hypergraph. Timed alone, its cost is not lost in the towers'
+    round-to-round noise (about 5% here)."""
+    vision = model.vision_model
+    outputs = vision.backbone_outputs(pixels)
+    return timed(lambda: vision.pool(vision.project_backbone_outputs(outputs)), device)
 
 
 def image_encoding(model, device: str, batch_sizes, rounds: int) -> list[dict]:
@@ -68,8 +57,9 @@ def image_encoding(model, device: str, batch_sizes, rounds: int) -> list[dict]:
     rows = []
     for batch_size in batch_sizes:
         pixels = random_pixels(model, batch_size, device)
-        times = interleaved_seconds({"gemm": multiply, "ace": encoder(model, pixels, device),
-                                     "plain": encoder(model, pixels, device, use_hgnn=False),
+        times = interleaved_seconds({"gemm": multiply,
+                                     "ace": timed(lambda: model.get_image_features(pixels), device),
+                                     "plain": timed(lambda: model.vision_model.backbone_outputs(pixels), device),
                                      "ace_only": ace_only_work(model, pixels, device)},
                                     rounds if batch_size > 1 else 3 * rounds)
         plain = statistics.median(times["plain"])
@@ -96,11 +86,7 @@ def class_embedding_cache(model, device: str, seconds_per_image: float, rounds: 
     """Class prompts of the reference case (3 classes x 2 templates) and what caching them saves over N images."""
     prompt_ids = torch.from_numpy(np.load(SHARED / "reference" / "case_a.npz")["input_prompt_ids"]).to(device)
 
-    def encode():
-        with torch.no_grad():
-            model.get_class_embeddings(prompt_ids)
-        synchronize(device)
-
+    encode = timed(lambda: model.get_class_embeddings(prompt_ids), device)
     class_time = statistics.median(interleaved_seconds({"classes": encode}, rounds)["classes"])
     batches = -(-images // batch)
     cached = class_time + images * seconds_per_image
@@ -111,12 +97,13 @@ def class_embedding_cache(model, device: str, seconds_per_image: float, rounds: 
 
 @torch.no_grad()
 def bf16_fidelity(fp32_model, bf16_model, device: str) -> dict:
-    """Zero-shot probabilities of the reference case with bfloat16 towers against float32."""
+    """Zero-shot probabilities of the reference case with a bfloat16 model against float32."""
     reference = np.load(SHARED / "reference" / "case_a.npz")
     pixels = torch.from_numpy(reference["input_images"]).to(device)
     prompt_ids = torch.from_numpy(reference["input_prompt_ids"]).to(device)
     expected, actual = (
-        (model.logit_scale * model.get_image_features(pixels) @ model.get_class_embeddings(prompt_ids).t()).softmax(-1)
+        (model.logit_scale * model.get_image_features(pixels).pooler_output
+         @ model.get_class_embeddings(prompt_ids).pooler_output.t()).softmax(-1)
         for model in (fp32_model, bf16_model)
     )
     return {"argmax_identical": bool(torch.equal(expected.argmax(-1), actual.argmax(-1))),
@@ -124,14 +111,14 @@ def bf16_fidelity(fp32_model, bf16_model, device: str) -> dict:
 
 
 def reduced_precision(model_dir, device: str, batch_size: int, rounds: int) -> dict:
-    """bfloat16 towers against float32, both with merged LoRA, timed in turns with both GEMM rooflines."""
+    """A bfloat16 model against float32, both with merged LoRA, timed in turns with both GEMM rooflines."""
     fp32_model, bf16_model = load(model_dir, device), load(model_dir, device, bf16=True)
     fidelity = bf16_fidelity(fp32_model, bf16_model, device)
     pixels = random_pixels(fp32_model, batch_size, device)
     (fp32_gemm, gemm_flops), (bf16_gemm, _) = gemm(torch.float32, device), gemm(torch.bfloat16, device)
     times = interleaved_seconds({"gemm_fp32": fp32_gemm, "gemm_bf16": bf16_gemm,
-                                 "fp32": encoder(fp32_model, pixels, device),
-                                 "bf16": encoder(bf16_model, pixels, device)}, rounds)
+                                 "fp32": timed(lambda: fp32_model.get_image_features(pixels), device),
+                                 "bf16": timed(lambda: bf16_model.get_image_features(pixels), device)}, rounds)
     per_image = [seconds / batch_size for seconds in times["bf16"]]
     flops = vit_forward_flops(fp32_model.config) * batch_size
     original = original_at_equal_peak(times["gemm_fp32"], gemm_flops, ORIGINAL["ace_s_per_image"])
@@ -152,7 +139,7 @@ def reduced_precision(model_dir, device: str, batch_size: int, rounds: int) -> d
 def print_results(encoding: list[dict], cache: dict, bf16: dict, vit_gflop: float) -> None:
     print(f"ViT forward {vit_gflop:.1f} GFLOP/image; original (issue #7): {ORIGINAL['ace_s_per_image']} s/image "
           f"at a {ORIGINAL['gemm_flops'] / 1e9:.0f} GFLOP/s GEMM peak")
-    print_table("Image encoding, float32, LoRA merged", ["batch", "ACE s/img", "plain s/img", "ACE/plain",
+    print_table("Image encoding, float32, LoRA merged", ["batch", "ACE s/img", "plain ViT s/img", "ACE/plain",
                 "ACE-only ms/img", "(plain + ACE-only)/plain", "GEMM GFLOP/s", "ViT of GEMM peak", "vs original",
                 "vs original at equal peak"],
                 [[r["batch"], f"{r['ace_s_per_image']:.4f}", f"{r['plain_s_per_image']:.4f}",
@@ -165,7 +152,7 @@ def print_results(encoding: list[dict], cache: dict, bf16: dict, vit_gflop: floa
                 ["class embeddings s", "cached total s", "re-encoded per batch s", "saving"],
                 [[f"{cache['class_embeddings_s']:.3f}", f"{cache['cached_total_s']:.1f}",
                   f"{cache['uncached_total_s']:.1f}", f"{cache['uncached_over_cached']:.2f}x"]])
-    print_table(f"bfloat16 towers (projections, attention row and hypergraph in float32), batch {bf16['batch']}",
+    print_table(f"bfloat16 model (projections, attention row and hypergraph in float32), batch {bf16['batch']}",
                 ["s/img", "img/s", "vs float32", "bf16/fp32 GEMM", "ViT of bf16 peak", "vs original",
                  "vs original at equal peak", "argmax identical", "max |dprob| (case_a)"],
                 [[f"{bf16['bf16_s_per_image']:.4f}", f"{bf16['bf16_images_per_s']:.1f}",

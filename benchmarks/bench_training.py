@@ -54,7 +54,7 @@ class TrainingStep:
         config = self.model.config
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-3,
                                            weight_decay=1e-2)
-        size, length = config.vision_config.image_size, config.text_context_length
+        size, length = config.vision_config.image_size, config.text_config.context_length
         self.pixels = torch.randn(batch_size, 3, size, size, device=device)
         self.input_ids = torch.randint(5, config.text_config.vocab_size, (batch_size, length), device=device)
         sep = min(REPORT_TOKENS + 1, length - 1)  # [CLS] report [SEP] [PAD]...

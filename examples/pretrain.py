@@ -121,7 +121,7 @@ def evaluate(accelerator: Accelerator, model, processor, loader, labels: list[st
     classes = ZeroShotClassifier(unwrapped, processor, CHEST_XRAY_TEMPLATES).class_embeddings(labels)
     probabilities, targets = [], []
     for pixel_values, target in loader:
-        logits = unwrapped.logit_scale * unwrapped.get_image_features(pixel_values) @ classes.t()
+        logits = unwrapped.logit_scale * unwrapped.get_image_features(pixel_values).pooler_output @ classes.t()
         probability, target = accelerator.gather_for_metrics((logits.softmax(dim=-1), target))
         probabilities.append(probability.float().cpu())
         targets.append(target.cpu())
@@ -137,7 +137,7 @@ def build_train_loader(args, model, processor) -> DataLoader:
                                labels=() if args.no_labels else tuple(args.label_columns))
     dataset = load_image_text_dataset(args.train_file, columns, args.image_root, args.train_split,
                                       args.skip_bad_rows)
-    collator = ImageTextCollator(processor, model.config.text_context_length, skip_bad_images=args.skip_bad_rows)
+    collator = ImageTextCollator(processor, model.config.text_config.context_length, skip_bad_images=args.skip_bad_rows)
     # A generator of its own keeps the loader from drawing on the global RNG (dropout) when an epoch starts, so a
     # resumed run, whose global RNG state comes from the checkpoint, draws exactly what the uninterrupted run drew.
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collator,

@@ -25,7 +25,7 @@ def test_inference_benchmark_measures_bf16_fidelity_on_the_reference_case(conver
     assert encoding["batch"] == 2 and 0 < encoding["vit_fraction_of_gemm_peak"] and encoding["ace_over_plain"] > 0
     assert encoding["plain_plus_ace_only_over_plain"] > 1
     assert results["class_embedding_cache"]["uncached_over_cached"] > 1
-    assert "Image encoding, float32, LoRA merged" in printed and "bfloat16 towers" in printed
+    assert "Image encoding, float32, LoRA merged" in printed and "bfloat16 model" in printed
 
 
 def test_training_benchmark_times_and_measures_every_configuration(tiny_hub_folder, tmp_path):

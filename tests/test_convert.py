@@ -58,7 +58,7 @@ def test_bert_defaults_when_the_folder_has_no_bert_config(biomedclip_dir, tmp_pa
     shutil.copy(biomedclip_dir / "open_clip_config.json", folder)
     config = biomedclip_config(folder)
     assert config.text_config.vocab_size == 30522 and config.text_config.attention_probs_dropout_prob == 0.0
-    assert config.vision_config.patch_size == 16 and config.text_context_length == 256
+    assert config.vision_config.patch_size == 16 and config.text_config.context_length == 256
 
 
 def test_missing_open_clip_config(tmp_path):
@@ -169,5 +169,6 @@ def test_file_that_is_not_a_checkpoint(tmp_path):
 def test_checkpoint_metadata_sets_rank_and_top_k(released, biomedclip_dir, tmp_path):
     checkpoint = {"weights": released["weights"], "metadata": {**released["metadata"], "r": 8, "topk": 7}}
     config = conversion_config(biomedclip_dir, _write_checkpoint(tmp_path, checkpoint))
-    assert (config.lora_rank, config.hypergraph_top_k) == (8, 7)
-    assert conversion_config(biomedclip_dir, ACE_CHECKPOINT, hypergraph_top_k=3).hypergraph_top_k == 3
+    assert (config.vision_config.lora_rank, config.text_config.hypergraph_top_k) == (8, 7)
+    overridden = conversion_config(biomedclip_dir, ACE_CHECKPOINT, hypergraph_top_k=3)
+    assert overridden.vision_config.hypergraph_top_k == overridden.text_config.hypergraph_top_k == 3

@@ -23,7 +23,7 @@ model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 assert "ace_lora_hf" not in sys.modules
 pixels = torch.load(sys.argv[2])
 with torch.no_grad():
-    embedding = model.get_image_features(pixels)
+    embedding = model.get_image_features(pixels).pooler_output
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print(json.dumps({"module": type(model).__module__, "embedding": embedding.tolist(), "trainable": trainable}))
 """
@@ -34,7 +34,7 @@ import ace_lora_hf
 from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1]).eval()
 with torch.no_grad():
-    embedding = model.get_image_features(torch.load(sys.argv[2]))
+    embedding = model.get_image_features(torch.load(sys.argv[2])).pooler_output
 print(json.dumps({"module": type(model).__module__, "embedding": embedding.tolist()}))
 """
 
@@ -61,7 +61,7 @@ def saved_tiny(tiny_model, tester, tmp_path):
     _, inputs = tester.prepare_config_and_inputs()
     torch.save(inputs["pixel_values"], tmp_path / "pixels.pt")
     with torch.no_grad():
-        expected = tiny_model.get_image_features(inputs["pixel_values"])
+        expected = tiny_model.get_image_features(inputs["pixel_values"]).pooler_output
     return folder, tmp_path / "pixels.pt", expected
 
 

@@ -5,7 +5,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
 from ace_lora_hf import AceHypergraph, AceLoraConfig, AceLoraModel, AceLoraOutput
+from ace_lora_hf.errors import ConfigError, InvalidArgumentError
 from ace_lora_hf.modeling_ace_lora import AceLoraDropout
 
 from conftest import perturb_lora
@@ -17,8 +21,10 @@ def test_default_config_is_the_released_model():
     assert config.vision_config.hidden_act == "gelu" and config.vision_config.qkv_bias
     assert config.text_config.attention_probs_dropout_prob == 0.0
     assert config.text_config.hidden_dropout_prob == 0.1
-    assert (config.lora_rank, config.lora_alpha, config.use_rslora) == (4, 1.0, True)
-    assert (config.hypergraph_top_k, config.hypergraph_hidden_size, config.text_context_length) == (5, 128, 256)
+    for tower in (config.vision_config, config.text_config):
+        assert (tower.lora_rank, tower.lora_alpha, tower.use_rslora, tower.projection_dim) == (4, 1.0, True, 512)
+        assert (tower.hypergraph_top_k, tower.hypergraph_hidden_size, tower.use_hypergraph) == (5, 128, True)
+    assert (config.text_config.context_length, config.text_config.projection_hidden_size) == (256, 640)
 
 
 def test_default_model_has_the_released_trainable_parameter_count():
@@ -31,10 +37,41 @@ def test_default_model_has_the_released_trainable_parameter_count():
 
 
 def test_config_rejects_unknown_choices():
-    with pytest.raises(ValueError, match="hypergraph_towers"):
+    with pytest.raises(ConfigError, match="hypergraph_towers"):
         AceLoraConfig(hypergraph_towers="image")
-    with pytest.raises(ValueError, match="lora_target_projections"):
-        AceLoraConfig(lora_target_projections=["q", "o"])
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"lora_target_projections": ["q", "o"]}, "lora_target_projections"),
+        ({"hypergraph_top_k": 0}, "top-k must be between 1 and 195"),
+        ({"text_context_length": 20, "hypergraph_top_k": 19}, r"text_config.hypergraph_top_k=19.*between 1 and 18"),
+        ({"lora_rank": 0}, "lora_rank=0"),
+        ({"lora_dropout": 1.0}, r"lora_dropout=1.0: must be in \[0, 1\)"),
+        ({"lora_layers": [0, 12]}, r"lora_layers has \[12\]"),
+        ({"text_context_length": 600}, "max_position_embeddings=512"),
+        ({"vision_config": {"lora_rank": 2}}, "lora_rank is 2 in vision_config but 4 in text_config"),
+        ({"vision_config": {"projection_dim": 256}}, "vision_config.projection_dim=256 differs"),
+        ({"head_feature_layers": [0]}, r"head_feature_layers=\[0\]"),
+    ],
+)
+def test_config_fields_out_of_range_are_refused_naming_the_field(fields, message):
+    with pytest.raises(StrictDataclassClassValidationError, match=message) as error:
+        AceLoraConfig(**fields)
+    assert isinstance(error.value.__cause__, ConfigError)
+
+
+def test_configs_of_release_0_1_load_into_the_tower_configs():
+    legacy = {"lora_rank": 8, "hypergraph_towers": "vision", "text_context_length": 128,
+              "text_projection_hidden_size": 64, "vision_config": {"model_type": "vit", "hidden_size": 32,
+                                                                   "num_attention_heads": 4}}
+    config = AceLoraConfig.from_dict({"model_type": "ace_lora", **legacy})
+    assert (config.vision_config.lora_rank, config.text_config.lora_rank) == (8, 8)
+    assert (config.vision_config.use_hypergraph, config.text_config.use_hypergraph) == (True, False)
+    assert (config.text_config.context_length, config.text_config.projection_hidden_size) == (128, 64)
+    assert config.vision_config.model_type == "ace_lora_vision_model" and config.vision_config.hidden_size == 32
+    assert not hasattr(config, "lora_rank") and "lora_rank" not in config.to_dict()
 
 
 def test_output_shapes(tester):
@@ -43,8 +80,11 @@ def test_output_shapes(tester):
     with torch.no_grad():
         output = model(**inputs, return_loss=True)
         classes = model.get_class_embeddings(torch.stack([inputs["input_ids"], inputs["input_ids"]], dim=1))
+    classes = classes.pooler_output
     batch, dim = tester.batch_size, tester.projection_dim
     assert isinstance(output, AceLoraOutput)
+    assert torch.equal(output.vision_model_output.pooler_output, output.image_embeds)
+    assert output.text_model_output.last_hidden_state.shape == (batch, tester.text_context_length, tester.hidden_size)
     assert output.image_embeds.shape == output.text_embeds.shape == (batch, dim)
     assert output.logits_per_image.shape == output.logits_per_text.shape == (batch, batch)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
@@ -58,15 +98,15 @@ def test_results_do_not_depend_on_caller_padding(tiny_model, tester):
     _, inputs = tester.prepare_config_and_inputs()
     ids = inputs["input_ids"]
     padded = torch.nn.functional.pad(ids, (0, tester.text_context_length - ids.shape[1]))
+    embed = lambda *args, **kwargs: tiny_model.get_text_features(*args, **kwargs).pooler_output  # noqa: E731
     with torch.no_grad():
-        torch.testing.assert_close(tiny_model.get_text_features(ids), tiny_model.get_text_features(padded))
-        explicit_mask = tiny_model.get_text_features(ids, attention_mask=(ids != 0).long())
-    torch.testing.assert_close(explicit_mask, tiny_model.get_text_features(ids))
+        torch.testing.assert_close(embed(ids), embed(padded))
+        torch.testing.assert_close(embed(ids, attention_mask=(ids != 0).long()), embed(ids))
 
 
 def test_too_long_text_is_rejected(tiny_model, tester):
     ids = torch.full((1, tester.text_context_length + 1), 7)
-    with pytest.raises(ValueError, match="truncation=True"):
+    with pytest.raises(InvalidArgumentError, match="truncation=True"):
         tiny_model.get_text_features(ids)
 
 
@@ -106,7 +146,7 @@ def test_fresh_adapters_start_as_lora_and_released_init(tester):
         assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
         bound = 1 / tester.hidden_size**0.5  # Kaiming-uniform(a=sqrt(5)) on fan_in
         assert layer.lora_A["default"].weight.abs().max() <= bound
-    down = model.vision_hypergraph.edge_adapter.down
+    down = model.vision_model.hypergraph.edge_adapter.down
     assert down.weight.std().item() == pytest.approx((2 / down.in_features) ** 0.5, rel=0.3)  # Kaiming-normal
     assert model.logit_scale.item() == pytest.approx(20.0)
 
@@ -143,7 +183,7 @@ def test_merge_lora_is_equivalent_and_reversible(tiny_model, tester):
 
 def test_saving_a_merged_model_is_refused(tiny_model, tmp_path):
     tiny_model.merge_lora()
-    with pytest.raises(ValueError, match="unmerge_lora"):
+    with pytest.raises(InvalidArgumentError, match="unmerge_lora"):
         tiny_model.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())
 
@@ -153,9 +193,9 @@ def test_lora_changes_outputs(tester):
     torch.manual_seed(0)
     model = AceLoraModel(config).eval()
     with torch.no_grad():
-        fresh = model.get_image_features(inputs["pixel_values"], use_hgnn=False)
+        fresh = model.get_image_features(inputs["pixel_values"], use_hgnn=False).pooler_output
         perturb_lora(model)
-        adapted = model.get_image_features(inputs["pixel_values"], use_hgnn=False)
+        adapted = model.get_image_features(inputs["pixel_values"], use_hgnn=False).pooler_output
     assert (fresh - adapted).abs().max() > 1e-3
 
 
@@ -163,16 +203,16 @@ def test_lora_changes_outputs(tester):
 def test_towers_without_hypergraph_use_the_projected_cls_token(tester, towers):
     config, inputs = tester.prepare_config_and_inputs(hypergraph_towers=towers)
     model = AceLoraModel(config).eval()
-    assert (model.vision_hypergraph is None) == (towers in ("none", "text"))
-    assert (model.text_hypergraph is None) == (towers in ("none", "vision"))
+    assert (model.vision_model.hypergraph is None) == (towers in ("none", "text"))
+    assert (model.text_model.hypergraph is None) == (towers in ("none", "vision"))
     with torch.no_grad():
-        image = model.get_image_features(inputs["pixel_values"])
-        text = model.get_text_features(inputs["input_ids"])
-        classes = model.get_class_embeddings(inputs["input_ids"][:, None])
-        plain_image = model.get_image_features(inputs["pixel_values"], use_hgnn=False)
-        plain_text = model.get_text_features(inputs["input_ids"], use_hgnn=False)
-    assert torch.equal(image, plain_image) == (model.vision_hypergraph is None)
-    assert torch.equal(text, plain_text) == (model.text_hypergraph is None)
+        image = model.get_image_features(inputs["pixel_values"]).pooler_output
+        text = model.get_text_features(inputs["input_ids"]).pooler_output
+        classes = model.get_class_embeddings(inputs["input_ids"][:, None]).pooler_output
+        plain_image = model.get_image_features(inputs["pixel_values"], use_hgnn=False).pooler_output
+        plain_text = model.get_text_features(inputs["input_ids"], use_hgnn=False).pooler_output
+    assert torch.equal(image, plain_image) == (model.vision_model.hypergraph is None)
+    assert torch.equal(text, plain_text) == (model.text_model.hypergraph is None)
     torch.testing.assert_close(classes, text)  # one template: the template mean is the text itself
 
 
@@ -229,12 +269,12 @@ def test_cls_only_forward_equals_the_full_hypergraph():
 def test_hypergraph_needs_enough_tokens():
     hypergraph = AceHypergraph(dim=16, hidden_size=8, top_k=5)
     tokens, cls_attention = _hypergraph_inputs(tokens=6)
-    with pytest.raises(ValueError, match="top_k=5"):
+    with pytest.raises(InvalidArgumentError, match="top_k=5"):
         hypergraph(tokens, cls_attention)
 
 
 def test_activation_checkpointing_keeps_gradients(tester):
-    """The CLS attention row is recorded by hooks; recomputation in backward must not change any gradient."""
+    """The CLS attention row is computed from the last layer's input; recomputation must not change any gradient."""
     config, inputs = tester.prepare_config_and_inputs()
     gradients = []
     for checkpointing in (False, True):
@@ -298,37 +338,31 @@ def test_cpu_inference_chunks_do_not_change_outputs(tiny_model, tester, monkeypa
     config, inputs = tester.prepare_config_and_inputs()
     classes = torch.stack([inputs["input_ids"]] * 2, dim=1)
     with torch.enable_grad():  # no chunking when gradients are recorded
-        expected = (tiny_model.get_image_features(inputs["pixel_values"]).detach(),
-                    tiny_model.get_class_embeddings(classes).detach())
+        expected = (tiny_model.get_image_features(inputs["pixel_values"]).pooler_output.detach(),
+                    tiny_model.get_class_embeddings(classes).pooler_output.detach())
     monkeypatch.setattr(modeling_ace_lora, "CPU_CHUNK_TOKENS", 30)  # one image, one text per call
+    calls = []
+    hook = tiny_model.vision_model.embeddings.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
-        assert tiny_model._inference_chunks(3, 26, torch.device("cpu")) == 3
-        torch.testing.assert_close(tiny_model.get_image_features(inputs["pixel_values"]), expected[0])
-        torch.testing.assert_close(tiny_model.get_class_embeddings(classes), expected[1])
+        torch.testing.assert_close(tiny_model.get_image_features(inputs["pixel_values"]).pooler_output, expected[0])
+        torch.testing.assert_close(tiny_model.get_class_embeddings(classes).pooler_output, expected[1])
+    hook.remove()
+    assert len(calls) == tester.batch_size
 
 
-def test_bfloat16_towers_keep_projections_and_hypergraph_in_float32(tiny_model, tester):
-    _, inputs = tester.prepare_config_and_inputs()
-    with torch.no_grad():
-        expected = tiny_model(**inputs).logits_per_image.softmax(-1)
-        tiny_model.merge_lora()
-        tiny_model.cast_towers(torch.bfloat16)
-        output = tiny_model(**inputs)
-    assert tiny_model.vision_model.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
-    assert tiny_model.visual_projection.weight.dtype == tiny_model.vision_hypergraph.edge_adapter.up.weight.dtype
-    assert output.image_embeds.dtype == torch.float32 == tiny_model.visual_projection.weight.dtype
-    torch.testing.assert_close(output.logits_per_image.softmax(-1), expected, rtol=0, atol=5e-2)
-
-
-def test_a_callers_autocast_reaches_the_towers(tiny_model, tester):
+def test_a_callers_autocast_reaches_the_towers_but_not_the_hypergraph(tiny_model, tester):
     _, inputs = tester.prepare_config_and_inputs()
     recorded = {}
 
-    def record_dtype(module, args, output):
-        recorded["dtype"] = output.dtype
+    def record_dtype(name):
+        def hook(module, args, output):
+            recorded[name] = output.dtype
+        return hook
 
-    hook = tiny_model.vision_model.layers[0].mlp.fc1.register_forward_hook(record_dtype)
+    hooks = [tiny_model.vision_model.layers[0].mlp.fc1.register_forward_hook(record_dtype("tower")),
+             tiny_model.vision_model.hypergraph.edge_adapter.register_forward_hook(record_dtype("hypergraph"))]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        tiny_model.get_image_features(inputs["pixel_values"])
-    hook.remove()
-    assert recorded["dtype"] == torch.bfloat16
+        embedding = tiny_model.get_image_features(inputs["pixel_values"]).pooler_output
+    for hook in hooks:
+        hook.remove()
+    assert recorded == {"tower": torch.bfloat16, "hypergraph": torch.float32} and embedding.dtype == torch.float32

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from ace_lora_hf import AceLoraModel
-from ace_lora_hf.adapters import ADAPTER_WEIGHTS_NAME, load_adapters, save_adapters
-from ace_lora_hf.errors import AdapterMismatchError
+from ace_lora_hf.adapters import EXTRAS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, load_adapters, save_adapters
+from ace_lora_hf.errors import AdapterMismatchError, CheckpointError, OutputPathError
 from ace_lora_hf.model_card import PUBLISHED_RESULTS
 
 from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora
@@ -92,29 +92,64 @@ def test_staging_refuses_a_non_empty_folder(tiny_hub_folder, tmp_path):
 
 def test_adapter_export_round_trip(tiny_model, tester, tmp_path):
     save_adapters(tiny_model, tmp_path)
-    size = (tmp_path / ADAPTER_WEIGHTS_NAME).stat().st_size
+    size = sum((tmp_path / name).stat().st_size for name in (PEFT_WEIGHTS_NAME, EXTRAS_WEIGHTS_NAME))
     trainable = sum(p.numel() for p in tiny_model.parameters() if p.requires_grad)
-    assert trainable * 4 <= size < trainable * 4 + 20_000  # float32 tensors plus the safetensors header
+    assert trainable * 4 <= size < trainable * 4 + 40_000  # float32 tensors plus the safetensors headers
     torch.manual_seed(0)  # the same base weights as `tiny_model`, different adapters
     fresh = perturb_lora(AceLoraModel(tester.get_config()), seed=5).eval()
     with torch.no_grad():
         fresh.logit_scale.fill_(3.0)
-        fresh.vision_hypergraph.node_adapter.up.bias.normal_()
+        fresh.vision_model.hypergraph.node_adapter.up.bias.normal_()
     _, inputs = tester.prepare_config_and_inputs()
     with torch.no_grad():
         assert not torch.allclose(fresh(**inputs).logits_per_image, tiny_model(**inputs).logits_per_image)
     load_adapters(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).logits_per_image, tiny_model(**inputs).logits_per_image)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputPathError, match="already holds adapters"):
         save_adapters(tiny_model, tmp_path)
+
+
+def _lora_outputs(model, inputs):
+    with torch.no_grad():
+        return model.get_image_features(inputs["pixel_values"], use_hgnn=False).pooler_output
+
+
+def test_exported_lora_is_a_peft_adapter(tiny_model, tester, tmp_path):
+    """transformers' `load_adapter` and PEFT's `PeftModel` read the LoRA of `save_adapters` as their own."""
+    from peft import PeftModel
+
+    save_adapters(tiny_model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_rslora"]
+    _, inputs = tester.prepare_config_and_inputs()
+    expected = _lora_outputs(tiny_model, inputs)
+
+    torch.manual_seed(0)  # same base weights, fresh (no-op) LoRA
+    model = AceLoraModel(tester.get_config()).eval()
+    assert model.active_adapters() == ["default"]
+    model.load_adapter(str(tmp_path), adapter_name="released")
+    model.set_adapter("released")
+    torch.testing.assert_close(_lora_outputs(model, inputs), expected)
+    model.disable_adapters()
+    assert not torch.allclose(_lora_outputs(model, inputs), expected)
+
+    torch.manual_seed(0)
+    wrapped = PeftModel.from_pretrained(AceLoraModel(tester.get_config()).eval(), str(tmp_path), adapter_name="released")
+    torch.testing.assert_close(_lora_outputs(wrapped.base_model.model, inputs), expected)
+
+
+def test_adapter_state_is_visible_to_transformers_peft_integration(tiny_model):
+    lora = tiny_model.get_adapter_state_dict()
+    expected = {name for name, _ in tiny_model.named_parameters() if ".lora_" in name}
+    assert {name.replace(".weight", ".default.weight") for name in lora} == expected
 
 
 def test_adapters_for_another_rank_are_refused(tiny_model, tmp_path):
     save_adapters(tiny_model, tmp_path)
     other = AceLoraModel(AceLoraModelTester().get_config(lora_rank=8))
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(AdapterMismatchError, match="lora_rank: adapters 4, model 8"):
+    with pytest.raises(AdapterMismatchError, match="vision_config.lora_rank: adapters 4, model 8"):
         load_adapters(other, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
@@ -123,6 +158,13 @@ def test_adapters_with_nan_are_refused(tiny_model, tester, tmp_path):
     with torch.no_grad():
         tiny_model.logit_scale.fill_(float("nan"))
     save_adapters(tiny_model, tmp_path)
-    with pytest.raises(AdapterMismatchError, match="logit_scale contains NaN"):
+    with pytest.raises(CheckpointError, match="tensor logit_scale contains NaN"):
         load_adapters(AceLoraModel(tester.get_config()), tmp_path)
 
+
+def test_truncated_adapter_file_is_named(tiny_model, tester, tmp_path):
+    save_adapters(tiny_model, tmp_path)
+    weights = tmp_path / PEFT_WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{PEFT_WEIGHTS_NAME}: not a readable safetensors file"):
+        load_adapters(AceLoraModel(tester.get_config()), tmp_path)

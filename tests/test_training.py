@@ -193,7 +193,7 @@ def test_one_process_run_lowers_the_loss_and_reloads(tiny_hub_folder, synthetic_
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
         p.numel() for p in start.parameters() if p.requires_grad)
     assert (output / "best" / "model.safetensors").is_file() and (output / "adapters").is_dir()
-    assert torch.equal(load_file(output / "adapters" / "ace_lora_adapters.safetensors")["logit_scale"],
+    assert torch.equal(load_file(output / "adapters" / "ace_lora_extras.safetensors")["logit_scale"],
                        model.logit_scale.detach())
 
 

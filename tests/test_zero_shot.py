@@ -29,7 +29,8 @@ def test_probabilities_follow_spec_section_6(model_and_processor):
     tokens = processor(text=prompts, return_tensors="pt")["input_ids"].view(3, 2, -1)
     pixels = processor(images=[load_image(path) for path in IMAGES], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        logits = model.logit_scale * model.get_image_features(pixels) @ model.get_class_embeddings(tokens).t()
+        image = model.get_image_features(pixels).pooler_output
+        logits = model.logit_scale * image @ model.get_class_embeddings(tokens).pooler_output.t()
     torch.testing.assert_close(probabilities, logits.softmax(dim=-1), rtol=0, atol=1e-6)
     torch.testing.assert_close(probabilities.sum(-1), torch.ones(3))
 
