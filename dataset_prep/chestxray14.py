@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from _common import LayoutError, output_paths, parser, read_table, require_file, write_csv
+from dataset_prep._common import LayoutError, output_paths, parser, read_table, require_file, write_csv
 
 
 FINDINGS = (

@@ -11,7 +11,7 @@ exist under it.
 
 from pathlib import Path
 
-from _common import LayoutError, output_paths, parser, read_table, write_csv
+from dataset_prep._common import LayoutError, output_paths, parser, read_table, write_csv
 
 
 CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")

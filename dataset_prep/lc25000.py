@@ -10,7 +10,7 @@ folder), every image of the release.
 
 from pathlib import Path
 
-from _common import LayoutError, output_paths, parser, require_dir, write_csv
+from dataset_prep._common import LayoutError, output_paths, parser, require_dir, write_csv
 
 
 ORGANS = {

@@ -10,7 +10,7 @@ official partition); the evaluation uses the test partition.
 
 from pathlib import Path
 
-from _common import LayoutError, output_paths, parser, read_table, write_csv
+from dataset_prep._common import LayoutError, output_paths, parser, read_table, write_csv
 
 
 LABELS = ("HP", "SSA")

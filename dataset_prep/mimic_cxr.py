@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from _common import LayoutError, output_paths, parser, read_table, require_dir, write_csv
+from dataset_prep._common import LayoutError, output_paths, parser, read_table, require_dir, write_csv
 
 
 CHEXPERT_LABELS = (

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from _common import LayoutError, output_paths, parser, read_table, require_dir, split_ids, write_csv
+from dataset_prep._common import (LayoutError, output_paths, parser, read_table, require_dir, split_ids,
+                                  write_csv)
 
 
 LABELS_FILE = "stage_2_train_labels.csv"

@@ -19,7 +19,8 @@ import pydicom
 from PIL import Image
 from tqdm import tqdm
 
-from _common import LayoutError, output_paths, parser, read_table, require_dir, split_ids, write_csv
+from dataset_prep._common import (LayoutError, output_paths, parser, read_table, require_dir, split_ids,
+                                  write_csv)
 
 
 LABELS_FILE = "stage_2_train.csv"

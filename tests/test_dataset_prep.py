@@ -4,6 +4,8 @@ import csv
 import gzip
 import importlib
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -16,12 +18,11 @@ from conftest import REPO_ROOT
 from dicom_fixtures import write_dicom
 
 
-sys.path.insert(0, str(REPO_ROOT / "dataset_prep"))
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's dataset_prep, whether or not it is installed
 sys.path.insert(0, str(REPO_ROOT / "examples"))
-rsna, siim, mimic_cxr, chestxray14, chexpert_5x200, lc25000, mhist, common = (
-    importlib.import_module(name)
-    for name in ("rsna", "siim", "mimic_cxr", "chestxray14", "chexpert_5x200", "lc25000", "mhist", "_common")
-)
+from dataset_prep import _common as common
+from dataset_prep import chestxray14, chexpert_5x200, lc25000, mhist, mimic_cxr, rsna, siim
+
 zero_shot_eval = importlib.import_module("zero_shot_eval")
 
 
@@ -363,21 +364,22 @@ def test_zero_shot_eval_rejects_an_unknown_label(lc25000_input, tiny_hub_folder,
                              str(lc25000_input), "--table", str(tmp_path / "lung.csv")])
 
 
-@pytest.mark.parametrize("script", ["rsna", "siim", "mimic_cxr", "chestxray14", "chexpert_5x200", "lc25000", "mhist"])
-def test_scripts_run_from_the_command_line(script):
-    import subprocess
+# As after `pip install -e .`: the checkout's packages importable from anywhere.
+INSTALLED = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "dataset_prep" / f"{script}.py"), "--help"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0 and "--input" in result.stdout and "--overwrite" in result.stdout
+
+@pytest.mark.parametrize("script", ["rsna", "siim", "mimic_cxr", "chestxray14", "chexpert_5x200", "lc25000", "mhist"])
+def test_scripts_run_from_the_command_line(script, tmp_path):
+    for command in ([REPO_ROOT / "dataset_prep" / f"{script}.py"], ["-m", f"dataset_prep.{script}"]):
+        result = subprocess.run([sys.executable, *map(str, command), "--help"], capture_output=True, text=True,
+                                env=INSTALLED, cwd=tmp_path)
+        assert result.returncode == 0 and "--input" in result.stdout and "--overwrite" in result.stdout
 
 
 def test_lc25000_command_line_run(lc25000_input, tmp_path):
-    import subprocess
-
     command = [sys.executable, str(REPO_ROOT / "dataset_prep" / "lc25000.py"), "--input", str(lc25000_input),
                "--output", str(tmp_path)]
-    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert subprocess.run(command, capture_output=True, env=INSTALLED).returncode == 0
     assert len(read_csv(tmp_path / "lc25000_lung.csv")) == 6
-    again = subprocess.run(command, capture_output=True, text=True)
+    again = subprocess.run(command, capture_output=True, text=True, env=INSTALLED)
     assert again.returncode != 0 and "--overwrite" in again.stderr
