@@ -31,6 +31,7 @@ from dicom_fixtures import write_dicom
 sys.path.insert(0, str(REPO_ROOT))  # this checkout's dataset_prep, whether or not it is installed
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 from dataset_prep import _common as common
+from dataset_prep import __main__ as dispatcher
 from dataset_prep import chestxray14, chexpert_5x200, lc25000, mhist, mimic_cxr, rsna, siim
 
 zero_shot_eval = importlib.import_module("zero_shot_eval")
@@ -744,6 +745,14 @@ def test_a_table_failing_to_write_leaves_none_of_the_tables(rsna_input, tmp_path
     assert "no space left on the device" in error and not (tmp_path / "out").exists()
 
 
+def test_the_dispatcher_knows_every_dataset_and_runs_one(lc25000_input, tmp_path):
+    scripts = sorted(path.stem for path in (REPO_ROOT / "dataset_prep").glob("[!_]*.py"))
+    assert list(dispatcher.DATASETS) == scripts
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(dispatcher.main, ["lc25000", "--input", str(lc25000_input), "--output", str(tmp_path)])
+    assert exit_info.value.code == 0 and len(read_csv(tmp_path / "lc25000_colon.csv")) == 4
+
+
 # As after `pip install -e .`: the checkout's packages importable from anywhere.
 INSTALLED = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
@@ -759,10 +768,7 @@ def run_together(*commands, cwd) -> list[tuple[int, str, str]]:
     return results
 
 
-DATASETS = ("chestxray14", "chexpert_5x200", "lc25000", "mhist", "mimic_cxr", "rsna", "siim")
-
-
-@pytest.mark.parametrize("script", DATASETS)
+@pytest.mark.parametrize("script", dispatcher.DATASETS)
 def test_scripts_run_from_the_command_line(script, capsys, monkeypatch):
     """Each file's `__main__` block, in-process (a new process per file would import torch seven times); the
     lc25000 and rsna tests below start real processes."""
@@ -774,14 +780,18 @@ def test_scripts_run_from_the_command_line(script, capsys, monkeypatch):
     assert exit_info.value.code == 0 and "--input" in out and "--overwrite" in out
 
 
-def test_installed_modules_run(rsna_input, tmp_path):
+def test_installed_modules_and_the_dispatcher_run(rsna_input, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(dispatcher.main, ["rsna", "--help"])
+    assert exit_info.value.code == 0 and "usage: ace-lora-prepare rsna [-h] --input INPUT" in capsys.readouterr().out
     rsna.prepare(rsna_input, tmp_path / "done")
-    fresh, again = run_together(*(["-m", "dataset_prep.rsna", "--input", rsna_input, "--output", tmp_path / output]
-                                  for output in ("new", "done")), cwd=tmp_path)
-    assert fresh[0] == 0 and "wrote" in fresh[1] and (tmp_path / "new" / "rsna_detection.csv").is_file()
-    assert again[0] == EXIT_USER_ERROR and "Traceback" not in again[2]
-    assert again[2].splitlines()[-1].endswith("rsna_classification.csv exists; pass --overwrite to replace it, or "
-                                              "choose another name.")
+    module, dispatched = run_together(["-m", "dataset_prep.rsna", "--input", rsna_input, "--output", tmp_path / "new"],
+                                      ["-m", "dataset_prep", "rsna", "--input", rsna_input, "--output",
+                                       tmp_path / "done"], cwd=tmp_path)
+    assert module[0] == 0 and "wrote" in module[1] and (tmp_path / "new" / "rsna_detection.csv").is_file()
+    assert dispatched[0] == EXIT_USER_ERROR and "Traceback" not in dispatched[2]
+    assert dispatched[2].splitlines()[-1].endswith("rsna_classification.csv exists; pass --overwrite to replace it, "
+                                                   "or choose another name.")
 
 
 def test_lc25000_command_line_run(lc25000_input, tmp_path):
