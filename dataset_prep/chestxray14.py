@@ -9,17 +9,24 @@ Writes `chestxray14_test.csv`: Path and the 14 findings one-hot, for the first -
 list in its order (0.2 by default, as the authors evaluated).
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from _common import LayoutError, output_paths, parser, read_table, require_file, write_csv
+from ace_lora_hf.cli import run_cli
+from ace_lora_hf.errors import DataFormatError, InvalidArgumentError
+from dataset_prep._common import (Row, check_consistent, is_plain_file_name, locked_outputs, parser, read_rows,
+                                  read_text, write_tables)
 
 
 FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
     "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
+NO_FINDING = "No Finding"
+ENTRIES_FILE, TEST_LIST_FILE = "Data_Entry_2017_v2020.csv", "test_list.txt"
+TABLE = "chestxray14_test.csv"
 
 
 def image_locations(input_dir: Path) -> dict[str, str]:
@@ -32,36 +39,83 @@ def image_locations(input_dir: Path) -> dict[str, str]:
     return locations
 
 
+def findings_of(row: Row) -> frozenset[str]:
+    labels = frozenset(row.text("Finding Labels", f"{NO_FINDING!r} or findings joined by '|'").split("|"))
+    unknown = sorted(labels - set(FINDINGS) - {NO_FINDING})
+    if unknown:
+        raise row.error("Finding Labels", f"{NO_FINDING!r} or findings among {', '.join(FINDINGS)} joined by '|' "
+                                          f"({unknown[0]!r} is none of them)")
+    return labels - {NO_FINDING}
+
+
+def findings_by_image(entries_path: Path) -> dict[str, frozenset[str]]:
+    """Image name -> its findings, for every row of the data-entry table."""
+    findings, first_rows = {}, {}
+    for row in tqdm(read_rows(entries_path, ["Image Index", "Finding Labels"], "the NIH data-entry table"),
+                    desc="rows"):
+        name, labels = row.file_name("Image Index"), findings_of(row)
+        check_consistent(first_rows, name, {"Finding Labels": "|".join(sorted(labels)) or NO_FINDING}, row, "image")
+        findings[name] = labels
+    return findings
+
+
+def official_test_names(test_list_path: Path) -> list[tuple[int, str]]:
+    """(line, image name) of the official test list, in its order; each name a plain file name listed once."""
+    names, first_lines = [], {}
+    for line, text in enumerate(read_text(test_list_path, "the official test list").splitlines(), start=1):
+        name = text.strip()
+        if not name:
+            continue
+        if not is_plain_file_name(name):
+            raise DataFormatError(f"{test_list_path}, line {line}: {name!r} is not a plain image file name (no '/', "
+                                  "'\\', ':' or '..'); use the release's list.")
+        if first_lines.setdefault(name, line) != line:
+            raise DataFormatError(f"{test_list_path}, line {line}: {name!r} is listed again (first on line "
+                                  f"{first_lines[name]}); remove the repeated line.")
+        names.append((line, name))
+    return names
+
+
+def selected_names(test_list_path: Path, fraction: float) -> list[tuple[int, str]]:
+    names = official_test_names(test_list_path)
+    selected = names[: int(len(names) * fraction)]
+    if not selected:
+        raise InvalidArgumentError(f"--fraction {fraction} of the {len(names)} names in {test_list_path} selects no "
+                                   "image; raise --fraction.")
+    return selected
+
+
+def test_rows(input_dir: Path, selected: list[tuple[int, str]], findings: dict[str, frozenset[str]]) -> list[dict]:
+    """Path and the one-hot findings of each selected image, which must have a data-entry row and a file."""
+    test_list_path, locations = input_dir / TEST_LIST_FILE, image_locations(input_dir)
+    rows = []
+    for line, name in tqdm(selected, desc="images"):
+        if name not in findings:
+            raise DataFormatError(f"{test_list_path}, line {line}: {name!r} has no row in {ENTRIES_FILE}; use the "
+                                  "release's two files together.")
+        if name not in locations:
+            raise DataFormatError(f"{test_list_path}, line {line}: image {name!r} not found under "
+                                  f"{input_dir / 'images'} (or images_NNN/images); download every image archive.")
+        rows.append({"Path": locations[name], **{finding: int(finding in findings[name]) for finding in FINDINGS}})
+    return rows
+
+
 def prepare(input_dir: Path, output_dir: Path, fraction: float = 0.2, overwrite: bool = False) -> None:
     if not 0 < fraction <= 1:
-        raise SystemExit(f"--fraction must be in (0, 1], got {fraction}.")
-    (table_path,) = output_paths(output_dir, ["chestxray14_test.csv"], overwrite)
-    entries = read_table(input_dir / "Data_Entry_2017_v2020.csv", ["Image Index", "Finding Labels"],
-                         "the NIH data-entry table")
-    findings_of = dict(zip(entries["Image Index"], entries["Finding Labels"]))
-    test_list = require_file(input_dir / "test_list.txt", "the official test list").read_text().split()
-    selected = test_list[: int(len(test_list) * fraction)]
-    locations = image_locations(input_dir)
-    rows = []
-    for name in tqdm(selected, desc="images"):
-        if name not in findings_of:
-            raise LayoutError(f"{name} of test_list.txt has no row in Data_Entry_2017_v2020.csv.")
-        if name not in locations:
-            raise LayoutError(f"{name} not found under {input_dir / 'images'} (or images_NNN/images).")
-        labels = set(findings_of[name].split("|")) - {"No Finding"}
-        unknown = labels - set(FINDINGS)
-        if unknown:
-            raise LayoutError(f"{name}: unknown finding(s) {sorted(unknown)} in Data_Entry_2017_v2020.csv.")
-        rows.append({"Path": locations[name], **{finding: int(finding in labels) for finding in FINDINGS}})
-    write_csv(table_path, rows, ["Path", *FINDINGS])
+        raise InvalidArgumentError(f"--fraction must be in (0, 1], got {fraction}.")
+    entries_path, test_list_path = input_dir / ENTRIES_FILE, input_dir / TEST_LIST_FILE
+    with locked_outputs(output_dir, [entries_path, test_list_path], overwrite, [TABLE]):
+        findings = findings_by_image(entries_path)
+        rows = test_rows(input_dir, selected_names(test_list_path, fraction), findings)
+        write_tables(output_dir, {TABLE: (rows, ["Path", *FINDINGS])})
 
 
-def main(argv=None) -> None:
-    parse = parser(__doc__)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    parse = parser(__doc__, prog)
     parse.add_argument("--fraction", type=float, default=0.2, help="Share of the test list, from its start.")
     args = parse.parse_args(argv)
     prepare(args.input, args.output, args.fraction, args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,9 +8,12 @@ as released. Writes `lc25000_lung.csv` and `lc25000_colon.csv`: Path (relative t
 folder), every image of the release.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from _common import LayoutError, output_paths, parser, require_dir, write_csv
+from ace_lora_hf.cli import run_cli
+from ace_lora_hf.errors import DataFormatError
+from dataset_prep._common import locked_outputs, parser, require_dir, write_tables
 
 
 ORGANS = {
@@ -20,23 +23,35 @@ ORGANS = {
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
+def table_name(organ: str) -> str:
+    return f"lc25000_{organ}.csv"
+
+
+def organ_rows(input_dir: Path, organ: str) -> list[dict]:
+    """Every image of the organ's class folders, labelled with its folder."""
+    folder, classes = ORGANS[organ]
+    rows = []
+    for label in classes:
+        class_dir = require_dir(input_dir / folder / label, f"LC25000's {organ} class folder {label}")
+        images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataFormatError(f"{class_dir} holds no {'/'.join(IMAGE_SUFFIXES)} images; download the release "
+                                  "again.")
+        rows += [{"Path": str(image.relative_to(input_dir)), "label": label} for image in images]
+    return rows
+
+
 def prepare(input_dir: Path, output_dir: Path, overwrite: bool = False) -> None:
-    paths = output_paths(output_dir, [f"lc25000_{organ}.csv" for organ in ORGANS], overwrite)
-    for path, (organ, (folder, classes)) in zip(paths, ORGANS.items()):
-        rows = []
-        for label in classes:
-            class_dir = require_dir(input_dir / folder / label, f"LC25000's {organ} class folder {label}")
-            images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not images:
-                raise LayoutError(f"{class_dir} holds no images.")
-            rows += [{"Path": str(image.relative_to(input_dir)), "label": label} for image in images]
-        write_csv(path, rows, ["Path", "label"])
+    inputs = [input_dir / folder for folder, _ in ORGANS.values()]
+    with locked_outputs(output_dir, inputs, overwrite, [table_name(organ) for organ in ORGANS]):
+        tables = {table_name(organ): (organ_rows(input_dir, organ), ["Path", "label"]) for organ in ORGANS}
+        write_tables(output_dir, tables)
 
 
-def main(argv=None) -> None:
-    args = parser(__doc__).parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    args = parser(__doc__, prog).parse_args(argv)
     prepare(args.input, args.output, args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,34 +8,44 @@
 official partition); the evaluation uses the test partition.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from _common import LayoutError, output_paths, parser, read_table, write_csv
+from ace_lora_hf.cli import run_cli
+from ace_lora_hf.errors import DataFormatError
+from dataset_prep._common import check_listed_once, locked_outputs, parser, read_rows, write_tables
 
 
 LABELS = ("HP", "SSA")
+PARTITIONS = ("train", "test")
+ANNOTATIONS_FILE = "annotations.csv"
+TABLE = "mhist_test.csv"
+
+
+def labelled_images(input_dir: Path) -> list[dict]:
+    annotations_path = input_dir / ANNOTATIONS_FILE
+    rows, first_lines = [], {}
+    for row in read_rows(annotations_path, ["Image Name", "Majority Vote Label", "Partition"], "MHIST's annotations"):
+        name = row.file_name("Image Name")
+        check_listed_once(first_lines, name, row, "Image Name")
+        label, partition = row.one_of("Majority Vote Label", LABELS), row.one_of("Partition", PARTITIONS)
+        image = input_dir / "images" / name
+        if not image.is_file():
+            raise DataFormatError(f"{annotations_path}, line {row.line}, column 'Image Name': image {image} not "
+                                  "found; download the whole images/ folder.")
+        rows.append({"Path": f"images/{name}", "label": label, "split": partition})
+    return rows
 
 
 def prepare(input_dir: Path, output_dir: Path, overwrite: bool = False) -> None:
-    (table_path,) = output_paths(output_dir, ["mhist_test.csv"], overwrite)
-    annotations_path = input_dir / "annotations.csv"
-    table = read_table(annotations_path, ["Image Name", "Majority Vote Label", "Partition"], "MHIST's annotations")
-    rows = []
-    for line, record in enumerate(table.to_dict("records"), start=2):
-        label, partition = str(record["Majority Vote Label"]).strip(), str(record["Partition"]).strip()
-        if label not in LABELS or partition not in ("train", "test"):
-            raise LayoutError(f"{annotations_path}, line {line}: label {label!r} / partition {partition!r}.")
-        image = input_dir / "images" / record["Image Name"]
-        if not image.is_file():
-            raise LayoutError(f"{annotations_path}, line {line}: image {image} not found.")
-        rows.append({"Path": f"images/{record['Image Name']}", "label": label, "split": partition})
-    write_csv(table_path, rows, ["Path", "label", "split"])
+    with locked_outputs(output_dir, [input_dir / ANNOTATIONS_FILE], overwrite, [TABLE]):
+        write_tables(output_dir, {TABLE: (labelled_images(input_dir), ["Path", "label", "split"])})
 
 
-def main(argv=None) -> None:
-    args = parser(__doc__).parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    args = parser(__doc__, prog).parse_args(argv)
     prepare(args.input, args.output, args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,65 +11,79 @@ empty box for a negative patient) and `stage_2_train_images/<patientId>.dcm`. Wr
 """
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from _common import LayoutError, output_paths, parser, read_table, require_dir, split_ids, write_csv
+from ace_lora_hf.cli import run_cli
+from ace_lora_hf.errors import DataFormatError
+from dataset_prep._common import (Row, Table, check_consistent, check_test_split_has_both_targets, locked_outputs,
+                                  parser, read_rows, require_dir, split_ids, write_tables)
 
 
 LABELS_FILE = "stage_2_train_labels.csv"
 IMAGES_DIR = "stage_2_train_images"
+CLASSIFICATION_TABLE, DETECTION_TABLE = "rsna_classification.csv", "rsna_detection.csv"
+BOX_COLUMNS = ("x", "y", "width", "height")
+
+
+def box_of(row: Row, target: int) -> list[float] | None:
+    """The row's box as [x1, y1, x2, y2]; a positive row needs one, a negative row has none."""
+    if target == 0:
+        for column in BOX_COLUMNS:
+            if row.cells[column].strip():
+                raise row.error(column, "empty: a Target 0 row has no box")
+        return None
+    x, y = row.number("x"), row.number("y")
+    return [x, y, x + row.number("width", positive=True), y + row.number("height", positive=True)]
 
 
 def patient_records(labels_path: Path, images_dir: Path) -> dict[str, dict]:
     """Per patient: the image path, the target and the boxes, with every row checked."""
-    table = read_table(labels_path, ["patientId", "x", "y", "width", "height", "Target"], "RSNA's box table",
-                       dtype={"patientId": str})
     patients: dict[str, dict] = {}
-    for line, row in tqdm(enumerate(table.itertuples(index=False), start=2), total=len(table), desc="rows"):
-        target = int(row.Target)
-        if target not in (0, 1):
-            raise LayoutError(f"{labels_path}, line {line}: Target is {row.Target!r}, expected 0 or 1.")
-        record = patients.setdefault(row.patientId, {"Target": target, "boxes": []})
-        if record["Target"] != target:
-            raise LayoutError(f"{labels_path}, line {line}: patient {row.patientId} has both Target 0 and 1.")
-        if target == 1:
-            box = [row.x, row.y, row.width, row.height]
-            if any(value != value for value in box):  # NaN
-                raise LayoutError(f"{labels_path}, line {line}: a positive row without its box.")
-            record["boxes"].append([row.x, row.y, row.x + row.width, row.y + row.height])
+    first_rows: dict = {}
+    for row in tqdm(read_rows(labels_path, ["patientId", *BOX_COLUMNS, "Target"], "RSNA's box table"), desc="rows"):
+        patient_id, target = row.file_name("patientId"), row.label("Target", (0, 1))
+        check_consistent(first_rows, patient_id, {"Target": target}, row, "patientId")
+        record = patients.setdefault(patient_id, {"Target": target, "boxes": []})
+        box = box_of(row, target)
+        if box is not None and box not in record["boxes"]:  # a repeated row adds no second copy of its box
+            record["boxes"].append(box)
     for patient_id, record in patients.items():
         image = images_dir / f"{patient_id}.dcm"
         if not image.is_file():
-            raise LayoutError(f"{image} not found: every patient of {labels_path.name} needs its DICOM.")
+            raise DataFormatError(f"{labels_path}, line {first_rows[patient_id][1]}: {image}, the DICOM of patient "
+                                  f"{patient_id!r}, not found; download the whole {IMAGES_DIR} folder.")
         record["Path"] = f"{images_dir.name}/{patient_id}.dcm"
     return patients
 
 
-def prepare(input_dir: Path, output_dir: Path, overwrite: bool = False) -> None:
-    classification_path, detection_path = output_paths(
-        output_dir, ["rsna_classification.csv", "rsna_detection.csv"], overwrite
-    )
-    patients = patient_records(input_dir / LABELS_FILE, require_dir(input_dir / IMAGES_DIR, "the DICOM folder"))
+def split_tables(patients: dict[str, dict], labels_path: Path) -> dict[str, Table]:
+    """The classification table of every patient and the detection table of the positive ones, seeded splits."""
     splits = split_ids(patients, {"train": 0.85, "test": 0.15}, seed=0)
-    test_targets = {patients[p]["Target"] for p, split in splits.items() if split == "test"}
-    if test_targets != {0, 1}:
-        raise LayoutError(f"{input_dir / LABELS_FILE}: the test split holds only Target {sorted(test_targets)}.")
-    write_csv(classification_path,
-              [{"Path": r["Path"], "Target": r["Target"], "split": splits[p]} for p, r in sorted(patients.items())],
-              ["Path", "Target", "split"])
+    check_test_split_has_both_targets(splits, {p: r["Target"] for p, r in patients.items()}, labels_path)
     positives = sorted(p for p, r in patients.items() if r["Target"] == 1)
     detection_splits = split_ids(positives, {"train": 0.7, "valid": 0.15, "test": 0.15}, seed=0)
-    rows = [{"Path": patients[p]["Path"], "boxes": json.dumps(patients[p]["boxes"]), "split": detection_splits[p]}
-            for p in positives]
-    write_csv(detection_path, rows, ["Path", "boxes", "split"])
+    return {
+        CLASSIFICATION_TABLE: ([{"Path": r["Path"], "Target": r["Target"], "split": splits[p]}
+                                for p, r in sorted(patients.items())], ["Path", "Target", "split"]),
+        DETECTION_TABLE: ([{"Path": patients[p]["Path"], "boxes": json.dumps(patients[p]["boxes"]),
+                            "split": detection_splits[p]} for p in positives], ["Path", "boxes", "split"]),
+    }
 
 
-def main(argv=None) -> None:
-    args = parser(__doc__).parse_args(argv)
+def prepare(input_dir: Path, output_dir: Path, overwrite: bool = False) -> None:
+    labels_path = input_dir / LABELS_FILE
+    with locked_outputs(output_dir, [labels_path], overwrite, [CLASSIFICATION_TABLE, DETECTION_TABLE]):
+        patients = patient_records(labels_path, require_dir(input_dir / IMAGES_DIR, "the DICOM folder"))
+        write_tables(output_dir, split_tables(patients, labels_path))
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    args = parser(__doc__, prog).parse_args(argv)
     prepare(args.input, args.output, args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,6 +12,8 @@ pixel order) and every annotation of an image is merged. Writes:
   (train 70% / valid 15% / test 15%, seed 42).
 """
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,84 +21,158 @@ import pydicom
 from PIL import Image
 from tqdm import tqdm
 
-from _common import LayoutError, output_paths, parser, read_table, require_dir, split_ids, write_csv
+from ace_lora_hf.cli import run_cli
+from ace_lora_hf.errors import DataFormatError
+from ace_lora_hf.safe_outputs import atomic_folder
+from dataset_prep._common import (Row, Table, check_test_split_has_both_targets, locked_outputs, parser, read_rows,
+                                  require_dir, split_ids, write_tables)
 
 
 LABELS_FILE = "stage_2_train.csv"
 IMAGES_DIR = "stage_2_images"
+CLASSIFICATION_TABLE, SEGMENTATION_TABLE, MASKS_DIR = "siim_classification.csv", "siim_segmentation.csv", "masks"
+NO_PNEUMOTHORAX = "-1"
+RLE_EXPECTED = "-1 or run-length pairs of whole numbers (offset >= 0, length >= 1)"
+
+
+def parse_rle(encoded: str) -> list[tuple[int, int]]:
+    """The (offset, length) runs of SIIM's relative run-length string; a ValueError says what is malformed."""
+    tokens = encoded.split()
+    if not tokens:
+        raise ValueError("no run-length values")
+    malformed = next((token for token in tokens if not (token.isascii() and token.isdigit())), None)
+    if malformed is not None:
+        raise ValueError(f"{malformed!r} is not a whole number >= 0")
+    if len(tokens) % 2:
+        raise ValueError(f"an odd number ({len(tokens)}) of values, but runs are offset-length pairs")
+    values = [int(token) for token in tokens]
+    runs = list(zip(values[0::2], values[1::2]))
+    if any(length == 0 for _, length in runs):
+        raise ValueError("a run of length 0")
+    return runs
 
 
 def decode_rle(encoded: str, height: int, width: int) -> np.ndarray:
     """A `[height, width]` uint8 mask (0/1) from SIIM's relative, column-major run-length string."""
-    values = np.asarray(encoded.split(), dtype=np.int64)
-    if values.size % 2:
-        raise ValueError("an odd number of run-length values")
     flat = np.zeros(height * width, dtype=np.uint8)
     position = 0
-    for offset, length in zip(values[0::2], values[1::2]):
+    for offset, length in parse_rle(encoded):
         position += offset
-        if position < 0 or position + length > flat.size:
+        if position + length > flat.size:
             raise ValueError(f"a run at {position}+{length} outside the {width}x{height} image")
         flat[position : position + length] = 1
         position += length
     return flat.reshape(width, height).T
 
 
-def image_size(path: Path) -> tuple[int, int]:
+@dataclass
+class Annotations:
+    """One image's rows of the run-length table: its distinct run-length strings, or the line saying it has none."""
+
+    first_line: int
+    runs: dict[str, int] = field(default_factory=dict)  # run-length string -> its first line
+    negative_line: int | None = None
+
+
+def read_annotations(labels_path: Path) -> dict[str, Annotations]:
+    """Every image's annotations, each run-length string checked; "-1" and a mask for one image are refused."""
+    images: dict[str, Annotations] = {}
+    for row in tqdm(read_rows(labels_path, ["ImageId", "EncodedPixels"], "SIIM's run-length table"), desc="rows"):
+        image_id = row.file_name("ImageId")
+        image = images.setdefault(image_id, Annotations(row.line))
+        encoded = row.text("EncodedPixels", RLE_EXPECTED)
+        if encoded == NO_PNEUMOTHORAX:
+            image.negative_line = image.negative_line or row.line
+        else:
+            _check_rle(row, encoded)
+            image.runs.setdefault(encoded, row.line)
+        if image.runs and image.negative_line:
+            raise DataFormatError(f"{labels_path}, line {row.line}: image {image_id!r} has both "
+                                  f"a mask (line {min(image.runs.values())}) and -1, no pneumothorax (line "
+                                  f"{image.negative_line}); remove the contradicting row.")
+    return images
+
+
+def _check_rle(row: Row, encoded: str) -> None:
+    try:
+        parse_rle(encoded)
+    except ValueError as problem:
+        raise row.error("EncodedPixels", f"{RLE_EXPECTED} ({problem})") from None
+
+
+def image_sizes(images_dir: Path, images: dict[str, Annotations], labels_path: Path) -> dict[str, tuple[int, int]]:
+    """Every image's (height, width), read from its DICOM header, with each of its runs checked to fit."""
+    sizes = {}
+    for image_id, annotations in tqdm(sorted(images.items()), desc="DICOM headers"):
+        cited_by = f"{labels_path}, line {annotations.first_line}"
+        height, width = sizes[image_id] = dicom_size(images_dir, image_id, cited_by)
+        for encoded, line in annotations.runs.items():
+            end = sum(offset + length for offset, length in parse_rle(encoded))
+            if end > height * width:
+                raise DataFormatError(f"{labels_path}, line {line}, column 'EncodedPixels': the runs reach pixel "
+                                      f"{end}, beyond the {width}x{height} image {image_id}; use the release's table "
+                                      "and images.")
+    return sizes
+
+
+def dicom_size(images_dir: Path, image_id: str, cited_by: str) -> tuple[int, int]:
+    """(height, width) from the header of `image_id`'s DICOM; `cited_by` names the table row that needs it."""
+    path = images_dir / f"{image_id}.dcm"
+    if not path.is_file():
+        raise DataFormatError(f"{cited_by}: {path}, the DICOM of image {image_id!r}, not found; download the whole "
+                              f"{IMAGES_DIR} folder.")
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
-        return int(header.Rows), int(header.Columns)
-    except (pydicom.errors.InvalidDicomError, AttributeError, OSError) as error:
-        raise LayoutError(f"{path}: not a readable image DICOM ({error}).") from error
+        height, width = int(header.Rows), int(header.Columns)
+    except (pydicom.errors.InvalidDicomError, AttributeError, EOFError, ValueError, TypeError) as error:
+        raise DataFormatError(f"{path}: not a readable image DICOM ({error}); download it again.") from None
+    if height < 1 or width < 1:
+        raise DataFormatError(f"{path}: an image of {width}x{height} pixels; download it again.")
+    return height, width
 
 
-def annotations(labels_path: Path) -> dict[str, list[str]]:
-    table = read_table(labels_path, ["ImageId", "EncodedPixels"], "SIIM's run-length table", dtype=str,
-                       keep_default_na=False)
-    encoded: dict[str, list[str]] = {}
-    for image_id, rle in zip(table["ImageId"], table["EncodedPixels"]):
-        runs = encoded.setdefault(image_id.strip(), [])
-        if rle.strip() != "-1":
-            runs.append(rle.strip())
-    return encoded
+def write_masks(masks_dir: Path, images: dict[str, Annotations], sizes: dict[str, tuple[int, int]]) -> None:
+    for image_id, annotations in tqdm(sorted(images.items()), desc="masks"):
+        mask = np.zeros(sizes[image_id], dtype=np.uint8)
+        for encoded in annotations.runs:
+            mask |= decode_rle(encoded, *mask.shape)
+        Image.fromarray(mask * 255).save(masks_dir / f"{image_id}.png")
+
+
+def split_tables(images: dict[str, Annotations], labels_path: Path) -> dict[str, Table]:
+    """The classification and segmentation tables, with their seeded splits."""
+    ids = sorted(images)
+    targets = {i: int(bool(images[i].runs)) for i in ids}
+    classification = split_ids(ids, {"train": 0.7, "test": 0.3}, seed=42)
+    check_test_split_has_both_targets(classification, targets, labels_path)
+    segmentation = split_ids(ids, {"train": 0.7, "valid": 0.15, "test": 0.15}, seed=42)
+    paths = {i: f"{IMAGES_DIR}/{i}.dcm" for i in ids}
+    return {
+        CLASSIFICATION_TABLE: ([{"Path": paths[i], "Target": targets[i], "split": classification[i]} for i in ids],
+                               ["Path", "Target", "split"]),
+        SEGMENTATION_TABLE: ([{"Path": paths[i], "Mask": f"{MASKS_DIR}/{i}.png", "split": segmentation[i]}
+                              for i in ids], ["Path", "Mask", "split"]),
+    }
 
 
 def prepare(input_dir: Path, output_dir: Path, overwrite: bool = False) -> None:
-    labels_path = input_dir / LABELS_FILE
-    encoded = annotations(labels_path)
-    images_dir = require_dir(input_dir / IMAGES_DIR, "the DICOM folder")
-    classification_path, segmentation_path, masks_dir = output_paths(
-        output_dir, ["siim_classification.csv", "siim_segmentation.csv", "masks"], overwrite
-    )
-    masks_dir.mkdir(exist_ok=True)
-    for image_id, runs in tqdm(sorted(encoded.items()), desc="masks"):
-        image = images_dir / f"{image_id}.dcm"
-        if not image.is_file():
-            raise LayoutError(f"{image} not found: every image of {LABELS_FILE} needs its DICOM.")
-        mask = np.zeros(image_size(image), dtype=np.uint8)
-        for index, rle in enumerate(runs):
-            try:
-                mask |= decode_rle(rle, *mask.shape)
-            except ValueError as error:
-                raise LayoutError(f"{labels_path}: annotation {index + 1} of {image_id}: {error}.") from error
-        Image.fromarray(mask * 255).save(masks_dir / f"{image_id}.png")
-    ids = sorted(encoded)
-    classification = split_ids(ids, {"train": 0.7, "test": 0.3}, seed=42)
-    segmentation = split_ids(ids, {"train": 0.7, "valid": 0.15, "test": 0.15}, seed=42)
-    test_targets = {int(bool(encoded[i])) for i in ids if classification[i] == "test"}
-    if test_targets != {0, 1}:
-        raise LayoutError(f"{labels_path}: the test split holds only Target {sorted(test_targets)}.")
-    paths = {i: f"{IMAGES_DIR}/{i}.dcm" for i in ids}
-    write_csv(classification_path, [{"Path": paths[i], "Target": int(bool(encoded[i])), "split": classification[i]}
-                                    for i in ids], ["Path", "Target", "split"])
-    write_csv(segmentation_path, [{"Path": paths[i], "Mask": f"masks/{i}.png", "split": segmentation[i]}
-                                  for i in ids], ["Path", "Mask", "split"])
+    labels_path, images_dir = input_dir / LABELS_FILE, input_dir / IMAGES_DIR
+    with locked_outputs(output_dir, [labels_path, images_dir], overwrite, [CLASSIFICATION_TABLE, SEGMENTATION_TABLE],
+                        [MASKS_DIR]):
+        images = read_annotations(labels_path)
+        sizes = image_sizes(require_dir(images_dir, "the DICOM folder"), images, labels_path)
+        tables = split_tables(images, labels_path)
+        # The tables are committed just before the masks folder, and neither when anything fails.
+        with atomic_folder(output_dir / MASKS_DIR) as masks_dir:
+            write_masks(masks_dir, images, sizes)
+            write_tables(output_dir, tables)
+        print(f"wrote {output_dir / MASKS_DIR} ({len(images)} masks)")
 
 
-def main(argv=None) -> None:
-    args = parser(__doc__).parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    args = parser(__doc__, prog).parse_args(argv)
     prepare(args.input, args.output, args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

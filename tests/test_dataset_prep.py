@@ -1,27 +1,39 @@
-"""dataset_prep/ on small fixtures in each release's exact format, and zero_shot_eval.py on each prepared set."""
+"""dataset_prep/ on small fixtures in each release's exact format, and zero_shot_eval.py on each prepared set.
+
+Bad inputs are tried as a user (or an attacker) would: each is refused by the command line with one error line
+that names the file, line, column and value, and nothing is written, least of all outside --output.
+"""
 
 import csv
+import errno
 import gzip
 import importlib
 import json
+import os
+import runpy
+import shutil
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.errors import DataFormatError, OutputPathError
 from ace_lora_hf.metrics import classification_metrics, multilabel_metrics
+from ace_lora_hf.safe_outputs import folder_lock
 
 from conftest import REPO_ROOT
 from dicom_fixtures import write_dicom
 
 
-sys.path.insert(0, str(REPO_ROOT / "dataset_prep"))
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's dataset_prep, whether or not it is installed
 sys.path.insert(0, str(REPO_ROOT / "examples"))
-rsna, siim, mimic_cxr, chestxray14, chexpert_5x200, lc25000, mhist, common = (
-    importlib.import_module(name)
-    for name in ("rsna", "siim", "mimic_cxr", "chestxray14", "chexpert_5x200", "lc25000", "mhist", "_common")
-)
+from dataset_prep import _common as common
+from dataset_prep import __main__ as dispatcher
+from dataset_prep import chestxray14, chexpert_5x200, lc25000, mhist, mimic_cxr, rsna, siim
+
 zero_shot_eval = importlib.import_module("zero_shot_eval")
 
 
@@ -44,6 +56,43 @@ def png(path, seed=0, size=(20, 24), mode="L"):
                                                   dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
+
+
+def refused(capsys, module, *argv) -> str:
+    """Run `module`'s command line in-process; it must exit 2 with one error line and no traceback. The line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main, [str(arg) for arg in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert exit_info.value.code == EXIT_USER_ERROR and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def succeeds(module, *argv) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main, [str(arg) for arg in argv])
+    assert exit_info.value.code == 0
+
+
+def appended(source, target, line: bytes) -> int:
+    """Copy the CSV `source` (plain or .gz) to `target` with one more line; the number of that line."""
+    compressed = source.suffix == ".gz"
+    data = gzip.decompress(source.read_bytes()) if compressed else source.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((gzip.compress if compressed else bytes)(data + line + b"\r\n"))
+    return data.count(b"\n") + 1
+
+
+def input_beside(source_root, target_root, table, line: bytes, *linked) -> int:
+    """An input folder holding `source_root`'s `table` with `line` appended, and links to its `linked` files."""
+    for name in linked:
+        (target_root / name).parent.mkdir(parents=True, exist_ok=True)
+        (target_root / name).symlink_to(source_root / name)
+    return appended(source_root / table, target_root / table, line)
+
+
+def files_under(folder) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")) if folder.exists() else []
 
 
 # ------------------------------------------------------------------------------------------------------- RSNA
@@ -86,14 +135,43 @@ def test_rsna_tables(rsna_input, tmp_path):
 
 def test_rsna_errors(rsna_input, tmp_path):
     rsna.prepare(rsna_input, tmp_path)
-    with pytest.raises(SystemExit, match="--overwrite"):
+    with pytest.raises(OutputPathError, match="--overwrite"):
         rsna.prepare(rsna_input, tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "stage_2_train_images").mkdir()
     write_rows(broken / "stage_2_train_labels.csv", ["patientId", "x", "y", "Target"], [["a", 1, 2, 0]])
-    with pytest.raises(SystemExit, match=r"missing column\(s\) 'width', 'height'"):
+    with pytest.raises(DataFormatError, match=r"missing column\(s\) 'width', 'height'"):
         rsna.prepare(broken, tmp_path / "out")
+
+
+RSNA_BAD_ROWS = {
+    "label outside the domain": (b"0099-patient,,,,,yes", "column 'Target' is 'yes'; expected 0 or 1"),
+    "label not a number": (b"0099-patient,,,,,abc", "column 'Target' is 'abc'; expected 0 or 1"),
+    "empty label": (b"0099-patient,,,,,", "column 'Target' is empty; expected 0 or 1"),
+    "empty id": (b",,,,,0", "column 'patientId' is empty; expected a file name"),
+    "contradicting duplicate": (b"0001-patient,1,2,3,4,1",
+                                "column 'Target' is 1 but line 3 gives 0 for the same patientId '0001-patient'"),
+    "id escaping the folder": (b"../0001-patient,,,,,0", "column 'patientId' is '../0001-patient'; expected a file"),
+    "absolute id": (b"/etc/passwd,,,,,0", "column 'patientId' is '/etc/passwd'; expected a file name"),
+    "positive without its box": (b"0000-patient,,20,30,40,1", "column 'x' is empty; expected a number, 0 or more"),
+    "negative box size": (b"0000-patient,1,2,-30,40,1", "column 'width' is '-30'; expected a number above 0"),
+    "infinite coordinate": (b"0000-patient,inf,2,30,40,1", "column 'x' is 'inf'; expected a number, 0 or more"),
+    "negative with a box": (b"0001-patient,1,,,,0", "column 'x' is '1'; expected empty: a Target 0 row has no box"),
+    "Latin-1 text": ("0099-café,,,,,0".encode("latin-1"),
+                     "column 'patientId' is '0099-caf\ufffd': not UTF-8 text (byte b'\\xe9', e.g. Latin-1); "
+                     "save the file as UTF-8"),
+    "patient without image": (b"0099-patient,,,,,0", "0099-patient.dcm, the DICOM of patient '0099-patient', "
+                              "not found"),
+}
+
+
+def test_rsna_merges_a_repeated_row(rsna_input, tmp_path):
+    input_beside(rsna_input, tmp_path / "in", rsna.LABELS_FILE, b"0003-patient,100.0,110.0,5.0,6.0,1",
+                 rsna.IMAGES_DIR)
+    rsna.prepare(tmp_path / "in", tmp_path / "out")
+    boxes = {r["Path"]: json.loads(r["boxes"]) for r in read_csv(tmp_path / "out" / "rsna_detection.csv")}
+    assert boxes["stage_2_train_images/0003-patient.dcm"] == [[13.0, 20.0, 43.0, 60.0], [100.0, 110.0, 105.0, 116.0]]
 
 
 # ------------------------------------------------------------------------------------------------------- SIIM
@@ -158,6 +236,89 @@ def test_siim_rle_decoding():
         siim.decode_rle("10 5", 3, 4)
 
 
+SIIM_BAD_ROWS = {
+    "negative offset": (b"1.2.3.2,-3 5", "'-3' is not a whole number >= 0"),
+    "negative length": (b"1.2.3.2,3 -5", "'-5' is not a whole number >= 0"),
+    "zero-length run": (b"1.2.3.2,3 0", "a run of length 0"),
+    "non-integer token": (b"1.2.3.2,3 x", "'x' is not a whole number >= 0"),
+    "fraction": (b"1.2.3.2,1.5 2", "'1.5' is not a whole number >= 0"),
+    "odd count": (b"1.2.3.2,3 5 7", "an odd number (3) of values"),
+    "empty cell": (b"1.2.3.2,", "column 'EncodedPixels' is empty; expected -1 or run-length pairs"),
+    "run beyond the image": (b"1.2.3.2,150 50", "the runs reach pixel 200, beyond the 16x12 image 1.2.3.2"),
+    "mask for an image marked -1": (b"1.2.3.1,3 5", "image '1.2.3.1' has both a mask"),
+    "-1 for an image with a mask": (b"1.2.3.2,-1", "image '1.2.3.2' has both a mask"),
+    "empty id": (b",-1", "column 'ImageId' is empty; expected a file name"),
+    "image without DICOM": (b"1.2.3.99,-1", "1.2.3.99.dcm, the DICOM of image '1.2.3.99', not found"),
+}
+
+
+def test_siim_merges_a_repeated_annotation(siim_input, tmp_path):
+    root, _, single = siim_input
+    input_beside(root, tmp_path / "in", siim.LABELS_FILE, f"1.2.3.2,{encode_rle(single)}".encode(), siim.IMAGES_DIR)
+    siim.prepare(tmp_path / "in", tmp_path / "out")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "masks" / "1.2.3.2.png")), single * 255)
+
+
+@pytest.mark.parametrize("escape", ["../../outside", "absolute"])
+def test_siim_ids_never_write_outside_the_output_folder(escape, siim_input, tmp_path, capsys):
+    """An ImageId that is a path would put its mask as far from masks/ as its DICOM is from the images folder."""
+    target = tmp_path / "elsewhere" / "outside" if escape == "absolute" else tmp_path / "outside"
+    image_id = str(target) if escape == "absolute" else escape
+    target.parent.mkdir(exist_ok=True)
+    write_dicom(target.with_suffix(".dcm"), np.zeros((12, 16), np.uint8))  # so that nothing else stops the run
+    shutil.copytree(siim_input[0] / siim.IMAGES_DIR, tmp_path / "in" / siim.IMAGES_DIR)  # a link would move '..'
+    appended(siim_input[0] / siim.LABELS_FILE, tmp_path / "in" / siim.LABELS_FILE, f"{image_id},-1".encode())
+    error = refused(capsys, siim, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert f"column 'ImageId' is {image_id[:20]!r}"[:-1] in error and "; expected a file name without '/'" in error
+    assert not target.with_suffix(".png").exists() and not (tmp_path / "out").exists()
+
+
+def test_siim_run_failing_half_way_leaves_nothing_and_a_rerun_succeeds(siim_input, tmp_path, capsys, monkeypatch):
+    save = Image.Image.save
+
+    def disk_full_at_the_sixth_mask(image, path, *args, **kwargs):
+        if str(path).endswith("1.2.3.5.png"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full_at_the_sixth_mask)
+    output = tmp_path / "out"
+    error = refused(capsys, siim, "--input", siim_input[0], "--output", output)
+    assert "no space left on the device while writing" in error
+    assert files_under(tmp_path) == [".out.lock"]  # no tables, masks or staging folders; the lock file stays
+    monkeypatch.undo()
+    succeeds(siim, "--input", siim_input[0], "--output", output)
+    assert files_under(output) == ["masks", *sorted(f"masks/1.2.3.{i}.png" for i in range(10)),
+                                   "siim_classification.csv", "siim_segmentation.csv"]
+
+
+def test_siim_bad_last_row_leaves_nothing_and_the_fixed_input_runs(siim_input, tmp_path, capsys):
+    root, _, single = siim_input
+    input_beside(root, tmp_path / "in", siim.LABELS_FILE, b"1.2.3.8,3 5 7", siim.IMAGES_DIR)
+    refused(capsys, siim, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert files_under(tmp_path / "out") == []
+    appended(root / siim.LABELS_FILE, tmp_path / "in" / siim.LABELS_FILE, b"1.2.3.8,3 5")  # pixels 3-7, column 0
+    succeeds(siim, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "1.2.3.8.png")) // 255
+    assert mask[3:8, 0].all() and mask.sum() == single.sum() + 5
+
+
+def test_siim_refuses_an_unreadable_dicom(siim_input, tmp_path, capsys):
+    shutil.copytree(siim_input[0], tmp_path / "in")
+    (tmp_path / "in" / siim.IMAGES_DIR / "1.2.3.4.dcm").write_bytes(b"<html>Download failed</html>")
+    error = refused(capsys, siim, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert "1.2.3.4.dcm: not a readable image DICOM (" in error and "download it again" in error
+
+
+def test_siim_overwrite_replaces_the_masks_folder(siim_input, tmp_path):
+    siim.prepare(siim_input[0], tmp_path)
+    (tmp_path / "masks" / "stale.png").write_bytes(b"from an older run")
+    with pytest.raises(OutputPathError, match="--overwrite"):
+        siim.prepare(siim_input[0], tmp_path)
+    siim.prepare(siim_input[0], tmp_path, overwrite=True)
+    assert not (tmp_path / "masks" / "stale.png").exists() and len(files_under(tmp_path / "masks")) == 10
+
+
 # ------------------------------------------------------------------------------------------------- MIMIC-CXR
 
 
@@ -206,8 +367,55 @@ def test_mimic_training_table(mimic_input, tmp_path, capsys):
 
 def test_mimic_missing_table(tmp_path):
     (tmp_path / "files").mkdir()
-    with pytest.raises(SystemExit, match="mimic-cxr-2.0.0-metadata.csv"):
+    with pytest.raises(DataFormatError, match="mimic-cxr-2.0.0-metadata.csv"):
         mimic_cxr.prepare(tmp_path, tmp_path, tmp_path / "out")
+
+
+MIMIC_TABLES = {name: f"mimic-cxr-2.0.0-{name}.csv.gz" for name in ("metadata", "split", "chexpert")}
+MIMIC_BAD_ROWS = {
+    "chexpert": {
+        "label outside the domain": (b"10000032,50000009,yes" + b"," * 13,
+                                     "column 'Atelectasis' is 'yes'; expected 1 or 0 or -1 or empty"),
+        "contradicting labels": (b"10000032,50000001,,0,,-1" + b"," * 10,
+                                 "column 'Cardiomegaly' is 0 but line 2 gives 1 for the same (subject_id, study_id) "
+                                 "(10000032, 50000001)"),
+    },
+    "split": {
+        "split outside the domain": (b"d9,50000009,10000032,dev",
+                                     "column 'split' is 'dev'; expected 'train' or 'validate' or 'test'"),
+        "contradicting split": (b"d1,50000001,10000032,test",
+                                "column 'split' is 'test' but line 2 gives 'train' for the same dicom_id 'd1'"),
+    },
+    "metadata": {
+        "contradicting study": (b"d1,10000032,50000002,PA",
+                                "column 'study_id' is 50000002 but line 2 gives 50000001 for the same dicom_id 'd1'"),
+        "id not a number": (b"d9,abc,50000001,PA", "column 'subject_id' is 'abc'; expected a whole number"),
+        "empty id": (b",10000032,50000001,PA", "column 'dicom_id' is empty; expected a file name"),
+        "id escaping the folder": (b"../../d9,10000032,50000001,PA",
+                                   "column 'dicom_id' is '../../d9'; expected a file name without '/'"),
+    },
+}
+
+
+def test_mimic_refuses_an_image_without_a_split(mimic_input, tmp_path, capsys):
+    shutil.copytree(mimic_input, tmp_path / "in")
+    split = tmp_path / "in" / MIMIC_TABLES["split"]
+    split.write_bytes(gzip.compress(b"".join(line for line in gzip.decompress(split.read_bytes()).splitlines(True)
+                                             if not line.startswith(b"d4,"))))
+    error = refused(capsys, mimic_cxr, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert f"{MIMIC_TABLES['metadata']}, line 5: image 'd4' has no row in {split}" in error
+
+
+def test_mimic_refuses_a_report_that_is_not_utf8_and_a_broken_archive(mimic_input, tmp_path, capsys):
+    shutil.copytree(mimic_input, tmp_path / "in")
+    report = tmp_path / "in" / "files/p11/p11000011/s50000003.txt"
+    report.write_bytes("INDICATION: cough\n\nIMPRESSION:\nNormal chest, café.\n".encode("latin-1"))
+    error = refused(capsys, mimic_cxr, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert f"{report}, line 4: not UTF-8 text (byte b'\\xe9'" in error
+    metadata = tmp_path / "in" / MIMIC_TABLES["metadata"]
+    metadata.write_bytes(metadata.read_bytes()[:-10])
+    error = refused(capsys, mimic_cxr, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert f"{metadata} is not a complete gzip file" in error and "download it again" in error
 
 
 # ---------------------------------------------------------------------------------------- NIH, CheXpert, pathology
@@ -233,6 +441,49 @@ def test_nih_first_fifth_of_the_test_list(nih_input, tmp_path):
     assert [r["Path"] for r in rows] == ["images_001/images/00000002_000.png", "images_001/images/00000003_000.png"]
     assert [name for name in chestxray14.FINDINGS if rows[0][name] == "1"] == ["Effusion", "Pleural_Thickening"]
     assert [name for name in chestxray14.FINDINGS if rows[1][name] == "1"] == ["Hernia"]
+
+
+NIH_BAD_ENTRIES = {
+    "unknown finding": (b"00000099_000.png,Foo|Mass,0,99",
+                        "column 'Finding Labels' is 'Foo|Mass'; expected 'No Finding' or findings among Atelectasis"),
+    "empty findings": (b"00000099_000.png,,0,99", "column 'Finding Labels' is empty; expected 'No Finding' or"),
+    "contradicting duplicate": (b"00000002_000.png,Hernia,0,2", "column 'Finding Labels' is 'Hernia' but line 4 "
+                                "gives 'Effusion|Pleural_Thickening' for the same image '00000002_000.png'"),
+    "id escaping the folder": (b"../00000002_000.png,Hernia,0,2",
+                               "column 'Image Index' is '../00000002_000.png'; expected a file name without '/'"),
+}
+
+
+NIH_BAD_TEST_LISTS = {
+    "name escaping the folder": (b"../../etc/passwd\n", "line 1: '../../etc/passwd' is not a plain image file name"),
+    "repeated name": (b"00000002_000.png\n00000002_000.png\n",
+                      "line 2: '00000002_000.png' is listed again (first on line 1)"),
+    "name without a data entry": (b"00000099_000.png\n", "line 1: '00000099_000.png' has no row in Data_Entry"),
+    "Latin-1 text": ("\n00000002_000.png caf\u00e9\n".encode("latin-1"), "line 2: not UTF-8 text (byte b'\\xe9'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NIH_BAD_TEST_LISTS))
+def test_nih_refuses_a_bad_test_list_naming_the_line(case, nih_input, tmp_path, capsys):
+    content, message = NIH_BAD_TEST_LISTS[case]
+    input_beside(nih_input, tmp_path / "in", chestxray14.ENTRIES_FILE, b"", "images_001")
+    (tmp_path / "in" / "test_list.txt").write_bytes(content + (nih_input / "test_list.txt").read_bytes())
+    error = refused(capsys, chestxray14, "--input", tmp_path / "in", "--output", tmp_path / "out", "--fraction", 1)
+    assert f"test_list.txt, {message}" in error
+
+
+def test_nih_refuses_a_listed_image_that_is_missing(nih_input, tmp_path, capsys):
+    input_beside(nih_input, tmp_path / "in", chestxray14.ENTRIES_FILE, b"00000099_000.png,Hernia,0,99", "images_001")
+    (tmp_path / "in" / "test_list.txt").write_text("00000099_000.png\n")
+    error = refused(capsys, chestxray14, "--input", tmp_path / "in", "--output", tmp_path / "out", "--fraction", 1)
+    assert "test_list.txt, line 1: image '00000099_000.png' not found under" in error
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5", "nan", "0.01"])
+def test_nih_refuses_a_fraction_that_selects_nothing(fraction, nih_input, tmp_path, capsys):
+    error = refused(capsys, chestxray14, "--input", nih_input, "--output", tmp_path / "out", "--fraction", fraction)
+    assert f"--fraction {'must be in (0, 1]' if fraction != '0.01' else '0.01 of the 10 names'}" in error
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +512,35 @@ def test_chexpert_5x200_checked_and_normalised(chexpert_input, tmp_path):
         writer = csv.DictWriter(file, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    with pytest.raises(SystemExit, match=r"bad.csv, line 6: positive for \['Edema', 'Pleural Effusion'\]"):
+    with pytest.raises(DataFormatError, match=r"bad.csv, line 6: positive for \['Edema', 'Pleural Effusion'\]"):
         chexpert_5x200.prepare(tmp_path / "bad.csv", tmp_path / "out")
+
+
+CHEXPERT_PATH = "CheXpert-v1.0/valid/patient00000/study1/view1_frontal.jpg"
+CHEXPERT_BAD_ROWS = {
+    "label outside the domain": (b"CheXpert-v1.0/x.jpg,Female,60,Frontal,AP,,,,yes,",
+                                 "column 'Edema' is 'yes'; expected 1 or 0 or -1 or empty"),
+    "repeated image": (f"{CHEXPERT_PATH},Female,60,Frontal,AP,1.0,,,,".encode(),
+                       f"column 'Path': '{CHEXPERT_PATH}' is listed again (first on line 2)"),
+    "empty path": (b",Female,60,Frontal,AP,1.0,,,,", "column 'Path' is empty; expected a relative path"),
+    "path escaping the data root": (b"../../secret.jpg,Female,60,Frontal,AP,1.0,,,,",
+                                    "column 'Path' is '../../secret.jpg'; expected a relative path"),
+    "absolute path": (b"/etc/secret.jpg,Female,60,Frontal,AP,1.0,,,,",
+                      "column 'Path' is '/etc/secret.jpg'; expected a relative path"),
+    "Latin-1 text": ("CheXpert-v1.0/café.jpg,Female,60,Frontal,AP,1.0,,,,".encode("latin-1"),
+                     "column 'Path' is 'CheXpert-v1.0/caf\ufffd.jpg': not UTF-8 text"),
+}
+
+
+def test_chexpert_5x200_never_replaces_its_input(chexpert_input, tmp_path, capsys):
+    table = shutil.copy(chexpert_input / "chexpert_5x200.csv", tmp_path / "chexpert_5x200.csv")
+    before = table.read_bytes()
+    error = refused(capsys, chexpert_5x200, "--input", table, "--output", tmp_path, "--overwrite")
+    assert "is also an input of this job" in error and "--overwrite never replaces an input" in error
+    error = refused(capsys, chexpert_5x200, "--input", table, "--output", table, "--overwrite")
+    assert "is a file, not a folder" in error
+    assert table.read_bytes() == before
+    assert [name for name in files_under(tmp_path) if not name.endswith(".lock")] == ["chexpert_5x200.csv"]
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +561,19 @@ def test_lc25000_tables(lc25000_input, tmp_path):
     assert [r["label"] for r in read_csv(tmp_path / "lc25000_colon.csv")] == ["colon_aca"] * 2 + ["colon_n"] * 2
 
 
+@pytest.mark.parametrize("problem", ["missing", "empty"])
+def test_lc25000_refuses_a_missing_or_empty_class_folder_and_writes_neither_table(problem, lc25000_input, tmp_path,
+                                                                                  capsys):
+    shutil.copytree(lc25000_input, tmp_path / "in")
+    colon_n = tmp_path / "in" / "colon_image_sets" / "colon_n"
+    shutil.rmtree(colon_n)
+    if problem == "empty":
+        colon_n.mkdir()
+    error = refused(capsys, lc25000, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert (f"{colon_n} holds no .jpeg/.jpg/.png images" if problem == "empty" else f"{colon_n} not found") in error
+    assert not (tmp_path / "out").exists()  # not even the lung table, which was fine
+
+
 @pytest.fixture(scope="module")
 def mhist_input(tmp_path_factory):
     root = tmp_path_factory.mktemp("mhist")
@@ -301,6 +592,46 @@ def test_mhist_table(mhist_input, tmp_path):
     rows = read_csv(tmp_path / "mhist_test.csv")
     assert rows[1] == {"Path": "images/MHIST_001.png", "label": "SSA", "split": "test"}
     assert [r["split"] for r in rows].count("test") == 6
+
+
+MHIST_BAD_ROWS = {
+    "label outside the domain": (b"MHIST_999.png,XYZ,1,test",
+                                 "column 'Majority Vote Label' is 'XYZ'; expected 'HP' or"),
+    "partition outside the domain": (b"MHIST_999.png,HP,1,val", "column 'Partition' is 'val'; expected 'train' or"),
+    "repeated image": (b"MHIST_001.png,SSA,5,test", "column 'Image Name': 'MHIST_001.png' is listed again (first on "
+                       "line 3)"),
+    "image escaping the folder": (b"../annotations.csv,HP,1,test", "column 'Image Name' is '../annotations.csv'; "
+                                  "expected a file name without '/'"),
+    "missing image": (b"MHIST_999.png,HP,1,test", "column 'Image Name': image"),
+}
+
+
+def test_tables_are_read_as_saved_by_excel_or_a_text_editor(tmp_path):
+    table = tmp_path / "table.csv"
+    table.write_bytes('\ufeffid, label \r\n1,yes\r\n\r\n2,"two\r\nlines"\r\n3,no\r\n'.encode())
+    rows = list(common.read_rows(table, ["id", "label"], "a table"))
+    assert [(row.line, row.cells) for row in rows] == [(2, {"id": "1", "label": "yes"}),
+                                                       (4, {"id": "2", "label": "two\r\nlines"}),
+                                                       (6, {"id": "3", "label": "no"})]
+
+
+BROKEN_TABLES = {
+    "extra cells": (b"id,label\n1,a\n2,b,c\n", "table.csv, line 3: 3 cells but the header names 2 columns"),
+    "bad quoting": (b'id,label\n1,"a\n2,b\n', "table.csv, line 2: not valid CSV (unexpected end of data)"),
+    "stray quote": (b'id,label\n1,"a"b\n', "table.csv, line 2: not valid CSV"),
+    "empty file": (b"", "table.csv is empty: expected a table with columns ['id', 'label']"),
+    "repeated column": (b"id,label,id\n1,a,2\n", "table.csv: column(s) 'id' appear more than once"),
+    "missing column": (b"id\n1\n", "table.csv: missing column(s) 'label'; found ['id']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_TABLES))
+def test_a_broken_table_is_refused_naming_the_line(case, tmp_path):
+    content, message = BROKEN_TABLES[case]
+    (tmp_path / "table.csv").write_bytes(content)
+    with pytest.raises(DataFormatError) as error:
+        list(common.read_rows(tmp_path / "table.csv", ["id", "label"], "a table"))
+    assert message in str(error.value)
 
 
 def test_split_ids_peels_splits_in_order():
@@ -363,21 +694,109 @@ def test_zero_shot_eval_rejects_an_unknown_label(lc25000_input, tiny_hub_folder,
                              str(lc25000_input), "--table", str(tmp_path / "lung.csv")])
 
 
-@pytest.mark.parametrize("script", ["rsna", "siim", "mimic_cxr", "chestxray14", "chexpert_5x200", "lc25000", "mhist"])
-def test_scripts_run_from_the_command_line(script):
-    import subprocess
+# ------------------------------------------------------------------------------------------------- bad rows
 
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "dataset_prep" / f"{script}.py"), "--help"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0 and "--input" in result.stdout and "--overwrite" in result.stdout
+
+# Where a bad line goes, per table: (command line, input fixture, the table, files linked beside it, the cases).
+BAD_ROW_TABLES = {
+    "rsna": (rsna, "rsna_input", rsna.LABELS_FILE, [rsna.IMAGES_DIR], RSNA_BAD_ROWS),
+    "siim": (siim, "siim_input", siim.LABELS_FILE, [siim.IMAGES_DIR], SIIM_BAD_ROWS),
+    "nih": (chestxray14, "nih_input", chestxray14.ENTRIES_FILE, ["test_list.txt", "images_001"], NIH_BAD_ENTRIES),
+    "mhist": (mhist, "mhist_input", mhist.ANNOTATIONS_FILE, ["images"], MHIST_BAD_ROWS),
+    "chexpert": (chexpert_5x200, "chexpert_input", chexpert_5x200.TABLE, [], CHEXPERT_BAD_ROWS),  # --input: the table
+    **{f"mimic {key}": (mimic_cxr, "mimic_input", table, ["files", *(t for k, t in MIMIC_TABLES.items() if k != key)],
+                        MIMIC_BAD_ROWS[key]) for key, table in MIMIC_TABLES.items()},
+}
+
+
+@pytest.mark.parametrize("table, case", [(t, case) for t, (*_, cases) in BAD_ROW_TABLES.items() for case in cases])
+def test_a_bad_row_is_refused_naming_its_file_line_column_and_value(table, case, request, tmp_path, capsys):
+    module, fixture, name, linked, cases = BAD_ROW_TABLES[table]
+    line, message = cases[case]
+    root = request.getfixturevalue(fixture)
+    number = input_beside(root[0] if table == "siim" else root, tmp_path / "in", name, line, *linked)
+    source = tmp_path / "in" / name if table == "chexpert" else tmp_path / "in"
+    error = refused(capsys, module, "--input", source, "--output", tmp_path / "out")
+    assert f"{name}, line {number}" in error and message in error
+    assert not (tmp_path / "out").exists()  # nothing written, not even the --output folder
+
+
+# -------------------------------------------------------------------------------------- outputs and command lines
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(lc25000_input, tmp_path, capsys):
+    with folder_lock(tmp_path / "out"):  # as a run in progress holds it (the lock is per open file, so this works)
+        error = refused(capsys, lc25000, "--input", lc25000_input, "--output", tmp_path / "out")
+    assert "is in use by another running job" in error and files_under(tmp_path / "out") == []
+    succeeds(lc25000, "--input", lc25000_input, "--output", tmp_path / "out")
+
+
+def test_a_table_failing_to_write_leaves_none_of_the_tables(rsna_input, tmp_path, capsys, monkeypatch):
+    writerows, written = csv.DictWriter.writerows, []
+
+    def disk_full_at_the_second_table(writer, rows):
+        written.append(writer)
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", "rsna_detection.csv")
+        return writerows(writer, rows)
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", disk_full_at_the_second_table)
+    error = refused(capsys, rsna, "--input", rsna_input, "--output", tmp_path / "out")
+    assert "no space left on the device" in error and not (tmp_path / "out").exists()
+
+
+def test_the_dispatcher_knows_every_dataset_and_runs_one(lc25000_input, tmp_path):
+    scripts = sorted(path.stem for path in (REPO_ROOT / "dataset_prep").glob("[!_]*.py"))
+    assert list(dispatcher.DATASETS) == scripts
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(dispatcher.main, ["lc25000", "--input", str(lc25000_input), "--output", str(tmp_path)])
+    assert exit_info.value.code == 0 and len(read_csv(tmp_path / "lc25000_colon.csv")) == 4
+
+
+# As after `pip install -e .`: the checkout's packages importable from anywhere.
+INSTALLED = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def run_together(*commands, cwd) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each command, started together: each start imports torch, which is slow."""
+    processes = [subprocess.Popen([sys.executable, *map(str, command)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=INSTALLED, cwd=cwd) for command in commands]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        results.append((process.returncode, out, err))
+    return results
+
+
+@pytest.mark.parametrize("script", dispatcher.DATASETS)
+def test_scripts_run_from_the_command_line(script, capsys, monkeypatch):
+    """Each file's `__main__` block, in-process (a new process per file would import torch seven times); the
+    lc25000 and rsna tests below start real processes."""
+    path = REPO_ROOT / "dataset_prep" / f"{script}.py"
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(path), run_name="__main__")
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--input" in out and "--overwrite" in out
+
+
+def test_installed_modules_and_the_dispatcher_run(rsna_input, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(dispatcher.main, ["rsna", "--help"])
+    assert exit_info.value.code == 0 and "usage: ace-lora-prepare rsna [-h] --input INPUT" in capsys.readouterr().out
+    rsna.prepare(rsna_input, tmp_path / "done")
+    module, dispatched = run_together(["-m", "dataset_prep.rsna", "--input", rsna_input, "--output", tmp_path / "new"],
+                                      ["-m", "dataset_prep", "rsna", "--input", rsna_input, "--output",
+                                       tmp_path / "done"], cwd=tmp_path)
+    assert module[0] == 0 and "wrote" in module[1] and (tmp_path / "new" / "rsna_detection.csv").is_file()
+    assert dispatched[0] == EXIT_USER_ERROR and "Traceback" not in dispatched[2]
+    assert dispatched[2].splitlines()[-1].endswith("rsna_classification.csv exists; pass --overwrite to replace it, "
+                                                   "or choose another name.")
 
 
 def test_lc25000_command_line_run(lc25000_input, tmp_path):
-    import subprocess
-
-    command = [sys.executable, str(REPO_ROOT / "dataset_prep" / "lc25000.py"), "--input", str(lc25000_input),
-               "--output", str(tmp_path)]
-    assert subprocess.run(command, capture_output=True).returncode == 0
+    command = [REPO_ROOT / "dataset_prep" / "lc25000.py", "--input", lc25000_input, "--output", tmp_path]
+    assert run_together(command, cwd=tmp_path)[0][0] == 0
     assert len(read_csv(tmp_path / "lc25000_lung.csv")) == 6
-    again = subprocess.run(command, capture_output=True, text=True)
-    assert again.returncode != 0 and "--overwrite" in again.stderr
+    code, _, err = run_together(command, cwd=tmp_path)[0]
+    assert code == EXIT_USER_ERROR and "--overwrite" in err and "Traceback" not in err
