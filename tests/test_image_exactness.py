@@ -2,9 +2,11 @@
 input: the samples, synthetic 8/12/16-bit DICOMs with every LUT, and PNG/JPEG/TIFF files in every common mode."""
 
 import importlib
+import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pydicom.uid import DigitalXRayImageStorageForPresentation
 
@@ -131,3 +133,47 @@ def test_synthetic_dicoms(kind, tmp_path, legacy):
 @pytest.mark.parametrize("kind", FILES)
 def test_synthetic_files(kind, tmp_path, legacy):
     assert_same_as_legacy(write_synthetic_file(tmp_path, kind), legacy)
+
+
+def gray_array(dtype=np.uint8) -> np.ndarray:
+    return radiograph(SHAPE, 255).astype(dtype)
+
+
+PROCESSOR_INPUTS = {
+    "L": lambda: Image.fromarray(gray_array()),
+    "RGB": lambda: rgba().convert("RGB"),
+    "RGBA": rgba,
+    "LA": lambda: rgba().convert("LA"),
+    "P": lambda: rgba().convert("P"),
+    "1": lambda: Image.fromarray(gray_array() > 128),
+    "I;16": lambda: Image.fromarray(gray_array(np.uint16)),
+    "I": lambda: Image.fromarray(gray_array(np.int32)),
+    "F": lambda: Image.fromarray(gray_array(np.float32)),
+    "CMYK": lambda: rgba().convert("CMYK"),
+    "array HWC": lambda: np.asarray(rgba().convert("RGB")),
+    "array CHW": lambda: np.moveaxis(np.asarray(rgba().convert("RGB")), -1, 0),
+    "array HW1": lambda: gray_array()[..., None],
+    "array 1HW": lambda: gray_array()[None],
+    "array HWC float in [0, 1]": lambda: np.asarray(rgba().convert("RGB"), dtype=np.float32) / 255,
+    "tensor CHW": lambda: torch.from_numpy(np.moveaxis(np.asarray(rgba().convert("RGB")), -1, 0).copy()),
+    "tensor 1HW": lambda: torch.from_numpy(gray_array()[None]),
+}
+
+
+@pytest.mark.parametrize("do_convert_rgb", [True, False], ids=["convert", "no-convert"])
+@pytest.mark.parametrize("kind", PROCESSOR_INPUTS)
+def test_processor_called_directly_on_any_input_as_before(kind, do_convert_rgb, legacy):
+    """Users calling the processor with any PIL mode, array or tensor get what they got before, or the same error
+    (without RGB conversion, images that are not RGB do not fit the three-channel mean)."""
+    image = PROCESSOR_INPUTS[kind]()
+
+    def pixel_values(processor):
+        return processor(image, do_convert_rgb=do_convert_rgb, return_tensors="np")["pixel_values"]
+
+    try:
+        expected = pixel_values(legacy.LegacyImageProcessor())
+    except ValueError as error:
+        with pytest.raises(ValueError, match=re.escape(str(error))):
+            pixel_values(AceLoraImageProcessor())
+        return
+    np.testing.assert_allclose(pixel_values(AceLoraImageProcessor()), expected, rtol=0, atol=TOLERANCE)
