@@ -4,7 +4,8 @@ import numpy as np
 from PIL import Image
 from transformers import BatchFeature
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
+from transformers.image_transforms import get_resize_output_image_size
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling, SizeDict
 
 
 class AceLoraImageProcessor(PilBackend):
@@ -32,15 +33,35 @@ class AceLoraImageProcessor(PilBackend):
     do_normalize = True
     do_convert_rgb = True
 
-    def process_image(self, image, do_convert_rgb: bool | None = None, **kwargs) -> np.ndarray:
-        """Channels-first array of one image; an "L" image keeps its one channel until `_preprocess` has resized it."""
+    def process_image(self, image, do_convert_rgb: bool | None = None, **kwargs) -> np.ndarray | Image.Image:
+        """Channels-first array of one image. An "L" image to be made RGB stays as it is: `resize` hands it to PIL
+        without copying it into an array and back, and `_preprocess` makes it RGB after the crop."""
         if do_convert_rgb and isinstance(image, Image.Image) and image.mode == "L":
-            return np.asarray(image)[None]
+            return image
         return super().process_image(image, do_convert_rgb=do_convert_rgb, **kwargs)
+
+    def resize(self, image: np.ndarray | Image.Image, size: SizeDict, resample=None, reducing_gap: int | None = None,
+               **kwargs) -> np.ndarray:
+        """`PilBackend.resize`; an "L" image kept by `process_image` is resized by PIL where it is when its output size
+        follows from its shortest edge (BiomedCLIP's setting), else it becomes an array first."""
+        if isinstance(image, Image.Image):
+            if size.shortest_edge and not size.longest_edge and isinstance(resample, int):
+                return self._resize_shortest_edge(image, size.shortest_edge, resample, reducing_gap)
+            image = np.asarray(image)[None]
+        return super().resize(image, size, resample, reducing_gap=reducing_gap, **kwargs)
+
+    @staticmethod
+    def _resize_shortest_edge(image: Image.Image, shortest_edge: int, resample: int,
+                              reducing_gap: int | None) -> np.ndarray:
+        # transformers works out the output size from an array's shape: a read-only view of one zero has it for free.
+        shape_only = np.broadcast_to(np.uint8(0), (1, image.height, image.width))
+        height, width = get_resize_output_image_size(shape_only, shortest_edge, default_to_square=False,
+                                                     input_data_format=ChannelDimension.FIRST)
+        return np.asarray(image.resize((width, height), resample, reducing_gap=reducing_gap))[None]
 
     def _preprocess(
         self,
-        images: list[np.ndarray],
+        images: list[np.ndarray | Image.Image],
         do_resize: bool,
         size: SizeDict,
         resample: PILImageResampling | None,
@@ -62,6 +83,8 @@ class AceLoraImageProcessor(PilBackend):
         for image in images:
             if do_resize:
                 image = self.resize(image=image, size=size, resample=resample)
+            elif isinstance(image, Image.Image):
+                image = np.asarray(image)[None]
             if do_center_crop:
                 image = self.center_crop(image, crop_size)
             if do_convert_rgb and image.shape[0] == 1:

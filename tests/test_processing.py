@@ -57,11 +57,13 @@ RESAMPLES = [PILImageResampling.BICUBIC, PILImageResampling.BILINEAR, PILImageRe
 def test_grayscale_image_gives_the_pixel_values_of_its_rgb_conversion(size, resample):
     gray = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, size[::-1], dtype=np.uint8))
     processor = AceLoraImageProcessor(resample=resample)
-    # As the pipeline, the explanation crops (no rescale, no normalise) and the segmentation masks (nearest) use it.
-    for steps in ({}, {"do_normalize": False}, {"do_rescale": False, "do_normalize": False}):
+    # As the pipeline, the explanation crops (no rescale, no normalise) and the segmentation masks (nearest) use it,
+    # and with the steps and sizes a user may choose.
+    for steps in ({}, {"do_normalize": False}, {"do_rescale": False, "do_normalize": False}, {"do_resize": False},
+                  {"do_center_crop": False}, {"size": {"height": 240, "width": 260}}, {"resample": 5}):
         actual = processor(gray, return_tensors="np", **steps)["pixel_values"]
         expected = processor(gray.convert("RGB"), return_tensors="np", **steps)["pixel_values"]
-        assert actual.shape == (1, 3, 224, 224) and actual.dtype == expected.dtype
+        assert actual.shape[:2] == (1, 3) and actual.dtype == expected.dtype
         np.testing.assert_array_equal(actual, expected)
 
 
