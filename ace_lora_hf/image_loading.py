@@ -95,7 +95,7 @@ def _to_8_bit(image: Image.Image, name: str) -> Image.Image:
     if image.mode == "L":
         return image
     if image.mode in DEEP_MODES:
-        return Image.fromarray(_scaled_to_uint8(np.asarray(image), name))
+        return Image.fromarray(_full_range_to_uint8(np.asarray(image), name))
     if image.mode in TRANSPARENT_MODES or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels of a medical image carry no signal: show them black rather than their hidden colour.
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
@@ -155,18 +155,19 @@ class _ValueTable:
         return np.take(table, self.index, out=np.empty(self.index.shape, table.dtype))
 
 
-def _scaled_to_uint8(pixels: np.ndarray, name: str, shown=None) -> np.ndarray:
+def _full_range_to_uint8(pixels: np.ndarray, name: str, shown=None) -> np.ndarray:
     """Map the full range of `shown(pixels)` (default: the pixels themselves) onto 0-255: no clipping, no lost
     contrast. `shown` must work elementwise."""
     table = _ValueTable(pixels)
     values = np.asarray(table.values if shown is None else shown(table.values), dtype=np.float64)
-    return table.expand(_scale_to_uint8(values, table.used_ends(values), name))
+    return table.expand(_stretch_to_uint8(values, table.used_ends(values), name))
 
 
-def _scale_to_uint8(values: np.ndarray, used: np.ndarray, name: str) -> np.ndarray:
+def _stretch_to_uint8(values: np.ndarray, used: np.ndarray, name: str) -> np.ndarray:
+    """`values` mapped linearly so that the range of the `used` ones spans 0-255."""
     if not np.isfinite(used).all():
         raise ImageLoadError(name, "contains NaN or infinite pixel values")
-    low, high = np.float64(used.min()), np.float64(used.max())
+    low, high = used.min(), used.max()
     if high == low:
         return np.zeros(values.shape, dtype=np.uint8)
     # Unused entries of a table may lie outside the used range; clipping leaves the used ones as they are.
@@ -233,7 +234,7 @@ def _load_dicom(file, name: str) -> Image.Image:
     if pixels.ndim == 3:
         if photometric.startswith("YBR"):
             pixels = convert_color_space(pixels, photometric, "RGB")
-        rgb = pixels if pixels.dtype == np.uint8 else _scaled_to_uint8(pixels, name)
+        rgb = pixels if pixels.dtype == np.uint8 else _full_range_to_uint8(pixels, name)
         return Image.fromarray(np.ascontiguousarray(rgb))
     if not photometric.startswith("MONOCHROME"):
         raise ImageLoadError(name, f"unsupported photometric interpretation {photometric!r}")
@@ -246,7 +247,7 @@ def _monochrome_to_uint8(pixels: np.ndarray, dataset, photometric: str, name: st
     if pixels.dtype == np.uint8 and bits_stored <= 8 and _shown_as_stored(pixels, shown):
         # Plain 8-bit data is shown as stored (the common JPEG-compressed CR/DX case).
         return pixels if photometric == "MONOCHROME2" else (2**bits_stored - 1) - pixels
-    gray = _scaled_to_uint8(pixels, name, shown)
+    gray = _full_range_to_uint8(pixels, name, shown)
     return 255 - gray if photometric == "MONOCHROME1" else gray
 
 

@@ -95,6 +95,8 @@ FILES = {
                                       .convert("P").copy()),
     "1-bit PNG": ("png", lambda: Image.fromarray(radiograph(SHAPE, 255) > 128)),
     "32-bit integer TIFF": ("tiff", lambda: Image.fromarray((radiograph(SHAPE, 200000) - 50000).astype(np.int32))),
+    "32-bit integer TIFF, narrow range": ("tiff", lambda: Image.fromarray((radiograph(SHAPE, 3000) + 100000)
+                                                                         .astype(np.int32))),
     "float TIFF": ("tiff", lambda: Image.fromarray((radiograph(SHAPE, 1000) / 7 - 30).astype(np.float32))),
 }
 
