@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import sys
 
 import pytest
 
@@ -10,7 +11,10 @@ from conftest import REPO_ROOT
 
 @pytest.fixture
 def bench_pipeline(monkeypatch):
+    """The benchmark imported afresh with its own `_common` (test_dataset_prep imports dataset_prep's by that name)."""
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    for name in ("_common", "bench_pipeline"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     return importlib.import_module("bench_pipeline")
 
 
