@@ -31,7 +31,7 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     """Read an X-ray or pathology image into an 8-bit `PIL.Image`: mode "L" for grayscale data, "RGB" for colour.
 
     Pass the result to `AceLoraImageProcessor` as it is: the processor resizes "L" images in one channel and makes
-    them RGB afterwards, which gives the pixel values of the RGB image for a third of the resizing work.
+    them RGB afterwards, which gives the pixel values of the RGB image for less than half the resizing work.
 
     Args:
         source: a path, the file's bytes, or an already opened PIL image.
@@ -252,6 +252,7 @@ def _monochrome_to_uint8(pixels: np.ndarray, dataset, photometric: str, name: st
 
 
 def _shown_as_stored(pixels: np.ndarray, shown) -> bool:
+    """Whether `shown` leaves every stored value the image uses as it is."""
     table = _ValueTable(pixels)
     shown_values = shown(table.values)
     # Comparing the whole table is cheap and almost always decides; only the values in use matter.
