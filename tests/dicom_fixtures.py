@@ -40,3 +40,11 @@ def write_dicom(path: Path, pixels: np.ndarray | None, transfer_syntax=ExplicitV
         dataset.PixelData = encapsulate([b"\xff\xd8not-really-jpeg-ls\xff\xd9"])
     dataset.save_as(path, enforce_file_format=True)
     return path
+
+
+def lut_item(first_mapped: int, bits: int, data: list[int]) -> Dataset:
+    """One item of a VOI LUT or Modality LUT Sequence: `data[i]` is the output for stored value `first_mapped + i`."""
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [len(data), first_mapped, bits])
+    item.add_new("LUTData", "US", data)
+    return item

@@ -1,8 +1,12 @@
-"""Medical image loading: every PIL mode, DICOM LUTs and photometry, and a clear error for every bad file."""
+"""Medical image loading: every PIL mode, DICOM LUTs and photometry, EXIF orientation, and a clear error for every
+bad file (decompression bombs included)."""
+
+import struct
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 from pydicom.uid import BasicTextSRStorage, JPEGLSLossless
 
 from ace_lora_hf.errors import ImageLoadError
@@ -17,9 +21,12 @@ MONOCHROME1 = SAMPLES / "fake_monochrome1.dcm"
 NIH = SAMPLES / "nih_00000001_000.png"
 
 
-def pixels(image: Image.Image) -> np.ndarray:
-    assert image.mode == "RGB"
+def pixels(image: Image.Image, mode: str = "L") -> np.ndarray:
+    """The gray values of a loaded image: mode L for single-channel data, RGB with equal channels for a colour mode."""
+    assert image.mode == mode
     array = np.asarray(image)
+    if mode == "L":
+        return array
     assert (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all()
     return array[..., 0]
 
@@ -40,7 +47,7 @@ def test_siim_sample_keeps_its_stored_8_bit_values():
 def test_png_loads_the_same_in_mode_l_and_rgb(tmp_path):
     gray = load_image(NIH)
     Image.open(NIH).convert("RGB").save(tmp_path / "rgb.png")
-    assert np.array_equal(np.asarray(load_image(tmp_path / "rgb.png")), np.asarray(gray))
+    assert np.array_equal(pixels(load_image(tmp_path / "rgb.png"), "RGB"), pixels(gray))
     assert np.array_equal(pixels(gray), np.asarray(Image.open(NIH)))
 
 
@@ -55,25 +62,27 @@ RAMP_8BIT = np.array([[0, 64, 128, 255]], dtype=np.uint8)  # round(v * 255 / 400
 
 
 @pytest.mark.parametrize(
-    ("make", "expected"),
+    ("make", "mode", "expected"),
     [
-        (lambda: Image.fromarray(RAMP_8BIT), RAMP_8BIT),  # L
-        (lambda: Image.fromarray(RAMP), RAMP_8BIT),  # I;16
-        (lambda: Image.fromarray(RAMP.astype(np.int32)), RAMP_8BIT),  # I
-        (lambda: Image.fromarray(RAMP.astype(np.float32) / 7), RAMP_8BIT),  # F
-        (lambda: Image.fromarray(RAMP_8BIT).convert("P"), RAMP_8BIT),
-        (lambda: Image.fromarray(RAMP_8BIT).convert("CMYK"), RAMP_8BIT),
-        (lambda: Image.fromarray(np.stack([RAMP_8BIT] * 3 + [np.full_like(RAMP_8BIT, 255)], -1)), RAMP_8BIT),  # RGBA
-        (lambda: Image.fromarray(np.stack([RAMP_8BIT, np.array([[255, 255, 0, 255]], np.uint8)], -1)),
+        (lambda: Image.fromarray(RAMP_8BIT), "L", RAMP_8BIT),
+        (lambda: Image.fromarray(RAMP), "L", RAMP_8BIT),  # I;16
+        (lambda: Image.fromarray(RAMP.astype(np.int32)), "L", RAMP_8BIT),  # I
+        (lambda: Image.fromarray(RAMP.astype(np.float32) / 7), "L", RAMP_8BIT),  # F
+        (lambda: Image.fromarray(RAMP_8BIT > 100), "L", np.array([[0, 0, 255, 255]], np.uint8)),  # 1
+        (lambda: Image.fromarray(RAMP_8BIT).convert("P"), "RGB", RAMP_8BIT),
+        (lambda: Image.fromarray(RAMP_8BIT).convert("CMYK"), "RGB", RAMP_8BIT),
+        (lambda: Image.fromarray(np.stack([RAMP_8BIT] * 3 + [np.full_like(RAMP_8BIT, 255)], -1)), "RGB",
+         RAMP_8BIT),  # RGBA
+        (lambda: Image.fromarray(np.stack([RAMP_8BIT, np.array([[255, 255, 0, 255]], np.uint8)], -1)), "L",
          np.array([[0, 64, 0, 255]], np.uint8)),  # LA: the transparent pixel shows black
     ],
-    ids=["L", "I;16", "I", "F", "P", "CMYK", "RGBA", "LA"],
+    ids=["L", "I;16", "I", "F", "1", "P", "CMYK", "RGBA", "LA"],
 )
-def test_every_pil_mode_becomes_8_bit_rgb(tmp_path, make, expected):
+def test_every_pil_mode_becomes_8_bit_gray_or_rgb(tmp_path, make, mode, expected):
     image = make()
     path = tmp_path / ("image.tiff" if image.mode in ("F", "I", "CMYK") else "image.png")
     image.save(path)
-    assert np.array_equal(pixels(load_image(path)), expected)
+    assert np.array_equal(pixels(load_image(path), mode), expected)
 
 
 def test_16_bit_dicom_with_rescale_and_window(tmp_path):
@@ -121,4 +130,65 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path, write, reason):
     path = write(tmp_path)
     with pytest.raises(ImageLoadError, match=reason) as error:
         load_image(path)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("orientation", "corner"), [(6, "top right"), (8, "bottom left")])
+def test_exif_orientation_turns_the_picture_upright(tmp_path, orientation, corner):
+    stored = np.zeros((48, 64), np.uint8)
+    stored[:16, :16] = 255  # a bright top-left corner, as stored
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation  # 6: shown turned 90° clockwise, 8: counter-clockwise
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    rows, columns = {"top right": (slice(0, 16), slice(-16, None)),
+                     "bottom left": (slice(-16, None), slice(0, 16))}[corner]
+    for loaded in (load_image(path), load_image(Image.open(path)), load_image(path.read_bytes())):
+        shown = pixels(loaded)
+        assert shown.shape == (64, 48)
+        assert shown[rows, columns].mean() > 200 and shown.mean() < 255 / 8
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid-looking PNG of a few dozen bytes whose header declares `width` x `height` 8-bit gray pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_png_is_refused_with_its_size_and_the_limit(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_declaring(100_000, 100_000))
+    with pytest.raises(ImageLoadError, match=r"10000000000 pixels.*limit.*MAX_IMAGE_PIXELS") as error:
+        load_image(path)
     assert str(error.value).startswith(str(path))
+
+
+def test_images_over_the_pixel_limit_are_refused_below_pillows_error_threshold(tmp_path, monkeypatch):
+    path = tmp_path / "large.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(path)
+    dicom = write_dicom(tmp_path / "large.dcm", np.zeros((40, 40), np.uint16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: Pillow itself would only warn
+    for source in (path, dicom):
+        with pytest.raises(ImageLoadError, match=r"1600 pixels.*limit of 1000 pixels.*MAX_IMAGE_PIXELS"):
+            load_image(source)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # how a user accepts larger genuine images
+    assert load_image(path).size == load_image(dicom).size == (40, 40)
+
+
+def test_dicom_declaring_absurd_rows_and_columns_is_refused_before_decoding(tmp_path):
+    path = write_dicom(tmp_path / "huge.dcm", np.zeros((4, 4), np.uint16), Rows=60000, Columns=60000)
+    with pytest.raises(ImageLoadError, match=r"Rows x Columns = 60000 x 60000 \(3600000000 pixels\) exceeds limit"):
+        load_image(path)
+
+
+def test_unusable_dicom_window_and_non_finite_pixels_are_load_errors(tmp_path):
+    path = write_dicom(tmp_path / "window.dcm", RAMP, WindowCenter=100, WindowWidth=0)
+    with pytest.raises(ImageLoadError, match="Window Width must be greater than or equal to 1"):
+        load_image(path)
+    Image.fromarray(np.array([[0, np.nan]], np.float32)).save(tmp_path / "nan.tiff")
+    with pytest.raises(ImageLoadError, match="NaN or infinite"):
+        load_image(tmp_path / "nan.tiff")

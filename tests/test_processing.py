@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, pipeline
+from transformers.image_utils import PILImageResampling
 
 from ace_lora_hf import AceLoraImageProcessor, AceLoraProcessor
 
@@ -41,8 +42,49 @@ def test_image_processor_matches_open_clip_preprocessing(size):
 
 def test_image_processor_on_a_real_x_ray():
     image = Image.open(SAMPLES / "nih_00000001_000.png")
-    actual = AceLoraImageProcessor()(image.convert("RGB"), return_tensors="np")["pixel_values"][0]
-    np.testing.assert_allclose(actual, open_clip_preprocess(image), rtol=0, atol=1e-5)
+    assert image.mode == "L"
+    for given in (image, image.convert("RGB")):
+        actual = AceLoraImageProcessor()(given, return_tensors="np")["pixel_values"][0]
+        np.testing.assert_allclose(actual, open_clip_preprocess(image), rtol=0, atol=1e-5)
+
+
+RESAMPLES = [PILImageResampling.BICUBIC, PILImageResampling.BILINEAR, PILImageResampling.NEAREST,
+             PILImageResampling.LANCZOS]
+
+
+@pytest.mark.parametrize("resample", RESAMPLES, ids=lambda r: r.name)
+@pytest.mark.parametrize("size", [(512, 512), (300, 227), (181, 150)])
+def test_grayscale_image_gives_the_pixel_values_of_its_rgb_conversion(size, resample):
+    gray = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, size[::-1], dtype=np.uint8))
+    processor = AceLoraImageProcessor(resample=resample)
+    # As the pipeline, the explanation crops (no rescale, no normalise) and the segmentation masks (nearest) use it,
+    # and with the steps and sizes a user may choose.
+    for steps in ({}, {"do_normalize": False}, {"do_rescale": False, "do_normalize": False}, {"do_resize": False},
+                  {"do_center_crop": False}, {"size": {"height": 240, "width": 260}}, {"resample": 5}):
+        actual = processor(gray, return_tensors="np", **steps)["pixel_values"]
+        expected = processor(gray.convert("RGB"), return_tensors="np", **steps)["pixel_values"]
+        assert actual.shape[:2] == (1, 3) and actual.dtype == expected.dtype
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_a_batch_mixes_grayscale_and_colour_images():
+    generator = np.random.default_rng(0)
+    gray = Image.fromarray(generator.integers(0, 256, (260, 300), dtype=np.uint8))
+    colour = Image.fromarray(generator.integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    processor = AceLoraImageProcessor()
+    batch = processor([gray, colour], return_tensors="pt")["pixel_values"]
+    assert batch.shape == (2, 3, 224, 224)
+    for row, image in zip(batch, (gray, colour)):
+        torch.testing.assert_close(row, processor(image, return_tensors="pt")["pixel_values"][0], rtol=0, atol=0)
+
+
+def test_without_rgb_conversion_a_grayscale_image_keeps_its_one_channel():
+    gray = Image.fromarray(np.random.default_rng(0).integers(0, 256, (230, 250), dtype=np.uint8))
+    processor = AceLoraImageProcessor()
+    single = processor(gray, do_convert_rgb=False, image_mean=0.5, image_std=0.5, return_tensors="np")["pixel_values"]
+    assert single.shape == (1, 1, 224, 224)
+    with pytest.raises(ValueError, match="mean must have 1 elements"):
+        processor(gray, do_convert_rgb=False, return_tensors="np")
 
 
 def test_processor_pads_and_truncates_to_the_context(tiny_hub_folder):
