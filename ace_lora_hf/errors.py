@@ -21,6 +21,10 @@ class AdapterMismatchError(CheckpointError):
     """Adapters whose structure (rank, top-k, towers, shapes) does not fit the model they are loaded into."""
 
 
+class ModelSourceError(AceLoraError):
+    """A model, tokenizer or adapter source that cannot be found, downloaded or used as given."""
+
+
 class ImageLoadError(AceLoraError, ValueError):
     """An image that cannot be read or used."""
 
@@ -59,6 +63,7 @@ __all__ = [
     "FolderInUseError",
     "ImageLoadError",
     "InvalidArgumentError",
+    "ModelSourceError",
     "OutputPathError",
     "TrainingDivergedError",
 ]

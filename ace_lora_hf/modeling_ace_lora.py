@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from .configuration_ace_lora import AceLoraConfig, AceLoraTextConfig, AceLoraTowerFields, AceLoraVisionConfig
-from .errors import InvalidArgumentError
+from .errors import CheckpointError, InvalidArgumentError
 from .loss_ace_lora import label_guided_infonce
 
 
@@ -277,11 +277,18 @@ class AceLoraModelMixin:
     def from_pretrained(cls, *args, **kwargs):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._refuse_non_finite_weights()
         # Weights missing from the checkpoint are created in the requested dtype; loading replaces every parameter
         # with a new, trainable one.
         model._restore_float32_parts()
         model.mark_trainable_parameters()
         return loaded
+
+    def _refuse_non_finite_weights(self) -> None:
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{self.config.name_or_path}: weight {name} contains NaN or infinite values; the "
+                                      "checkpoint is damaged or comes from a diverged training run.")
 
     # ----------------------------------------------------------------------------------------- float32 parts
 
@@ -811,6 +818,30 @@ class AceLoraModel(AceLoraPreTrainedModel):
         self.peft_config = {"default": self.vision_model.lora_config(f"{vision_targets}|{text_targets}")}
         self._hf_peft_config_loaded = True
         self.mark_trainable_parameters()
+
+    @classmethod
+    def from_biomedclip(
+        cls,
+        biomedclip: str = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        adapters: str | None = "released",
+        revision: str | None = None,
+        tokenizer: str | None = None,
+        **kwargs,
+    ) -> "AceLoraModel":
+        r"""
+        The released ACE-LoRA model as it exists today: BiomedCLIP (a Hub id or an open_clip folder) with the authors'
+        adapters (`"released"`, shipped with the ace-lora-hf package, or the path of an `ACE_LoRA.pt`). Converted on
+        the first call and kept in the Hugging Face cache; later calls, offline ones included, load it from there.
+        `kwargs` go to `from_pretrained` (e.g. `dtype`); the processor loads from the same folder
+        (`AceLoraProcessor.from_pretrained(model.name_or_path)`). Needs the ace-lora-hf package.
+        """
+        try:
+            from ace_lora_hf.model_sources import released_model_folder
+        except ImportError as error:
+            raise ImportError("AceLoraModel.from_biomedclip converts BiomedCLIP with the ace-lora-hf package: "
+                              "pip install ace-lora-hf.") from error
+        folder = released_model_folder(biomedclip, adapters, revision=revision, tokenizer=tokenizer)
+        return cls.from_pretrained(folder, **kwargs)
 
     def get_image_features(
         self,

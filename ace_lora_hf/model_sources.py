@@ -1,0 +1,157 @@
+"""Where a model comes from: a folder or Hub repository in ACE-LoRA's transformers format, or the released model built
+from BiomedCLIP and the authors' adapters and kept, converted once, in the Hugging Face cache.
+
+The Hub repository `aydnarda/ACE-LoRA` holds the authors' own upload (their inference script and weights in their
+format), so the released model is built from what exists today: BiomedCLIP on the Hub and the adapters shipped with
+this package.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from huggingface_hub import constants
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
+from transformers import AutoModel, AutoProcessor
+from transformers.utils import logging
+
+from .convert import ConversionSources, convert_sources, resolve_sources, save_model_folder
+from .errors import AceLoraError, CheckpointError, ConfigError, ModelSourceError
+from .hub import hub_file
+from .modeling_ace_lora import AceLoraModel
+from .processing_ace_lora import AceLoraProcessor
+from .released_adapters import RELEASED
+
+
+logger = logging.get_logger(__name__)
+
+BIOMEDCLIP_REPO_ID = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+# Bump when a conversion of the same sources would give a different folder, so that old cache entries are not used.
+CONVERSION_FORMAT = 2
+CONVERSION_RECORD = "ace_lora_conversion.json"
+
+
+def conversion_cache(cache_dir: str | Path | None = None) -> Path:
+    """Where converted models are kept: `HF_HOME/ace-lora-hf/converted` unless `cache_dir` says otherwise."""
+    return Path(cache_dir) if cache_dir is not None else Path(constants.HF_HOME) / "ace-lora-hf" / "converted"
+
+
+def _fingerprint(path: Path) -> dict:
+    """What identifies a source: a Hub snapshot by its path (which names the commit), a local file by size and time."""
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _conversion_key(sources: ConversionSources) -> str:
+    record = {
+        "format": CONVERSION_FORMAT,
+        "biomedclip": _fingerprint(sources.biomedclip / "open_clip_pytorch_model.bin"),
+        "tokenizer": str(sources.tokenizer.resolve()),
+        "adapters": None if sources.adapters is None else sources.adapters.sha256(),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def released_model_folder(
+    biomedclip: str | Path = BIOMEDCLIP_REPO_ID,
+    adapters: str | Path | None = RELEASED,
+    revision: str | None = None,
+    tokenizer: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """The model built from BiomedCLIP (a Hub id or folder) and `adapters` as a `save_pretrained` folder: converted
+    on the first call and kept in the cache, loaded from there by later calls (offline too, once cached)."""
+    sources = resolve_sources(biomedclip, adapters, tokenizer, revision)
+    cache = conversion_cache(cache_dir)
+    folder = cache / _conversion_key(sources)
+    if (folder / CONVERSION_RECORD).is_file():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    # Another process may be converting the same sources: wait for it rather than convert twice.
+    with FileLock(cache / f".{folder.name}.lock"):
+        if not (folder / CONVERSION_RECORD).is_file():
+            logger.warning("Converting %s with %s adapters (once; kept in %s)", biomedclip, adapters, folder)
+            model, processor = convert_sources(sources)
+            save_model_folder(model, processor, folder)
+            record = {"biomedclip": str(biomedclip), "revision": revision, "tokenizer": str(sources.tokenizer),
+                      "adapters": None if adapters is None else str(adapters)}
+            (folder / CONVERSION_RECORD).write_text(json.dumps(record, indent=2))
+    return folder
+
+
+def model_folder(source: str | Path | None, option: str = "--model", revision: str | None = None, **released) -> str:
+    """A loadable folder or Hub id for `source`: the released model when `source` is None or "released", else
+    `source` itself once its config says it is an ACE-LoRA model (a foreign one is refused, saying what to run)."""
+    if source is None or str(source) == RELEASED:
+        return str(released_model_folder(**released))
+    config_path = hub_file(source, "config.json", option, revision)
+    if config_path is None:
+        raise ModelSourceError(f"{option} {source}: not a model in ACE-LoRA's transformers format (no config.json). "
+                               f"{_foreign_model_advice(source)}")
+    model_type = _read_config(config_path).get("model_type")
+    if model_type != "ace_lora":
+        raise ModelSourceError(f"{option} {source}: a {model_type or 'unknown'} model, not ACE-LoRA. "
+                               f"{_foreign_model_advice(source)}")
+    return str(source)
+
+
+def _foreign_model_advice(source: str | Path) -> str:
+    adapters = sorted(Path(source).glob("*.pt")) if Path(source).is_dir() else []
+    if adapters:
+        return (f"To apply the adapters {adapters[0]} to BiomedCLIP, pass --adapters {adapters[0]} instead of "
+                f"--model, or convert them once: ace-lora-convert --biomedclip {BIOMEDCLIP_REPO_ID} "
+                f"--ace-checkpoint {adapters[0]} --output DIR.")
+    return ("Leave --model out to build the released ACE-LoRA model from BiomedCLIP (aydnarda/ACE-LoRA on the Hub is "
+            "the authors' own upload, not this format), or pass a folder written by ace-lora-convert or "
+            "save_pretrained.")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error}).") from None
+
+
+def load_model_and_processor(
+    source: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    for_inference: bool = True,
+    **released,
+) -> tuple[AceLoraModel, AceLoraProcessor]:
+    """Model and processor of `source` (see `model_folder`); with `for_inference`, LoRA merged and eval mode.
+
+    Every way a folder can be unusable (a truncated weights file, an invalid config, no processor) is an
+    `AceLoraError` naming the file and the fix.
+    """
+    folder = model_folder(source, revision=revision, **released)
+    model = _load(AutoModel, folder, revision=revision, dtype=dtype)
+    processor = _load(AutoProcessor, folder, revision=revision)
+    if for_inference:
+        model.merge_lora()
+        model.eval()
+    return model.to(device), processor
+
+
+def _load(auto_class, folder: str, **kwargs):
+    what = "weights" if auto_class is AutoModel else "processor"
+    try:
+        return auto_class.from_pretrained(folder, **{key: value for key, value in kwargs.items() if value is not None})
+    except AceLoraError:
+        raise
+    except StrictDataclassError as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"{folder}/config.json: {cause}; fix the value or convert the model again.") from None
+    except SafetensorError as error:
+        raise CheckpointError(f"{folder}: its {what} file is unreadable ({error}); it may be truncated: download or "
+                              "convert it again.") from None
+    except OSError as error:
+        raise CheckpointError(f"{folder}: cannot load its {what} ({' '.join(str(error).split())[:300]}).") from None
+
+
+__all__ = ["BIOMEDCLIP_REPO_ID", "load_model_and_processor", "model_folder", "released_model_folder"]
