@@ -133,7 +133,8 @@ def plain_model(biomedclip_dir) -> AceLoraModel:
     """BiomedCLIP stand-in with fresh (no-op) adapters."""
     from ace_lora_hf.convert import convert_biomedclip
 
-    return convert_biomedclip(biomedclip_dir)
+    model, _ = convert_biomedclip(biomedclip_dir)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,10 @@ import pytest
 import torch
 
 from ace_lora_hf import AceLoraConfig
-from ace_lora_hf.convert import (
-    CheckpointError,
-    ace_state_dict,
-    biomedclip_config,
-    biomedclip_state_dict,
-    conversion_config,
-    convert_biomedclip,
-)
+from ace_lora_hf.biomedclip import biomedclip_config, biomedclip_state_dict
+from ace_lora_hf.convert import convert_biomedclip, main as convert_main
+from ace_lora_hf.errors import CheckpointError, ModelSourceError
+from ace_lora_hf.released_adapters import adapter_state_dict, read_adapter_checkpoint
 
 from conftest import ACE_CHECKPOINT
 
@@ -48,7 +44,7 @@ def test_cli_refuses_to_overwrite_a_non_empty_folder(tmp_path):
         [sys.executable, "-m", "ace_lora_hf.convert", "--biomedclip", str(tmp_path), "--output", str(output)],
         capture_output=True, text=True,
     )
-    assert result.returncode != 0 and "--overwrite" in result.stderr
+    assert result.returncode == 2 and "--overwrite" in result.stderr and "Traceback" not in result.stderr
     assert (output / "notes.txt").read_text() == "mine"
 
 
@@ -62,7 +58,7 @@ def test_bert_defaults_when_the_folder_has_no_bert_config(biomedclip_dir, tmp_pa
 
 
 def test_missing_open_clip_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+    with pytest.raises(ModelSourceError, match="no open_clip_config.json"):
         convert_biomedclip(tmp_path)
 
 
@@ -109,6 +105,10 @@ def _write_checkpoint(tmp_path, checkpoint):
     return path
 
 
+def ace_state_dict(path, config):
+    return adapter_state_dict(read_adapter_checkpoint(path), config)
+
+
 def test_released_checkpoint_maps_onto_every_trainable_parameter(released, tmp_path):
     state = ace_state_dict(ACE_CHECKPOINT, AceLoraConfig())
     assert sum(t.numel() for t in state.values()) == 969_217
@@ -137,10 +137,10 @@ def _rank_8(checkpoint):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (_drop_key, r"missing key weights/layer_5/k_proj/'w_lora_B'"),
-        (_wrong_shape, r"weights/text_node_adapter/up.weight has shape \[512, 64\], expected \[512, 128\]"),
-        (_nan, r"weights/img_edge_adapter/down.bias contains NaN"),
-        (_rank_8, r"weights/layer_0/q_proj/w_lora_A has rank 8 but the config has lora_rank=4"),
+        (_drop_key, r"missing tensor layer_5/k_proj/w_lora_B"),
+        (_wrong_shape, r"text_node_adapter/up.weight has shape \[512, 64\], expected \[512, 128\]"),
+        (_nan, r"img_edge_adapter/down.bias contains NaN"),
+        (_rank_8, r"layer_0/q_proj/w_lora_A has rank 8 but the config has lora_rank=4"),
     ],
     ids=["missing-key", "wrong-shape", "nan", "other-rank"],
 )
@@ -168,7 +168,8 @@ def test_file_that_is_not_a_checkpoint(tmp_path):
 
 def test_checkpoint_metadata_sets_rank_and_top_k(released, biomedclip_dir, tmp_path):
     checkpoint = {"weights": released["weights"], "metadata": {**released["metadata"], "r": 8, "topk": 7}}
-    config = conversion_config(biomedclip_dir, _write_checkpoint(tmp_path, checkpoint))
+    updates = read_adapter_checkpoint(_write_checkpoint(tmp_path, checkpoint)).config_updates()
+    config = biomedclip_config(biomedclip_dir, **updates)
     assert (config.vision_config.lora_rank, config.text_config.hypergraph_top_k) == (8, 7)
-    overridden = conversion_config(biomedclip_dir, ACE_CHECKPOINT, hypergraph_top_k=3)
+    overridden = biomedclip_config(biomedclip_dir, **{**updates, "hypergraph_top_k": 3})
     assert overridden.vision_config.hypergraph_top_k == overridden.text_config.hypergraph_top_k == 3
