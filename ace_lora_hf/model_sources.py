@@ -151,7 +151,11 @@ def _load(auto_class, folder: str, **kwargs):
         raise CheckpointError(f"{folder}: its {what} file is unreadable ({error}); it may be truncated: download or "
                               "convert it again.") from None
     except OSError as error:
-        raise CheckpointError(f"{folder}: cannot load its {what} ({' '.join(str(error).split())[:300]}).") from None
+        advice = ("; a folder written by ace-lora-convert, or by save_pretrained of both the model and its "
+                  "AceLoraProcessor, has one" if auto_class is AutoProcessor else "")
+        reason = " ".join(str(error).split())
+        raise CheckpointError(f"{folder}: cannot load its {what} ({reason[:200]}{'…' if len(reason) > 200 else ''})"
+                              f"{advice}.") from None
 
 
 __all__ = ["BIOMEDCLIP_REPO_ID", "load_model_and_processor", "model_folder", "released_model_folder"]

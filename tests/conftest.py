@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny ModelTester, the full-size BiomedCLIP stand-in and the reference outputs."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,23 @@ def tiny_hub_folder(tmp_path_factory) -> Path:
     image_processor = AceLoraImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     AceLoraProcessor(image_processor, tokenizer).save_pretrained(folder)
     return folder
+
+
+HUB_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def populate_hub_cache(folder: Path, cache: Path, repo_id: str, link: bool = False,
+                       missing: tuple[str, ...] = ()) -> Path:
+    """Lay `folder` out as huggingface_hub's cache holds a downloaded repo (refs/main -> snapshot), its files copied or
+    (`link`) symbolically linked; `missing` files are recorded as absent from the repo, as an online check would."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(HUB_SNAPSHOT)
+    shutil.copytree(folder, repo / "snapshots" / HUB_SNAPSHOT, copy_function=os.symlink if link else shutil.copy2)
+    for name in missing:
+        (repo / ".no_exist" / HUB_SNAPSHOT).mkdir(parents=True, exist_ok=True)
+        (repo / ".no_exist" / HUB_SNAPSHOT / name).touch()
+    return repo
 
 
 @pytest.fixture

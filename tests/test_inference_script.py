@@ -1,15 +1,17 @@
-"""hf_model_inference.py: table, JSON, CSV metrics, explanation pictures, and its errors."""
+"""hf_model_inference.py / ace-lora-classify: table, result files, metrics, explanations, and its behaviour on bad,
+interrupted and hostile inputs."""
 
 import csv
 import json
-import os
-import subprocess
+import shutil
 import sys
 
 import pytest
 from PIL import Image
 
+from ace_lora_hf.cli import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
 from ace_lora_hf.metrics import classification_metrics
+from ace_lora_hf.zero_shot import ZeroShotClassifier
 
 from conftest import REPO_ROOT, SAMPLES
 
@@ -22,15 +24,27 @@ IMAGES = [SAMPLES / "nih_00000001_000.png", SAMPLES / "fake_monochrome1.dcm",
           SAMPLES / "siim_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"]
 
 
-def run(capsys, *argv):
-    hf_model_inference.main([str(a) for a in argv])
+def run(capsys, *argv) -> str:
+    assert hf_model_inference.main([str(a) for a in argv]) == 0
     return capsys.readouterr().out
+
+
+def run_exit(capsys, *argv) -> tuple[int, str, str]:
+    """The command as a user runs it: its exit status, stdout and stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(hf_model_inference.main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def table_rows(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(("image", "/"))]
 
 
 def test_classifies_files_and_writes_json_and_pictures(tiny_hub_folder, tmp_path, capsys):
     output = tmp_path / "results.json"
     out = run(capsys, "--model", tiny_hub_folder, "--images", *IMAGES, "--output", output, "--explain", tmp_path / "ex")
-    header, *rows = [line for line in out.splitlines() if line.startswith(("image", "/"))]
+    header, *rows = table_rows(out)
     assert header.split()[-3:] == ["Finding", "pneumonia", "prediction"]
     results = json.loads(output.read_text())
     assert results["labels"] == ["No Finding", "pneumonia"]
@@ -46,48 +60,156 @@ def test_classifies_files_and_writes_json_and_pictures(tiny_hub_folder, tmp_path
         assert picture.size == (64, 32)  # input crop beside its overlay
 
 
-def test_csv_reports_accuracy_and_auc(tiny_hub_folder, tmp_path, capsys):
-    table = tmp_path / "rsna_test.csv"
-    with table.open("w", newline="") as file:
+def _write_rsna_table(path, images, targets):
+    with path.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["Path", "Target"])
-        for image, target in zip(IMAGES, [0, 1, 1]):
-            writer.writerow([image.name, target])
+        writer.writerows([image.name, target] for image, target in zip(images, targets))
+    return path
+
+
+def test_csv_reports_accuracy_and_auc(tiny_hub_folder, tmp_path, capsys):
+    table = _write_rsna_table(tmp_path / "rsna_test.csv", IMAGES, [0, 1, 1])
     output = tmp_path / "results.json"
     out = run(capsys, "--model", tiny_hub_folder, "--csv", table, "--image-root", SAMPLES, "--output", output)
     results = json.loads(output.read_text())
     probabilities = [[r["probabilities"]["No Finding"], r["probabilities"]["pneumonia"]] for r in results["results"]]
     assert results["metrics"] == classification_metrics(probabilities, [0, 1, 1])
+    assert [r["target"] for r in results["results"]] == [0, 1, 1]
     assert f"AUC (pneumonia) {results['metrics']['auc']:.4f}" in out
 
 
-def test_existing_output_is_not_overwritten(tiny_hub_folder, tmp_path):
-    output = tmp_path / "results.json"
-    output.write_text("my earlier results")
-    with pytest.raises(SystemExit):
-        hf_model_inference.main(["--model", str(tiny_hub_folder), "--images", str(IMAGES[0]), "--output", str(output)])
-    assert output.read_text() == "my earlier results"
+def test_folders_are_searched_and_streamed_to_csv(tiny_hub_folder, tmp_path, capsys):
+    scans = tmp_path / "scans" / "nested"
+    scans.mkdir(parents=True)
+    for image in IMAGES:
+        shutil.copy(image, scans)
+    (scans / "notes.txt").write_text("not an image")
+    output = tmp_path / "results.csv"
+    run(capsys, "--model", tiny_hub_folder, "--images", tmp_path / "scans", "--output", output, "--batch-size", 2)
+    rows = list(csv.DictReader(output.open()))
+    assert [row["image"] for row in rows] == sorted(str(scans / image.name) for image in IMAGES)
+    assert list(rows[0]) == ["image", "No Finding", "pneumonia", "prediction", "error"]
+    assert not (tmp_path / "results.csv.partial").exists()
 
 
-def test_csv_missing_column_and_bad_image(tiny_hub_folder, tmp_path):
-    table = tmp_path / "bad.csv"
-    table.write_text("Path,Label\nx.png,1\n")
-    with pytest.raises(SystemExit, match=r"bad.csv: missing column\(s\) Target"):
-        hf_model_inference.main(["--model", str(tiny_hub_folder), "--csv", str(table)])
+def test_one_bad_file_is_reported_and_the_others_are_kept(tiny_hub_folder, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(SystemExit, match="broken.png: the image data is corrupt"):
-        hf_model_inference.main(["--model", str(tiny_hub_folder), "--images", str(broken)])
+    output = tmp_path / "results.jsonl"
+    code, out, err = run_exit(capsys, "--model", tiny_hub_folder, "--images", IMAGES[0], broken, IMAGES[1],
+                              "--output", output)
+    assert code == EXIT_INPUTS_SKIPPED and "Traceback" not in err
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [record["image"] for record in records] == [str(IMAGES[0]), str(broken), str(IMAGES[1])]
+    assert "probabilities" in records[0] and "probabilities" in records[2]
+    assert records[1]["error"].startswith("the image data is corrupt")
+    assert f"skipped 1:\n  {broken}: the image data is corrupt" in out
 
 
-def test_without_network_it_asks_for_a_local_folder(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "hf_model_inference.py"), "--images", str(IMAGES[0])],
-        capture_output=True, text=True, env=env,
-    )
-    assert result.returncode == 1
-    assert "Cannot load 'aydnarda/ACE-LoRA'" in result.stderr and "--model PATH" in result.stderr
+def test_strict_stops_at_the_first_bad_file(tiny_hub_folder, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--images", broken, "--strict")
+    assert code == EXIT_USER_ERROR and "Traceback" not in err
+    assert f"error: {broken}: the image data is corrupt" in err.splitlines()[-1]
+
+
+def test_an_interrupted_run_keeps_its_results_and_resumes(tiny_hub_folder, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "results.csv"
+    classify = ZeroShotClassifier.classify
+
+    def interrupted_after_one_batch(self, images, labels):
+        batches = classify(self, images, labels)
+        yield next(batches)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ZeroShotClassifier, "classify", interrupted_after_one_batch)
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--images", *IMAGES, "--output", output,
+                            "--batch-size", 2)
+    assert code == 130 and not output.exists()
+    kept = list(csv.DictReader((tmp_path / "results.csv.partial").open()))
+    assert [row["image"] for row in kept] == [str(image) for image in IMAGES[:2]]
+
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--images", *IMAGES, "--output", output)
+    assert code == EXIT_USER_ERROR and "interrupted run; pass --resume" in err
+
+    monkeypatch.setattr(ZeroShotClassifier, "classify", classify)
+    seen = []
+    monkeypatch.setattr(ZeroShotClassifier, "classify", lambda self, images, labels: seen.extend(images) or
+                        classify(self, images, labels))
+    out = run(capsys, "--model", tiny_hub_folder, "--images", *IMAGES, "--output", output, "--resume")
+    assert seen == [str(IMAGES[2])]
+    rows = list(csv.DictReader(output.open()))
+    assert [row["image"] for row in rows] == [str(image) for image in IMAGES]
+    assert rows[:2] == kept and "classified 3 image(s)" in out
+
+
+def test_outputs_never_replace_inputs_or_earlier_results(tiny_hub_folder, tmp_path, capsys):
+    scan = tmp_path / "scan.png"
+    shutil.copy(IMAGES[0], scan)
+    original = scan.read_bytes()
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--images", scan, "--output", scan, "--overwrite")
+    assert code == EXIT_USER_ERROR and "is also an input" in err and scan.read_bytes() == original
+    earlier = tmp_path / "results.json"
+    earlier.write_text("my earlier results")
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--images", scan, "--output", earlier)
+    assert code == EXIT_USER_ERROR and "--overwrite" in err and earlier.read_text() == "my earlier results"
+
+
+def test_a_missing_output_folder_is_created_before_the_work(tiny_hub_folder, tmp_path, capsys):
+    output = tmp_path / "new" / "folder" / "results.json"
+    run(capsys, "--model", tiny_hub_folder, "--images", IMAGES[0], "--output", output)
+    assert json.loads(output.read_text())["classified"] == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--labels", "pneumonia"], "--csv evaluates a binary task"),
+        (["--templates", "a chest X-ray"], "needs exactly one '{}'"),
+        (["--labels", "a", "a"], "a label is repeated"),
+        (["--batch-size", "0"], "batch_size=0"),
+        (["--output", "results.txt"], "name a .csv, .jsonl or .json file"),
+    ],
+)
+def test_bad_arguments_are_one_line(tiny_hub_folder, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    table = _write_rsna_table(tmp_path / "t.csv", IMAGES, [0, 1, 1])
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--csv", table, "--image-root", SAMPLES, *argv)
+    assert code == EXIT_USER_ERROR and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("Path,Label\nx.png,1\n", r"missing column(s) Target"),
+        ("Path,Target\nx.png,abc\n", "line 2, column 'Target': 'abc' is not 0 or 1"),
+        ("Path,Target\n,1\n", "line 2, column 'Path': empty"),
+    ],
+)
+def test_bad_tables_are_one_line(tiny_hub_folder, tmp_path, capsys, content, message):
+    table = tmp_path / "bad.csv"
+    table.write_text(content)
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--csv", table)
+    assert code == EXIT_USER_ERROR and f"bad.csv{',' if 'line' in message else ':'}" in err and message in err
+
+
+def test_a_latin_1_table_is_one_line(tiny_hub_folder, tmp_path, capsys):
+    table = tmp_path / "latin.csv"
+    table.write_bytes("Path,Target\nradiographie_é.png,1\n".encode("latin-1"))
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--csv", table)
+    assert code == EXIT_USER_ERROR and "not UTF-8 text" in err
+
+
+def test_a_foreign_model_folder_says_what_to_run_instead(tmp_path, capsys):
+    upload = tmp_path / "ACE-LoRA"
+    upload.mkdir()
+    (upload / "ACE_LoRA.pt").write_bytes(b"weights in the authors' format")
+    (upload / "inference.py").write_text("# the authors' script")
+    code, _, err = run_exit(capsys, "--model", upload, "--images", IMAGES[0])
+    assert code == EXIT_USER_ERROR and "not a model in ACE-LoRA's transformers format" in err
+    assert f"--adapters {upload / 'ACE_LoRA.pt'}" in err
 
 
 def test_full_size_model_on_the_samples(converted_dir, capsys, tmp_path):

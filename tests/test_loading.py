@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import populate_hub_cache
+
 
 HUB_REPO_ID = "aydnarda/ACE-LoRA"
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
 # Runs in a fresh interpreter that never imports ace_lora_hf; prints the class module and an embedding.
 REMOTE_CODE_SCRIPT = """
@@ -37,15 +37,6 @@ with torch.no_grad():
     embedding = model.get_image_features(torch.load(sys.argv[2])).pooler_output
 print(json.dumps({"module": type(model).__module__, "embedding": embedding.tolist()}))
 """
-
-
-def populate_hub_cache(folder: Path, cache: Path, repo_id: str = HUB_REPO_ID) -> Path:
-    """Lay `folder` out as huggingface_hub's cache holds a downloaded repo (refs/main -> snapshot)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
-    shutil.copytree(folder, repo / "snapshots" / SNAPSHOT)
-    return repo
 
 
 def run_python(script: str, *args: str, env: dict) -> dict:
@@ -86,7 +77,8 @@ def test_saved_folder_is_self_contained_remote_code(saved_tiny, tiny_model, tmp_
     }
     for code_file in ("configuration_ace_lora.py", "modeling_ace_lora.py", "loss_ace_lora.py"):
         source = (folder / code_file).read_text()
-        assert not re.search(r"^\s*(from|import) ace_lora_hf", source, re.MULTILINE)
+        # Only AceLoraModel.from_biomedclip reaches for the package, inside the method and guarded.
+        assert not re.search(r"^(from|import) ace_lora_hf", source, re.MULTILINE)
         assert "from .." not in source
     result = run_python(REMOTE_CODE_SCRIPT, str(folder), str(pixels), env=isolated_env(tmp_path))
     assert result["module"].startswith("transformers_modules.")
@@ -97,7 +89,7 @@ def test_saved_folder_is_self_contained_remote_code(saved_tiny, tiny_model, tmp_
 def test_hub_repo_id_loads_offline_from_the_cache(saved_tiny, tmp_path):
     folder, pixels, expected = saved_tiny
     env = isolated_env(tmp_path, HF_HUB_OFFLINE="1")
-    populate_hub_cache(folder, tmp_path / "hf_home" / "hub")
+    populate_hub_cache(folder, tmp_path / "hf_home" / "hub", HUB_REPO_ID)
     imported = run_python(IMPORTED_SCRIPT, HUB_REPO_ID, str(pixels), env=env)
     assert imported["module"] == "ace_lora_hf.modeling_ace_lora"
     torch.testing.assert_close(torch.tensor(imported["embedding"]), expected)

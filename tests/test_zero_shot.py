@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor
 
+from ace_lora_hf.errors import ImageLoadError, InvalidArgumentError
 from ace_lora_hf.image_loading import load_image
 from ace_lora_hf.metrics import classification_metrics, multilabel_metrics
 from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
@@ -47,9 +48,44 @@ def test_class_prompts_are_encoded_once_per_label_set(model_and_processor, monke
     assert len(calls) == 2 and first.shape == (1, 2) and second.shape == (2, 2)
 
 
-def test_templates_need_a_placeholder(model_and_processor):
-    with pytest.raises(ValueError, match="needs a '{}'"):
-        ZeroShotClassifier(*model_and_processor, templates=["a chest X-ray"])
+@pytest.mark.parametrize(
+    ("templates", "message"),
+    [(["a chest X-ray"], "needs exactly one '{}'"), (["{} and {}"], "needs exactly one '{}'"),
+     ("a chest X-ray of {}.", "give a non-empty list of templates"), ([], "give a non-empty list of templates")],
+)
+def test_templates_need_exactly_one_placeholder(model_and_processor, templates, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        ZeroShotClassifier(*model_and_processor, templates=templates)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [([], "non-empty list of class names"), ("pneumonia", "non-empty list of class names"),
+     (["pneumonia", " "], "every label must be a non-empty string"), (["a", "a"], "repeated")],
+)
+def test_labels_are_a_list_of_distinct_names(model_and_processor, labels, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        ZeroShotClassifier(*model_and_processor)(IMAGES, labels)
+
+
+def test_no_images_give_an_empty_result_and_a_bad_batch_size_is_refused(model_and_processor):
+    assert ZeroShotClassifier(*model_and_processor)([], ["a", "b"]).shape == (0, 2)
+    with pytest.raises(InvalidArgumentError, match="batch_size=0"):
+        ZeroShotClassifier(*model_and_processor, batch_size=0)
+
+
+def test_workers_give_the_same_probabilities_and_report_bad_files(model_and_processor, tmp_path):
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"DICM but not really")
+    images = [IMAGES[0], broken, IMAGES[1], IMAGES[2]]
+    in_process = list(ZeroShotClassifier(*model_and_processor, batch_size=2).classify(images, ["a", "b"]))
+    workers = list(ZeroShotClassifier(*model_and_processor, batch_size=2, num_workers=2).classify(images, ["a", "b"]))
+    for ours, theirs in zip(in_process, workers):
+        assert ours.indices == theirs.indices and ours.failures == theirs.failures
+        torch.testing.assert_close(ours.probabilities, theirs.probabilities, rtol=0, atol=1e-6)
+    assert [batch.indices for batch in workers] == [[0], [2, 3]] and workers[0].failures[0][0] == 1
+    with pytest.raises(ImageLoadError, match=f"{broken}: "):
+        ZeroShotClassifier(*model_and_processor)(images, ["a", "b"])
 
 
 def test_binary_metrics_hand_computed():
