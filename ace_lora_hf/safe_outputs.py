@@ -6,6 +6,8 @@
 - A folder that another running job writes to is refused (a lock file beside it).
 """
 
+import json
+import math
 import os
 import shutil
 import uuid
@@ -97,6 +99,22 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def json_safe(value):
+    """`value` with every NaN or infinite float replaced by None, so that it serialises as valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json_atomic(path: str | Path, value) -> Path:
+    """`value` as indented, valid JSON (NaN and infinities written as null), atomically."""
+    return write_text_atomic(path, json.dumps(json_safe(value), indent=2, allow_nan=False))
+
+
 @contextmanager
 def atomic_folder(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target` that replaces `target` only when the block completes.
@@ -145,4 +163,5 @@ def folder_lock(folder: str | Path, option: str = "--output") -> Iterator[Path]:
 
 
 __all__ = ["atomic_file", "atomic_folder", "check_output_file", "check_output_folder", "ensure_folder",
-           "folder_lock", "replace_folder", "write_text_atomic"]
+           "folder_lock", "json_safe", "replace_folder",
+           "write_json_atomic", "write_text_atomic"]
