@@ -109,8 +109,9 @@ def crop_box(image_processor, width: int, height: int) -> tuple[float, float, fl
     crop_height, crop_width = image_processor.crop_size.height, image_processor.crop_size.width
     # As `AceLoraImageProcessor.center_crop`: torchvision rounds the top/left margin.
     top, left = round((resized_height - crop_height) / 2), round((resized_width - crop_width) / 2)
-    x_scale, y_scale = width / resized_width, height / resized_height
-    return left * x_scale, top * y_scale, (left + crop_width) * x_scale, (top + crop_height) * y_scale
+    # Multiplied before dividing, so that a box along the image's edges is exactly its width and height.
+    return (left * width / resized_width, top * height / resized_height,
+            (left + crop_width) * width / resized_width, (top + crop_height) * height / resized_height)
 
 
 def _model_view(image_processor, image: Image.Image) -> Image.Image:
@@ -192,7 +193,9 @@ def _draw_original(axes: "Axes", explanation: Explanation) -> None:
     left, top, right, bottom = explanation.crop_box
     axes.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor=NEIGHBOUR_COLOUR,
                              linestyle="--", linewidth=1.5))
-    axes.set_title(f"Input, {image.width}×{image.height} px\n(dashed: what the model sees)")
+    whole = explanation.crop_box == (0, 0, image.width, image.height)
+    seen = "the model sees all of it, resized" if whole else "dashed: the part the model sees"
+    axes.set_title(f"Input, {image.width}×{image.height} px\n({seen})")
 
 
 def _outline_links(axes: "Axes", explanation: Explanation, numbered: bool) -> None:

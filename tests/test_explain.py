@@ -131,7 +131,7 @@ def test_figure_panels_and_titles(figure, explanation):
     original, links, attention, *label_panels = figure.axes[:6]
     assert figure.get_suptitle().startswith("fake_monochrome1.dcm: Prediction: ")
     assert explanation.prediction in figure.get_suptitle()
-    assert original.get_title().startswith("Input, 1024×1024 px")
+    assert original.get_title() == "Input, 1024×1024 px\n(the model sees all of it, resized)"
     (dashed,) = original.patches
     assert (dashed.get_x(), dashed.get_y(), dashed.get_width(), dashed.get_height()) == (0, 0, 1024, 1024)
     assert "links to CLS" in links.get_title()
@@ -148,7 +148,9 @@ def test_figure_panels_and_titles(figure, explanation):
 
 
 def test_colour_scales_are_fixed_across_images(classifier, figure):
-    other = plot_explanation(explain(classifier, RADIOGRAPH, LABELS))
+    landscape = Image.fromarray(np.tile(np.arange(400, dtype=np.uint8) % 251, (240, 1)))
+    other = plot_explanation(explain(classifier, landscape, LABELS))
+    assert other.axes[0].get_title() == "Input, 400×240 px\n(dashed: the part the model sees)"
     for axes in (figure.axes[2], other.axes[2]):
         norm = _heat_map(axes).norm
         assert (norm.vmin, norm.vmax) == ATTENTION_RANGE
