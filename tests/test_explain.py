@@ -25,7 +25,8 @@ LABELS = ("No Finding", "pneumonia", "edema")
 
 @pytest.fixture(scope="module")
 def classifier(tiny_hub_folder) -> ZeroShotClassifier:
-    return ZeroShotClassifier(AutoModel.from_pretrained(tiny_hub_folder), AutoProcessor.from_pretrained(tiny_hub_folder))
+    model = AutoModel.from_pretrained(tiny_hub_folder)
+    return ZeroShotClassifier(model, AutoProcessor.from_pretrained(tiny_hub_folder))
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +107,8 @@ def test_fewer_than_two_labels_are_refused(classifier):
 
 
 def test_a_model_without_vision_hypergraph_has_no_links(tiny_hub_folder):
-    config = AceLoraModelTester(image_size=32, patch_size=8, text_context_length=256).get_config(hypergraph_towers="text")
-    model = AceLoraModel(config).eval()
+    tester = AceLoraModelTester(image_size=32, patch_size=8, text_context_length=256)
+    model = AceLoraModel(tester.get_config(hypergraph_towers="text")).eval()
     assert model.vision_model.hypergraph is None
     explained = explain(ZeroShotClassifier(model, AutoProcessor.from_pretrained(tiny_hub_folder)), RADIOGRAPH, LABELS)
     assert explained.linked_patches.size == 0 and explained.link_weights.size == 0
