@@ -49,10 +49,13 @@ def load_model(source: str, device: str | None = None) -> tuple[AceLoraModel, Ac
     try:
         model = AutoModel.from_pretrained(source)
         processor = AutoProcessor.from_pretrained(source)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # transformers: missing files; a folder that is not a model
+        reason = " ".join(str(error).split())
+        if Path(source).is_dir():
+            raise CheckpointError(f"Cannot load the model folder {source}: {reason}") from error
         raise CheckpointError(
-            f"Cannot load the model {source!r} ({' '.join(str(error).split())}); pass a model folder written by "
-            "`python -m ace_lora_hf.convert` (or a Hub id, with network access) as --model."
+            f"Cannot load {source!r}: no such folder here, and the Hugging Face Hub did not provide it ({reason}); "
+            "pass a model folder written by `python -m ace_lora_hf.convert` as --model."
         ) from error
     model.merge_lora()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -95,9 +95,11 @@ def test_presets_parse_and_fill_the_boxes():
         assert app.parse_templates("\n".join(templates)) == templates
 
 
-def test_a_missing_model_is_one_line_naming_it(tmp_path):
-    with pytest.raises(CheckpointError, match=f"Cannot load the model '{tmp_path / 'nothing'}'"):
+def test_a_model_that_cannot_load_is_one_line_naming_it(tmp_path):
+    with pytest.raises(CheckpointError, match=f"Cannot load '{tmp_path / 'nothing'}': no such folder here"):
         app.load_model(str(tmp_path / "nothing"))
+    with pytest.raises(CheckpointError, match=f"Cannot load the model folder {tmp_path}: "):
+        app.load_model(str(tmp_path))
 
 
 def test_without_gradio_the_command_names_the_extra_before_loading(monkeypatch, tmp_path):
