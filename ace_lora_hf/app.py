@@ -1,6 +1,7 @@
 """The browser demo: zero-shot classification of an uploaded image (PNG, JPEG, TIFF or DICOM) with its explanation.
 
-    python -m ace_lora_hf.app --model path/to/ace-lora     # then open http://127.0.0.1:7860
+    python -m ace_lora_hf.app                              # the released model; then open http://127.0.0.1:7860
+    python -m ace_lora_hf.app --model path/to/ace-lora     # a folder or Hub repo in ACE-LoRA's format
 
 Built with Gradio: `pip install 'ace-lora-hf[app]'`. The model loads once; class embeddings are cached per label set
 and template list.
@@ -14,17 +15,17 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
 
+from .classify import add_model_arguments, model_dtype
 from .cli import run_cli
-from .errors import AceLoraError, CheckpointError, InvalidArgumentError
+from .errors import AceLoraError, InvalidArgumentError
 from .explain import explain, plot_explanation
+from .model_sources import load_model_and_processor
 from .modeling_ace_lora import AceLoraModel
 from .processing_ace_lora import AceLoraProcessor
 from .zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
 
 
-DEFAULT_MODEL = "aydnarda/ACE-LoRA"
 APP_EXTRA_HINT = "pip install 'ace-lora-hf[app]'"
 EXAMPLES_FOLDER = Path(__file__).resolve().parents[1] / "examples" / "images"
 EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
@@ -42,24 +43,6 @@ PRESETS = {
 DEFAULT_PRESET = next(iter(PRESETS))
 CACHED_TEMPLATE_LISTS = 16
 NO_IMAGE = "Upload an image (PNG, JPEG, TIFF or DICOM) or pick an example first."
-
-
-def load_model(source: str, device: str | None = None) -> tuple[AceLoraModel, AceLoraProcessor]:
-    """The model (LoRA merged, for inference) and processor from a local folder or a Hub id."""
-    try:
-        model = AutoModel.from_pretrained(source)
-        processor = AutoProcessor.from_pretrained(source)
-    except (OSError, ValueError) as error:  # transformers: missing files; a folder that is not a model
-        reason = " ".join(str(error).split())
-        if Path(source).is_dir():
-            raise CheckpointError(f"Cannot load the model folder {source}: {reason}") from error
-        raise CheckpointError(
-            f"Cannot load {source!r}: no such folder here, and the Hugging Face Hub did not provide it ({reason}); "
-            "pass a model folder written by `python -m ace_lora_hf.convert` as --model."
-        ) from error
-    model.merge_lora()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), processor
 
 
 def parse_lines(text: str, what: str) -> tuple[str, ...]:
@@ -174,24 +157,36 @@ def build_demo(model: AceLoraModel, processor: AceLoraProcessor):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Model folder or Hub id (default: %(default)s).")
+    parser = argparse.ArgumentParser(prog="ace-lora-app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (default: %(default)s, this "
                                                             "machine only; 0.0.0.0 for the network).")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="Also serve through a public Gradio share link.")
-    parser.add_argument("--device", help="Torch device (default: cuda when available, else cpu).")
     return parser.parse_args(argv)
+
+
+def load_demo_model(args: argparse.Namespace) -> tuple[AceLoraModel, AceLoraProcessor]:
+    """The model of the command line's model options, LoRA merged, on its device."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    return load_model_and_processor(args.model, device=device, dtype=model_dtype(args.dtype, device),
+                                    revision=args.revision, biomedclip=args.biomedclip, adapters=args.adapters)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     import_gradio()  # before the model loads
-    demo = build_demo(*load_model(args.model, args.device))
+    demo = build_demo(*load_demo_model(args))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
-__all__ = ["DEFAULT_MODEL", "PRESETS", "ZeroShotDemo", "build_demo", "load_model", "main"]
+def cli() -> None:
+    run_cli(main)
+
+
+__all__ = ["PRESETS", "ZeroShotDemo", "build_demo", "cli", "load_demo_model", "main", "parse_args"]
 
 
 if __name__ == "__main__":

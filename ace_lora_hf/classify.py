@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 
 from .batch_inference import default_num_workers
 from .cli import EXIT_INPUTS_SKIPPED, run_cli
-from .errors import ImageLoadError, InvalidArgumentError
-from .explain import explain_images
+from .errors import ImageLoadError
+from .explain import explain, plot_explanation, require_plotting
 from .image_inputs import ImageInputs, collect_images, read_image_list, read_labelled_table
-from .image_loading import load_image
 from .malloc_tuning import keep_freed_memory_for_reuse
 from .metrics import classification_metrics
 from .model_sources import BIOMEDCLIP_REPO_ID, load_model_and_processor
@@ -80,7 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="Continue --output, skipping the images it has.")
     parser.add_argument("--overwrite", action="store_true", help="Replace --output / --explain files (never inputs).")
     parser.add_argument("--strict", action="store_true", help="Stop at the first unreadable image.")
-    parser.add_argument("--explain", type=Path, help="Write an explanation picture per image into this folder.")
+    parser.add_argument("--explain", type=Path, help="Write an explanation picture per image into this folder "
+                                                      "(needs matplotlib: pip install 'ace-lora-hf[plot]').")
     parser.add_argument("--quiet", action="store_true", help="Print only the summary, not a row per image.")
     args = parser.parse_args(argv)
     if args.csv and len(args.labels) != 2:
@@ -142,7 +142,10 @@ def _check_outputs(args: argparse.Namespace, inputs: ImageInputs) -> None:
     if args.output:
         check_output_file(args.output, every_input, overwrite=args.overwrite or args.resume)
     if args.explain:
+        require_plotting()
         ensure_folder(args.explain, "--explain")
+        for target in explanation_targets(args.explain, inputs.images).values():
+            check_output_file(target, every_input, overwrite=args.overwrite, option="--explain")
 
 
 def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: ResultsFile | None, accelerator) -> dict:
@@ -171,7 +174,8 @@ def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: Results
             results.write(new)
         records += new
     if args.explain and accelerator.is_main_process:
-        write_explanations(model, processor, [r["image"] for r in records if "error" not in r], args)
+        write_explanations(classifier, [r["image"] for r in records if "error" not in r], labels,
+                           explanation_targets(args.explain, inputs.images))
     return summarise(args, labels, templates, records, time.perf_counter() - started, len(images))
 
 
@@ -187,15 +191,23 @@ def summarise(args, labels: list[str], templates, records: list[dict], seconds: 
     return summary
 
 
-def write_explanations(model, processor, images: list[str], args: argparse.Namespace) -> None:
-    for start in range(0, len(images), args.batch_size):
-        batch = images[start : start + args.batch_size]
-        for image, picture in zip(batch, explain_images(model, processor, [load_image(i) for i in batch])):
-            target = args.explain / f"{Path(image).stem}_explain.png"
-            if target.exists() and not args.overwrite:
-                raise InvalidArgumentError(f"--explain: {target} exists; pass --overwrite to replace it.")
-            picture.save(target)
-            print(f"wrote {target}")
+def explanation_targets(folder: Path, images: Sequence[str]) -> dict[str, Path]:
+    """`<stem>_explain.png` per image in `folder`, numbered where two images share a stem."""
+    targets, used = {}, set()
+    for image in images:
+        stem, number = Path(image).stem, 1
+        while (name := f"{stem}{f'_{number}' if number > 1 else ''}_explain.png") in used:
+            number += 1
+        used.add(name)
+        targets[image] = folder / name
+    return targets
+
+
+def write_explanations(classifier: ZeroShotClassifier, images: list[str], labels: list[str],
+                       targets: dict[str, Path]) -> None:
+    for image in images:
+        plot_explanation(explain(classifier, image, labels), title=Path(image).name).savefig(targets[image])
+        print(f"wrote {targets[image]}")
 
 
 def report(summary: dict, results: ResultsFile | None) -> None:

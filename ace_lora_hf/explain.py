@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
 
 from .errors import AceLoraError, InvalidArgumentError
 from .image_loading import load_image
-from .modeling_ace_lora import AceHypergraph, AceLoraModel
-from .processing_ace_lora import AceLoraProcessor
-from .zero_shot import ImageInput, ZeroShotClassifier
+from .batch_inference import ImageInput
+from .modeling_ace_lora import AceHypergraph
+from .zero_shot import ZeroShotClassifier
 
 
 if TYPE_CHECKING:
@@ -168,11 +168,18 @@ def explain(
 # ------------------------------------------------------------------------------------------------------ drawing
 
 
-def _new_figure(width_inches: float, height_inches: float) -> "Figure":
+def require_plotting() -> None:
+    """Refuse, in one line naming the extra, where matplotlib is missing (checked before any work)."""
     try:
-        from matplotlib.figure import Figure
+        import matplotlib.figure  # noqa: F401
     except ImportError:
         raise AceLoraError(f"Drawing explanations needs matplotlib: {PLOT_EXTRA_HINT}") from None
+
+
+def _new_figure(width_inches: float, height_inches: float) -> "Figure":
+    require_plotting()
+    from matplotlib.figure import Figure
+
     # A bare `Figure` (not pyplot's) holds no global state, so that a web server can draw in several threads.
     return Figure(figsize=(width_inches, height_inches), dpi=FIGURE_DPI, layout="constrained")
 
@@ -280,52 +287,4 @@ def plot_explanation(explanation: Explanation, title: str | None = None) -> "Fig
     return figure
 
 
-# ------------------------------------------------------------------------------------- the 0.1 picture (to retire)
-# `hf_model_inference.py --explain` still writes this picture; it goes once the script draws `plot_explanation`.
-
-
-def _heat_colours(values: np.ndarray) -> np.ndarray:
-    """Blue (low) through green and yellow to red (high), for values in [0, 1]."""
-    red = np.clip(1.5 - np.abs(4 * values - 3), 0, 1)
-    green = np.clip(1.5 - np.abs(4 * values - 2), 0, 1)
-    blue = np.clip(1.5 - np.abs(4 * values - 1), 0, 1)
-    return (np.stack([red, green, blue], axis=-1) * 255).astype(np.uint8)
-
-
-def render_explanation(
-    crop: Image.Image, cls_attention: np.ndarray, neighbours: np.ndarray | None, alpha: float = 0.45
-) -> Image.Image:
-    """The model's input crop beside the same crop overlaid with attention and outlined CLS neighbours."""
-    grid = math.isqrt(cls_attention.shape[0])
-    scores = cls_attention.reshape(grid, grid).astype(np.float64)
-    scores = (scores - scores.min()) / max(scores.max() - scores.min(), 1e-12)
-    heat = Image.fromarray(_heat_colours(scores)).resize(crop.size, Image.Resampling.BILINEAR)
-    overlay = Image.blend(crop.convert("RGB"), heat, alpha)
-    patch_width, patch_height = crop.width / grid, crop.height / grid
-    draw = ImageDraw.Draw(overlay)
-    for patch in [] if neighbours is None else neighbours.tolist():
-        row, column = divmod(patch, grid)
-        box = (column * patch_width, row * patch_height, (column + 1) * patch_width - 1, (row + 1) * patch_height - 1)
-        draw.rectangle(box, outline=(0, 255, 255), width=2)
-    canvas = Image.new("RGB", (crop.width * 2, crop.height))
-    canvas.paste(crop.convert("RGB"), (0, 0))
-    canvas.paste(overlay, (crop.width, 0))
-    return canvas
-
-
-def explain_images(model: AceLoraModel, processor: AceLoraProcessor, images: list[Image.Image]) -> list[Image.Image]:
-    """One explanation picture per (already loaded, RGB) image."""
-    image_processor = processor.image_processor
-    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        cls_attention = model.vision_model.get_token_features(pixel_values.to(model.device)).cls_attention
-    hypergraph = model.vision_model.hypergraph
-    neighbours = None if hypergraph is None else hypergraph.cls_neighbours(cls_attention)[0] - 1
-    return [
-        render_explanation(_model_view(image_processor, image), attention.float().cpu().numpy(),
-                           None if neighbours is None else neighbours[index].cpu().numpy())
-        for index, (image, attention) in enumerate(zip(images, cls_attention))
-    ]
-
-
-__all__ = ["Explanation", "crop_box", "explain", "explain_images", "plot_explanation", "render_explanation"]
+__all__ = ["Explanation", "crop_box", "explain", "plot_explanation", "require_plotting"]

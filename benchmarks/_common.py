@@ -84,6 +84,8 @@ def stand_in_model_dir(cache: Path) -> Path:
     biomedclip = cache / "biomedclip_stand_in"
     subprocess.run([sys.executable, str(SHARED / "reference" / "make_random_biomedclip.py"), str(biomedclip)],
                    check=True, capture_output=True)
+    # A stand-in tokenizer: PubMedBERT's special tokens (ids 0-4) and single letters; timings do not depend on it.
+    (biomedclip / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]))
     subprocess.run([sys.executable, "-m", "ace_lora_hf.convert", "--biomedclip", str(biomedclip), "--ace-checkpoint",
                     str(SHARED / "checkpoints" / "ACE_LoRA.pt"), "--output", str(converted), "--overwrite"],
                    check=True, capture_output=True)

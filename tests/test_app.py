@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from ace_lora_hf.errors import AceLoraError, CheckpointError
+from ace_lora_hf.errors import AceLoraError, ModelSourceError
 from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
 from browser import browser_missing, chromium, classify_in_browser, running_app
@@ -23,7 +23,7 @@ CHEST_TEXT = ("No Finding\npneumonia", "\n".join(CHEST_XRAY_TEMPLATES))
 
 @pytest.fixture(scope="module")
 def loaded(tiny_hub_folder):
-    return app.load_model(str(tiny_hub_folder), "cpu")
+    return app.load_demo_model(app.parse_args(["--model", str(tiny_hub_folder), "--device", "cpu"]))
 
 
 @pytest.fixture
@@ -96,10 +96,8 @@ def test_presets_parse_and_fill_the_boxes():
 
 
 def test_a_model_that_cannot_load_is_one_line_naming_it(tmp_path):
-    with pytest.raises(CheckpointError, match=f"Cannot load '{tmp_path / 'nothing'}': no such folder here"):
-        app.load_model(str(tmp_path / "nothing"))
-    with pytest.raises(CheckpointError, match=f"Cannot load the model folder {tmp_path}: "):
-        app.load_model(str(tmp_path))
+    with pytest.raises(ModelSourceError, match=f"--model {tmp_path}: not a model in ACE-LoRA's transformers format"):
+        app.load_demo_model(app.parse_args(["--model", str(tmp_path)]))
 
 
 def test_without_gradio_the_command_names_the_extra_before_loading(monkeypatch, tmp_path):

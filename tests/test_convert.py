@@ -11,7 +11,7 @@ import torch
 
 from ace_lora_hf import AceLoraConfig
 from ace_lora_hf.biomedclip import biomedclip_config, biomedclip_state_dict
-from ace_lora_hf.convert import convert_biomedclip, main as convert_main
+from ace_lora_hf.convert import convert_biomedclip
 from ace_lora_hf.errors import CheckpointError, ModelSourceError
 from ace_lora_hf.released_adapters import adapter_state_dict, read_adapter_checkpoint
 

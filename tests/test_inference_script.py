@@ -56,8 +56,7 @@ def test_classifies_files_and_writes_json_and_pictures(tiny_hub_folder, tmp_path
         assert row.endswith(result["prediction"])
         assert f"{probabilities['pneumonia']:.4f}" in row
     for image in IMAGES:
-        picture = Image.open(tmp_path / "ex" / f"{image.stem}_explain.png")
-        assert picture.size == (64, 32)  # input crop beside its overlay
+        assert Image.open(tmp_path / "ex" / f"{image.stem}_explain.png").size == (1890, 1260)
 
 
 def _write_rsna_table(path, images, targets):
@@ -221,4 +220,4 @@ def test_full_size_model_on_the_samples(converted_dir, capsys, tmp_path):
     assert len(results) == 4
     mono1, siim = results[1]["probabilities"]["pneumonia"], results[2]["probabilities"]["pneumonia"]
     assert mono1 != pytest.approx(siim, abs=1e-6)  # the inverted picture is a different input
-    assert Image.open(tmp_path / "ex" / "nih_00000001_000_explain.png").size == (448, 224)
+    assert Image.open(tmp_path / "ex" / "nih_00000001_000_explain.png").size == (1890, 1260)

@@ -6,7 +6,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ace_lora_hf import AceHypergraph, AceLoraConfig, AceLoraModel, AceLoraOutput
 from ace_lora_hf.errors import ConfigError, InvalidArgumentError
