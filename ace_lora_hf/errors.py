@@ -42,6 +42,10 @@ class InvalidArgumentError(AceLoraError, ValueError):
     """An argument of a public function or command line outside what it accepts."""
 
 
+class MissingDependencyError(AceLoraError, ImportError):
+    """An optional feature whose packages are not installed; the message names the extra that installs them."""
+
+
 class OutputPathError(AceLoraError):
     """An output path that would replace an input, is the wrong kind of file, or exists without `--overwrite`."""
 
@@ -63,6 +67,7 @@ __all__ = [
     "FolderInUseError",
     "ImageLoadError",
     "InvalidArgumentError",
+    "MissingDependencyError",
     "ModelSourceError",
     "OutputPathError",
     "TrainingDivergedError",

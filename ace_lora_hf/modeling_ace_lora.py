@@ -252,6 +252,21 @@ def float32_only(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+def _with_last_layer_input(output_hidden_states: bool | list[int]) -> bool | list[int]:
+    """The hidden states to record: the ones asked for (all, none or a list of indices) and the last layer's input."""
+    return True if output_hidden_states is True else [*(output_hidden_states or ()), -2]
+
+
+def _requested_hidden_states(
+    hidden_states: tuple[torch.Tensor | None, ...], output_hidden_states: bool | list[int]
+) -> tuple[torch.Tensor | None, ...] | None:
+    """The recorded hidden states the caller asked for (`None` in place of the others), or `None` for none."""
+    if output_hidden_states is True or not output_hidden_states:
+        return hidden_states if output_hidden_states else None
+    kept = {index % len(hidden_states) for index in output_hidden_states}
+    return tuple(state if index in kept else None for index, state in enumerate(hidden_states))
+
+
 def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
@@ -269,7 +284,6 @@ class AceLoraModelMixin:
     stream stays float32.
     """
 
-    _keep_in_fp32_modules_strict = ["embeddings", "layernorm", "LayerNorm", "projection", "hypergraph", "logit_scale", "lora_"]
     # Auto classes besides the one `register_for_auto_class` records, written into `auto_map` on save.
     _extra_auto_classes: tuple[str, ...] = ()
 
@@ -293,7 +307,10 @@ class AceLoraModelMixin:
     # ----------------------------------------------------------------------------------------- float32 parts
 
     def _float32_tensor_ids(self) -> set[int]:
-        pattern = re.compile("|".join(sorted(self._keep_in_fp32_modules_strict)))
+        """Tensors inside a module named in `_keep_in_fp32_modules_strict` (a whole component of the dotted name, as
+        transformers matches it)."""
+        names = "|".join(map(re.escape, sorted(self._keep_in_fp32_modules_strict)))
+        pattern = re.compile(rf"(?:^|\.)(?:{names})(?:\.|$)")
         named = [*self.named_parameters(), *self.named_buffers()]
         return {id(tensor) for name, tensor in named if pattern.search(name)}
 
@@ -490,13 +507,14 @@ class AceLoraEncoderMixin(AceLoraModelMixin):
     def _token_features_chunk(
         self, inputs: dict[str, torch.Tensor], output_hidden_states: bool, output_attentions: bool
     ) -> AceLoraTokenFeatures:
-        # The CLS row comes from the last layer's input, so only that hidden state is kept unless all are asked for.
+        # The CLS row comes from the last layer's input, so the backbone always records it besides what is asked for.
         with self._half_precision_autocast(first_device(inputs)):
             outputs = self._run_backbone(
-                inputs, output_hidden_states=True if output_hidden_states else [-2], output_attentions=output_attentions
+                inputs, output_hidden_states=_with_last_layer_input(output_hidden_states),
+                output_attentions=output_attentions,
             )
         features = self.project_backbone_outputs(outputs, inputs.get("attention_mask"))
-        features.hidden_states = outputs.hidden_states if output_hidden_states else None
+        features.hidden_states = _requested_hidden_states(outputs.hidden_states, output_hidden_states)
         features.attentions = outputs.attentions if output_attentions else None
         return features
 
@@ -562,6 +580,8 @@ class AceLoraVisionModel(AceLoraEncoderMixin, ViTModel):
     config_class = AceLoraVisionConfig
     config: AceLoraVisionConfig
     base_model_prefix = "vision_model"
+    _keep_in_fp32_modules_strict = ["embeddings", "layernorm_before", "layernorm_after", "layernorm", "projection",
+                                    "hypergraph", "lora_A", "lora_B"]
     _lora_layer_path = ("layers", "attention")
     _lora_module_names = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
 
@@ -644,6 +664,7 @@ class AceLoraTextModel(AceLoraEncoderMixin, BertModel):
     config_class = AceLoraTextConfig
     config: AceLoraTextConfig
     base_model_prefix = "text_model"
+    _keep_in_fp32_modules_strict = ["embeddings", "LayerNorm", "projection", "hypergraph", "lora_A", "lora_B"]
     _lora_layer_path = ("encoder.layer", "attention.self")
     _lora_module_names = {"q": "query", "k": "key", "v": "value"}
 
@@ -782,6 +803,7 @@ class AceLoraPreTrainedModel(AceLoraModelMixin, PreTrainedModel):
     _no_split_modules = ["ViTEmbeddings", "ViTLayer", "BertEmbeddings", "BertLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _keep_in_fp32_modules_strict = ["logit_scale"]  # `post_init` adds the towers' lists
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
