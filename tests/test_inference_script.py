@@ -221,3 +221,36 @@ def test_full_size_model_on_the_samples(converted_dir, capsys, tmp_path):
     mono1, siim = results[1]["probabilities"]["pneumonia"], results[2]["probabilities"]["pneumonia"]
     assert mono1 != pytest.approx(siim, abs=1e-6)  # the inverted picture is a different input
     assert Image.open(tmp_path / "ex" / "nih_00000001_000_explain.png").size == (1890, 1260)
+
+
+def _damaged_copy(tiny_hub_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_hub_folder, folder)
+    return folder
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_hub_folder, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = _damaged_copy(tiny_hub_folder, tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    weights["vision_hypergraph.edge_adapter.up.bias"][0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_exit(capsys, "--model", folder, "--images", IMAGES[0])
+    assert code == EXIT_USER_ERROR and "Traceback" not in err
+    assert "weight vision_model.hypergraph.edge_adapter.up.bias contains NaN or infinite values" in err
+
+
+def test_a_truncated_weights_file_and_an_invalid_config_are_one_line(tiny_hub_folder, tmp_path, capsys):
+    folder = _damaged_copy(tiny_hub_folder, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, _, err = run_exit(capsys, "--model", folder, "--images", IMAGES[0])
+    assert code == EXIT_USER_ERROR and "its weights file is unreadable" in err and "truncated" in err
+    shutil.copy(tiny_hub_folder / "model.safetensors", weights)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["hypergraph_top_k"] = 0
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, err = run_exit(capsys, "--model", folder, "--images", IMAGES[0])
+    assert code == EXIT_USER_ERROR and "Traceback" not in err
+    assert f"{folder}/config.json: vision_config.hypergraph_top_k=0" in err.splitlines()[-1]
