@@ -4,6 +4,7 @@ interrupted and hostile inputs."""
 import csv
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -254,3 +255,24 @@ def test_a_truncated_weights_file_and_an_invalid_config_are_one_line(tiny_hub_fo
     code, _, err = run_exit(capsys, "--model", folder, "--images", IMAGES[0])
     assert code == EXIT_USER_ERROR and "Traceback" not in err
     assert f"{folder}/config.json: vision_config.hypergraph_top_k=0" in err.splitlines()[-1]
+
+
+def test_two_processes_shard_the_images_and_gather_them_in_input_order(tiny_hub_folder, tmp_path):
+    """`accelerate launch` on two CPU processes: each classifies its shard, the results come back in input order."""
+    from transformers import AutoModel, AutoProcessor
+
+    images = [*IMAGES, SAMPLES / "nih_00027426_000.png", IMAGES[0]]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    finished = subprocess.run([*launch, str(REPO_ROOT / "hf_model_inference.py"), "--model", str(tiny_hub_folder),
+                               "--images", *map(str, images), "--batch-size", "2", "--device", "cpu",
+                               "--num-workers", "0", "--quiet", "--output", str(tmp_path / "two.csv")],
+                              capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "two.csv").open()))
+    assert [row["image"] for row in rows] == [str(image) for image in images]
+    model = AutoModel.from_pretrained(tiny_hub_folder)
+    model.merge_lora()
+    expected = ZeroShotClassifier(model, AutoProcessor.from_pretrained(tiny_hub_folder))(images, ["No Finding", "pneumonia"])
+    actual = [[float(row["No Finding"]), float(row["pneumonia"])] for row in rows]
+    assert actual == pytest.approx(expected.tolist(), abs=1e-6)
