@@ -58,8 +58,7 @@ def test_scores_equal_the_classifiers_with_the_papers_two_templates(pipe, model_
     expected = ZeroShotClassifier(*model_and_processor)(IMAGES, LABELS)
     by_path = pipeline(TASK, model=str(tiny_hub_folder))
     assert type(pipe) is type(by_path) is AceLoraZeroShotImageClassificationPipeline
-    for results in (pipe(IMAGES, candidate_labels=LABELS), pipe(IMAGES, candidate_labels=LABELS, batch_size=3),
-                    by_path(IMAGES, candidate_labels=LABELS)):
+    for results in (pipe(IMAGES, candidate_labels=LABELS), by_path(IMAGES, candidate_labels=LABELS, batch_size=3)):
         torch.testing.assert_close(as_probabilities(results, LABELS), expected, rtol=0, atol=1e-6)
 
 
@@ -83,6 +82,17 @@ def test_class_prompts_are_encoded_once_per_labels_and_templates(pipe, monkeypat
     pipe(IMAGES[1], candidate_labels=LABELS, templates=["a chest x-ray image of {}."])
     pipe(IMAGES[0], candidate_labels=LABELS[:2])
     assert calls == [(3, 2, 256), (3, 1, 256), (2, 2, 256)]
+
+
+def test_a_list_of_images_goes_through_the_model_in_batches(pipe, monkeypatch):
+    batches = []
+    embed = pipe.model.get_image_features
+    monkeypatch.setattr(pipe.model, "get_image_features", lambda pixels: batches.append(len(pixels)) or embed(pixels))
+    by_batch = pipe(IMAGES, candidate_labels=LABELS)
+    one_by_one = pipe(IMAGES, candidate_labels=LABELS, batch_size=1)
+    assert batches == [4, 1, 1, 1, 1]
+    torch.testing.assert_close(as_probabilities(by_batch, LABELS), as_probabilities(one_by_one, LABELS), rtol=0,
+                               atol=1e-6)
 
 
 def test_templates_set_at_construction_apply_to_every_call(model_and_processor):
