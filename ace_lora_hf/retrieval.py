@@ -167,7 +167,8 @@ def pooled_embeddings(tower, features: AceLoraTokenFeatures) -> torch.Tensor:
 
 
 def embed_table_images(model: AceLoraModel, processor: AceLoraProcessor, images: Sequence[str], batch_size: int,
-                       num_workers: int, device: torch.device, show_progress: bool = False):
+                       num_workers: int, device: torch.device,
+                       show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
     """`(image_index, [n, 2, D] embeddings, failures)` of `images`, decoded in `num_workers` DataLoader workers."""
     tower = model.vision_model
     batches = list(embed_images(lambda pixels: pooled_embeddings(tower, tower.get_token_features(pixels)), images,
