@@ -23,6 +23,7 @@ from .modeling_ace_lora import (
     AceLoraVisionModel,
 )
 from .modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraObjectDetectionOutput
+from .pipeline_ace_lora import AceLoraZeroShotImageClassificationPipeline, register_pipeline
 from .processing_ace_lora import AceLoraProcessor
 
 
@@ -43,6 +44,9 @@ AceLoraForSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation
 AceLoraForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 AceLoraImageProcessor.register_for_auto_class("AutoImageProcessor")
 AceLoraProcessor.register_for_auto_class("AutoProcessor")
+# pipeline("zero-shot-image-classification") builds ours (stock for other models); its save_pretrained writes
+# `custom_pipelines` and the pipeline code, so the saved folder serves it as remote code too.
+register_pipeline()
 
 __all__ = [
     "AceHypergraph",
@@ -60,6 +64,7 @@ __all__ = [
     "AceLoraTokenFeatures",
     "AceLoraVisionConfig",
     "AceLoraVisionModel",
+    "AceLoraZeroShotImageClassificationPipeline",
     "binarize_labels",
     "false_negative_mask",
     "label_guided_infonce",

@@ -177,15 +177,25 @@ def _stretch_to_uint8(values: np.ndarray, used: np.ndarray, name: str) -> np.nda
 # ------------------------------------------------------------------------------------------------------ DICOM
 
 
-def _read_dicom(file, name: str):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+def _pydicom(name: str):
+    """pydicom, imported at the first DICOM (it takes a third of a second). The package depends on it; remote code,
+    which may run without it, needs it only for DICOM files (an import inside `try` is not required by transformers)."""
+    try:
+        import pydicom
+        import pydicom.errors
+        import pydicom.pixels
+    except ImportError:
+        raise ImageLoadError(name, "reading DICOM needs pydicom: pip install pydicom") from None
+    return pydicom
 
+
+def _read_dicom(file, name: str):
+    pydicom = _pydicom(name)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             dataset = pydicom.dcmread(file)
-    except InvalidDicomError as error:
+    except pydicom.errors.InvalidDicomError as error:
         raise ImageLoadError(name, f"not a valid DICOM file ({_one_line(error)})") from error
     except (OSError, ValueError, EOFError) as error:
         raise ImageLoadError(name, f"the DICOM file is corrupt or truncated ({_one_line(error)})") from error
@@ -226,14 +236,12 @@ def _check_dicom_size(dataset, name: str) -> None:
 
 
 def _load_dicom(file, name: str) -> Image.Image:
-    from pydicom.pixels import convert_color_space
-
     dataset = _read_dicom(file, name)
     pixels = _dicom_pixels(dataset, name)
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
     if pixels.ndim == 3:
         if photometric.startswith("YBR"):
-            pixels = convert_color_space(pixels, photometric, "RGB")
+            pixels = _pydicom(name).pixels.convert_color_space(pixels, photometric, "RGB")
         rgb = pixels if pixels.dtype == np.uint8 else _full_range_to_uint8(pixels, name)
         return Image.fromarray(np.ascontiguousarray(rgb))
     if not photometric.startswith("MONOCHROME"):
@@ -262,10 +270,9 @@ def _shown_as_stored(pixels: np.ndarray, shown) -> bool:
 
 def _apply_luts(stored: np.ndarray, dataset, name: str) -> np.ndarray:
     """The Modality LUT (or rescale) then the VOI LUT (or window) of `dataset`: elementwise, in float64 where scaled."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
+    dicom_pixels = _pydicom(name).pixels
     try:
-        return apply_voi_lut(apply_modality_lut(stored, dataset), dataset)
+        return dicom_pixels.apply_voi_lut(dicom_pixels.apply_modality_lut(stored, dataset), dataset)
     except (ValueError, TypeError, NotImplementedError, AttributeError) as error:
         raise ImageLoadError(name, f"its Modality or VOI LUT (or window) cannot be applied ({_one_line(error)}); "
                                    "fix or remove those attributes") from error

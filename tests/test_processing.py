@@ -1,4 +1,4 @@
-"""Image processor, processor, and the zero-shot-image-classification pipeline."""
+"""Image processor, processor, and the zero-shot-image-classification pipeline's stock call."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor, pipeline
 from transformers.image_utils import PILImageResampling
 
-from ace_lora_hf import AceLoraImageProcessor, AceLoraProcessor
+from ace_lora_hf import AceLoraImageProcessor, AceLoraProcessor, AceLoraZeroShotImageClassificationPipeline
 
 from conftest import SAMPLES
 
@@ -134,6 +134,8 @@ def _expected_scores(folder, image, labels, template):
 
 
 def test_zero_shot_pipeline_by_path_and_by_objects(tiny_hub_folder):
+    """The stock call with one hypothesis_template gives the model's own softmax over `logits_per_image`, through
+    the ACE-LoRA pipeline class that `import ace_lora_hf` registers for the task (see tests/test_pipeline.py)."""
     image = Image.open(SAMPLES / "nih_00000001_000.png").convert("RGB")
     labels, template = ["no finding", "pneumonia", "edema"], "a chest x-ray image of {}."
     expected = dict(zip(labels, _expected_scores(tiny_hub_folder, image, labels, template)))
@@ -143,6 +145,7 @@ def test_zero_shot_pipeline_by_path_and_by_objects(tiny_hub_folder):
     by_objects = pipeline("zero-shot-image-classification", model=model, tokenizer=processor.tokenizer,
                           image_processor=processor.image_processor)
     for classifier in (by_path, by_objects):
+        assert type(classifier) is AceLoraZeroShotImageClassificationPipeline
         result = classifier(image, candidate_labels=labels, hypothesis_template=template)
         assert [r["score"] for r in result] == sorted((r["score"] for r in result), reverse=True)
         for entry in result:
