@@ -17,8 +17,8 @@ from ace_lora_hf.adapters import EXTRAS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, load_ad
 from ace_lora_hf.errors import AdapterMismatchError, CheckpointError, OutputPathError
 from ace_lora_hf.model_card import PUBLISHED_RESULTS
 
-from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora
-from test_loading import HUB_REPO_ID, populate_hub_cache
+from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora, populate_hub_cache
+from test_loading import HUB_REPO_ID
 
 
 def _push_to_hub_module():
@@ -68,7 +68,7 @@ def test_model_card_snippet_runs_against_the_hub_cache(staged, tmp_path):
     card = (staged / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
     assert f'"{HUB_REPO_ID}"' in snippet
-    populate_hub_cache(staged, tmp_path / "hf_home" / "hub")
+    populate_hub_cache(staged, tmp_path / "hf_home" / "hub", HUB_REPO_ID)
     workdir = tmp_path / "work"
     workdir.mkdir()
     shutil.copy(SAMPLES / "nih_00000001_000.png", workdir / "chest_xray.png")
