@@ -14,7 +14,7 @@ from transformers import AutoModelForObjectDetection, AutoModelForSemanticSegmen
 
 from ace_lora_hf import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraModel
 from ace_lora_hf.metrics import detection_map, dice_metrics
-from ace_lora_hf.modeling_ace_lora_heads import box_iou, non_maximum_suppression
+from ace_lora_hf.modeling_ace_lora_heads import box_iou, generalized_iou_loss, non_maximum_suppression
 
 from conftest import REPO_ROOT, AceLoraModelTester, perturb_lora
 
@@ -22,16 +22,32 @@ from conftest import REPO_ROOT, AceLoraModelTester, perturb_lora
 # ------------------------------------------------------------------------------------------------------ metrics
 
 
-def test_dice_per_image_and_pooled_by_hand():
+def test_dice_over_positive_images_and_pooled_by_hand():
     true = np.zeros((3, 4, 4), bool)
     predicted = np.zeros((3, 4, 4), bool)
     true[0, :2, :2] = True  # 4 pixels
     predicted[0, :2, :1] = True  # 2 pixels, both inside: Dice 2*2/(2+4) = 2/3
     true[1, 0, 0] = True  # 1 pixel, predicted nowhere: Dice 0
-    # image 2: nothing true, nothing predicted: Dice 1
+    predicted[2, 3, 3] = True  # a negative image with a false positive: no Dice of its own, counts in the pooled one
     metrics = dice_metrics(predicted, true)
-    assert metrics["dice_per_image"] == pytest.approx((2 / 3 + 0 + 1) / 3)
-    assert metrics["dice_pooled"] == pytest.approx(2 * 2 / (2 + 5))
+    assert metrics["dice_positive"] == pytest.approx((2 / 3 + 0) / 2)
+    assert metrics["dice_pooled"] == pytest.approx(2 * 2 / (3 + 5))
+    assert (metrics["num_images"], metrics["num_positive_images"], metrics["num_images_predicted_positive"]) == (3, 2, 2)
+
+
+def test_predicting_nothing_scores_zero_and_is_warned_about(caplog):
+    """Issue #14: per-image Dice with empty-vs-empty = 1 gave 0.5 to a head that predicted no foreground at all."""
+    true = np.zeros((4, 8, 8), bool)
+    true[0, 2:5, 2:5] = True  # one positive image among mostly negative ones, as in SIIM
+    with caplog.at_level("WARNING"):
+        metrics = dice_metrics(np.zeros_like(true), true)
+    assert metrics["dice_positive"] == 0.0 and metrics["dice_pooled"] == 0.0
+    assert metrics["num_images_predicted_positive"] == 0 and "predicts nothing" in caplog.text
+
+
+def test_dice_without_any_true_foreground_is_undefined():
+    metrics = dice_metrics(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
+    assert np.isnan(metrics["dice_positive"]) and np.isnan(metrics["dice_pooled"])
 
 
 def test_rsna_map_by_hand():
@@ -53,6 +69,13 @@ def test_box_iou_and_nms():
     assert box_iou(boxes[:1], boxes[1:2]).item() == pytest.approx(81 / 100)
     keep = non_maximum_suppression(boxes, torch.tensor([0.5, 0.9, 0.8]), iou_threshold=0.5)
     assert keep.tolist() == [1, 2]
+
+
+def test_generalized_iou_loss_by_hand():
+    predicted = torch.tensor([[0.0, 0, 2, 2], [0, 0, 2, 2]])
+    target = torch.tensor([[1.0, 1, 3, 3], [0, 0, 2, 2]])
+    # pair 0: intersection 1, union 7, enclosing box 9 -> 1 - 1/7 + (9 - 7)/9; pair 1: identical boxes -> 0
+    assert generalized_iou_loss(predicted, target).item() == pytest.approx((1 - 1 / 7 + 2 / 9) / 2)
 
 
 # -------------------------------------------------------------------------------------------------------- heads
