@@ -109,8 +109,9 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 
 def _intersection_and_union(boxes: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Intersection and union areas of corner boxes, broadcast over the leading dimensions."""
-    corners = torch.cat([torch.maximum(boxes[..., :2], others[..., :2]), torch.minimum(boxes[..., 2:], others[..., 2:])], -1)
-    intersection = box_area(corners)
+    overlap = torch.cat([torch.maximum(boxes[..., :2], others[..., :2]),
+                         torch.minimum(boxes[..., 2:], others[..., 2:])], -1)
+    intersection = box_area(overlap)
     return intersection, box_area(boxes) + box_area(others) - intersection
 
 
