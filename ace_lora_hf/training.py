@@ -848,4 +848,4 @@ class TrainingRun:
 __all__ = ["BaseModel", "Selection", "TrainingArgumentParser", "TrainingProgress", "TrainingRun",
            "add_training_options", "build_accelerator", "data_loader", "file_sha256", "frozen_fingerprint",
            "is_checkpoint", "json_safe", "latest_checkpoint", "load_trained_model", "load_trained_weights",
-           "materialize_checkpoint", "prepare_output_dir", "require_tracker", "write_json"]
+           "materialize_checkpoint", "prepare_output_dir", "read_checkpoint_record", "require_tracker", "write_json"]
