@@ -274,6 +274,10 @@ def prepare_output_dir(accelerator: Accelerator, args: argparse.Namespace,
         raise OutputPathError(f"--output_dir {output_dir} holds an earlier run ({', '.join(earlier)}): pass "
                               "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
                               "or another --output_dir.")
+    model = Path(str(args.model))
+    if args.overwrite_output_dir and model.exists() and output_dir.resolve() in model.resolve().parents:
+        raise OutputPathError(f"--output_dir {output_dir} holds --model {model}; --overwrite_output_dir would delete "
+                              "it. Choose another --output_dir.")
     checkpoint = _resume_checkpoint(output_dir, resume)
     with ExitStack() as stack:
         if accelerator.is_main_process:
@@ -337,7 +341,10 @@ class BaseModel:
 
     @classmethod
     def of(cls, model: torch.nn.Module, source: str | Path) -> "BaseModel":
-        """The base of `model` loaded from `source` (a local folder is recorded by its absolute path)."""
+        """The base of `model` loaded from `source`: a local folder is recorded by its absolute path, a checkpoint
+        folder by its own base (the frozen weights are the same)."""
+        if is_checkpoint(source):
+            source = read_checkpoint_record(Path(source))["base"]["source"]
         path = Path(source)
         return cls(str(path.resolve()) if path.is_dir() else str(source), frozen_fingerprint(model))
 

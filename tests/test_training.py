@@ -295,9 +295,10 @@ def test_a_tracker_that_is_not_installed_fails_at_once(monkeypatch, tmp_path, ca
     assert code == EXIT_USER_ERROR and "pip install 'ace-lora-hf[tensorboard]'" in err
 
 
-def test_default_workers_leave_a_core_to_the_training_process():
-    cores = len(os.sched_getaffinity(0))
-    assert training.default_num_workers() == max(0, min(4, cores - 1))
+@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 1), (3, 2), (16, 4)])
+def test_default_workers_leave_a_core_to_the_training_process(cores, workers, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert training.default_num_workers() == workers
 
 
 # ---------------------------------------------------------------------------------------------- pretrain.py
@@ -404,6 +405,7 @@ def test_checkpoints_and_best_hold_only_the_trained_weights(straight_run, tiny_h
     loaded, _ = load_trained_model(straight_run / "best", AceLoraModel)
     best = load_file(straight_run / "best" / "trainable.safetensors")
     assert all(torch.equal(param, best[name]) for name, param in loaded.named_parameters() if param.requires_grad)
+    assert training.BaseModel.of(loaded, straight_run / "best").source == str(tiny_hub_folder.resolve())
     materialize_checkpoint(straight_run / "best", tmp_path / "full")
     full = AutoModel.from_pretrained(tmp_path / "full")
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), loaded.state_dict().values()))
@@ -515,6 +517,15 @@ def test_an_earlier_run_is_not_overwritten(tiny_hub_folder, synthetic_data, tmp_
     code, err = run_cli_in_process(pretrain.main, pretrain_command(tiny_hub_folder, synthetic_data, tmp_path / "run"),
                                    capsys)
     assert code == EXIT_USER_ERROR and "--overwrite_output_dir" in err
+
+
+def test_overwriting_a_run_never_deletes_the_model_it_starts_from(straight_run, synthetic_data, tmp_path, capsys):
+    output = tmp_path / "run"
+    shutil.copytree(straight_run, output)
+    code, err = run_cli_in_process(pretrain.main, pretrain_command(output / "best", synthetic_data, output,
+                                                                   "--overwrite_output_dir"), capsys)
+    assert code == EXIT_USER_ERROR and "--overwrite_output_dir would delete it" in err
+    assert (output / "best" / "trainable.safetensors").is_file()
 
 
 def test_output_dir_that_is_a_file_or_in_use_is_one_line(tiny_hub_folder, synthetic_data, tmp_path, capsys):
