@@ -73,7 +73,7 @@ def _read_frame(path: Path, option: str) -> pd.DataFrame:
     try:
         if suffix == ".csv":
             return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-        return pd.read_json(path, lines=True, dtype=False, encoding="utf-8").map(_as_text)
+        return pd.read_json(path, lines=True, dtype=False, convert_dates=False, encoding="utf-8").map(_as_text)
     except UnicodeDecodeError as error:
         raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save the table as "
                               "UTF-8.") from None

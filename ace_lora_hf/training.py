@@ -621,19 +621,23 @@ class TrainingRun:
                    initial=progress.completed_steps, desc="training", unit="step",
                    disable=not self.accelerator.is_local_main_process)
         while progress.epoch < args.num_epochs and not self._stop():
-            self.model.train()
-            for batch in self._epoch_batches():
-                loss = self._train_step(batch, compute_loss)
-                bar.update(1)
-                if loss is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", epoch=progress.epoch)
-                self._after_step(loss, log_values)
-                if self._stop():
-                    break
-            if progress.step_in_epoch == len(self.train_loader):
+            if self._run_epoch(compute_loss, log_values, bar):
                 self._end_epoch(evaluate)
         bar.close()
         self._save_final()
+
+    def _run_epoch(self, compute_loss, log_values, bar: tqdm) -> bool:
+        """Train on what is left of the current epoch; False if `--max_train_steps` ended it early."""
+        self.model.train()
+        for batch in self._epoch_batches():
+            loss = self._train_step(batch, compute_loss)
+            bar.update(1)
+            if loss is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", epoch=self.progress.epoch)
+            self._after_step(loss, log_values)
+            if self._stop() and self.progress.step_in_epoch < len(self.train_loader):
+                return False
+        return True
 
     def _stop(self) -> bool:
         return bool(self.args.max_train_steps) and self.progress.completed_steps >= self.args.max_train_steps

@@ -356,10 +356,13 @@ def training_set_loss(model, batch) -> float:
     return model.eval()(**inputs).loss.item()
 
 
-def test_one_process_run_lowers_the_loss_and_reloads(tiny_hub_folder, synthetic_data, tmp_path):
+def test_one_process_run_lowers_the_loss_and_reloads(tiny_hub_folder, synthetic_data, tmp_path, capsys):
     output = tmp_path / "run"
     run_pretrain(pretrain_command(tiny_hub_folder, synthetic_data, output, "--num_epochs", 6, "--batch_size", 8,
-                                  "--learning_rate", "2e-2", "--validation_file", synthetic_data / "validation.csv"))
+                                  "--learning_rate", "2e-2", "--validation_file", synthetic_data / "validation.csv",
+                                  "--checkpointing_steps", 3))
+    saved = [line for line in capsys.readouterr().out.splitlines() if line.startswith("saved checkpoint")]
+    assert saved == [f"saved checkpoint step_{step}" for step in range(3, 19, 3)]  # epoch ends: once each
     history = json.loads((output / "training_history.json").read_text())
     losses = [epoch["loss"] for epoch in history]
     assert len(losses) == 6 and losses[-1] < losses[0]
