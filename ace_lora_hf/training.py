@@ -18,6 +18,7 @@ checkpoint folder from elsewhere cannot run code (Accelerate's `load_state` unpi
 """
 
 import argparse
+import copy
 import difflib
 import hashlib
 import json
@@ -92,14 +93,24 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Lists each option once, by its underscore spelling."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if len(action.option_strings) > 1:
+            action = copy.copy(action)
+            action.option_strings = action.option_strings[:1]
+        return super()._format_action_invocation(action)
+
+
 class TrainingArgumentParser(argparse.ArgumentParser):
     """`argparse` for the training scripts: every option is `--name_with_underscores` (also accepted as
     `--name-with-dashes`), and `--config FILE.yaml` can give any of them, required ones included. The command line
     overrides the file; a key of the file that names no option is refused."""
 
     def __init__(self, description: str | None):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                         allow_abbrev=False)
+        super().__init__(description=description, formatter_class=_HelpFormatter, allow_abbrev=False,
+                         epilog="Every option is also accepted with dashes (--output-dir for --output_dir).")
         self.option_names: list[str] = []
         self.add_option("config", type=Path, metavar="FILE.yaml",
                         help="YAML mapping of option names to values (the command line overrides them).")

@@ -281,7 +281,8 @@ def test_help_lists_every_flag_once(capsys):
         pretrain.parse_args(["--help"])
     help_text = capsys.readouterr().out
     assert exit_info.value.code == 0
-    assert "--model MODEL, --model MODEL" not in help_text and "--model MODEL " in help_text
+    assert "--model MODEL, --model MODEL" not in help_text and ", --output-dir" not in help_text
+    assert help_text.count("--output_dir OUTPUT_DIR") == 2  # the usage line and the option's own
     for flag in ("--resume_from_checkpoint", "--report_to", "--mixed_precision", "--gradient_accumulation_steps",
                  "--gradient_checkpointing", "--global_negatives", "--checkpointing_steps", "--validation_file",
                  "--config", "--force_resume", "--max_non_finite_steps", "--save_full_best"):
