@@ -240,30 +240,38 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict:
                                       shuffle=split == "train",
                                       collate_fn=collate_detection if task is DETECTION else None)
                    for split, split_rows in rows.items()}
-        evaluation = {split: accelerator.prepare(loaders[split]) for split in splits if split != "train"}
         if args.evaluate_only:
-            model = accelerator.prepare(model)
-            metrics = evaluate_head(task, accelerator, model, evaluation["test"])
+            model, test_loader = accelerator.prepare(model, loaders["test"])
+            metrics = evaluate_head(task, accelerator, model, test_loader)
         else:
-            run = TrainingRun(accelerator, args, model, processor, loaders["train"],
-                              base=BaseModel.of(model, args.model), selection=task.selection,
-                              signature={"table_sha256": file_sha256(args.table or args.data_root / task.table),
-                                         "fraction": args.fraction, "train_rows": len(rows["train"])},
-                              resume_checkpoint=resume_checkpoint, project_name=f"ace_lora_{task.name}")
-            def validate(epoch: int) -> dict:
-                metrics = evaluate_head(task, accelerator, run.model, evaluation["valid"])
-                return {f"valid_{name}": value for name, value in metrics.items()}
-
-            run.train(head_loss, validate)
-            run.restore_best()
-            metrics = evaluate_head(task, accelerator, run.model, evaluation["test"])
-            run.finish()
+            metrics = _train_and_test(task, args, accelerator, model, processor, loaders, resume_checkpoint)
         results = {"task": task.name, "dataset": task.dataset, "split": "test", "fraction": args.fraction,
                    "model": str(args.model), "metrics": metrics}
         accelerator.print(json.dumps(json_safe(results), indent=2))
         if accelerator.is_main_process:
             write_json(args.output_dir / "test_results.json", results)
     return results
+
+
+def _train_and_test(task: Task, args: argparse.Namespace, accelerator: Accelerator, model, processor,
+                    loaders: dict, resume_checkpoint: Path | None) -> dict:
+    """Train (selecting the best epoch on the validation split) and return the best epoch's test metrics."""
+    valid_loader, test_loader = accelerator.prepare(loaders["valid"], loaders["test"])
+    signature = {"table_sha256": file_sha256(args.table or args.data_root / task.table), "fraction": args.fraction,
+                 "train_rows": len(loaders["train"].dataset)}
+    run = TrainingRun(accelerator, args, model, processor, loaders["train"], base=BaseModel.of(model, args.model),
+                      selection=task.selection, signature=signature, resume_checkpoint=resume_checkpoint,
+                      project_name=f"ace_lora_{task.name}")
+
+    def validate(epoch: int) -> dict:
+        metrics = evaluate_head(task, accelerator, run.model, valid_loader)
+        return {f"valid_{name}": value for name, value in metrics.items()}
+
+    run.train(head_loss, validate)
+    run.restore_best()
+    metrics = evaluate_head(task, accelerator, run.model, test_loader)
+    run.finish()
+    return metrics
 
 
 __all__ = ["DETECTION", "SEGMENTATION", "DetectionSet", "SegmentationSet", "Task", "boxes_in_crop", "evaluate_head",
