@@ -283,6 +283,18 @@ def test_evaluate_only_reproduces_the_test_metrics_from_the_light_best(tiny_hub_
     assert json.loads((run / "test_results.json").read_text())["metrics"] == pytest.approx(expected)
 
 
+def test_a_stopped_fine_tune_resumes_to_the_same_head(tiny_hub_folder, downstream_data, tmp_path):
+    common = ("--model", tiny_hub_folder, "--data_root", downstream_data, "--num_epochs", 2, "--checkpointing_steps", 1,
+              "--learning_rate", "3e-3", *COMMON)
+    finetune("detection", *common, "--output_dir", tmp_path / "straight")
+    finetune("detection", *common, "--output_dir", tmp_path / "stopped", "--max_train_steps", 3)
+    finetune("detection", *common, "--output_dir", tmp_path / "stopped", "--resume_from_checkpoint", "latest")
+    expected, actual = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "stopped"))
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+    assert [json.loads((tmp_path / run / "test_results.json").read_text()) for run in ("straight", "stopped")] == [
+        json.loads((tmp_path / "straight" / "test_results.json").read_text())] * 2
+
+
 def test_save_full_best_makes_a_loadable_head_folder(tiny_hub_folder, downstream_data, tmp_path):
     run = tmp_path / "run"
     finetune("detection", "--model", tiny_hub_folder, "--data_root", downstream_data, "--output_dir", run,
