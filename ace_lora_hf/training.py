@@ -804,7 +804,8 @@ class TrainingRun:
         """Put the weights of the best epoch (`best/`) back into the model; without one (`--max_train_steps` ended the
         run before an epoch did), the model keeps the last step's."""
         if not is_checkpoint(self.output_dir / "best"):
-            logger.warning("No epoch was completed, so there is no best epoch: the model keeps the last step's weights.")
+            logger.warning("No epoch was completed, so there is no best epoch: the model keeps the last step's "
+                           "weights.")
             return
         load_trained_weights(self.unwrapped_model, self.output_dir / "best")
 
