@@ -1,11 +1,18 @@
-"""Image-report pairs for training: a CSV or JSON-lines table read with `datasets`, images decoded lazily."""
+"""Tables of training and evaluation data: one reader for every prepared table, the image-report pairs of
+pretraining and the image-label rows of zero-shot validation. Images are decoded lazily, in DataLoader workers.
+
+Every problem a table can have (missing file or column, malformed CSV, an encoding other than UTF-8, a value that is
+not what its column holds, a missing image) is a `DataFormatError` naming the file, the row and the column, found
+when the table is read, before any model is loaded.
+"""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pandas as pd
 import torch
 from transformers.utils import logging
 
@@ -22,6 +29,99 @@ CHEXPERT_LABELS = (
     "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
     "Pneumothorax", "Support Devices",
 )
+TABLE_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+
+
+def read_table(
+    path: str | Path,
+    columns: Sequence[str],
+    option: str = "--table",
+    split: str | None = None,
+    split_column: str = "split",
+    column_advice: str = "",
+) -> pd.DataFrame:
+    """The rows of a CSV or JSON-lines table as strings (an empty cell is `""`), checked to have `columns`.
+
+    With `split`, only the rows whose `split_column` holds it. The frame's index is each row's 1-based number among
+    the table's data rows (the header is not counted), for messages.
+    """
+    path = Path(path)
+    frame = _read_frame(path, option)
+    wanted = [*columns, *([split_column] if split else [])]
+    missing = [name for name in wanted if name not in frame.columns]
+    if missing:
+        raise DataFormatError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; found "
+                              f"{list(frame.columns)}. {column_advice}".rstrip())
+    frame.index = range(1, len(frame) + 1)
+    if split:
+        frame = frame[frame[split_column] == split]
+    if frame.empty:
+        where = f" in split {split!r} (column {split_column!r})" if split else ""
+        raise DataFormatError(f"{path}: no rows{where}.")
+    return frame
+
+
+def _read_frame(path: Path, option: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataFormatError(f"{option} {path}: no such file" + (" (a folder)" if path.is_dir() else "") + ".")
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataFormatError(f"{option} {path}: expected a .csv or .jsonl table, got {suffix or 'no suffix'}.")
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        return pd.read_json(path, lines=True, dtype=False, convert_dates=False, encoding="utf-8").map(_as_text)
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save the table as "
+                              "UTF-8.") from None
+    except pd.errors.EmptyDataError:
+        raise DataFormatError(f"{path}: the file is empty; expected a header row and data rows.") from None
+    except pd.errors.ParserError as error:
+        raise DataFormatError(f"{path}: not a well-formed CSV table ({' '.join(str(error).split())}).") from None
+    except ValueError as error:  # pandas' JSON reader
+        raise DataFormatError(f"{path}: not a JSON-lines table, one object per line ({error}).") from None
+
+
+def _as_text(value) -> str:
+    """A JSON value as the text a CSV cell would hold (null -> "")."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def numbered_rows(frame: pd.DataFrame) -> Iterator[tuple[int, dict]]:
+    """`(row number, record)` of each row of a table read by `read_table`."""
+    return zip(frame.index, frame.to_dict("records"))
+
+
+def parse_number(value: str, allowed: Sequence[float], path: Path, row: int, column: str,
+                 allow_empty: bool = True) -> float:
+    """A table cell that must be one of `allowed`, or empty (NaN: a missing value) if `allow_empty`."""
+    if allow_empty and value.strip() == "":
+        return math.nan
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if number not in allowed:
+        expected = ", ".join(f"{v:g}" for v in allowed) + (" or empty" if allow_empty else "")
+        raise DataFormatError(f"{path}, row {row}: column {column!r} is {value!r}; expected one of {expected}.")
+    return number
+
+
+def missing_file(root: Path, relative: str, column: str) -> str | None:
+    """What is wrong with the file a cell names (relative to `root`), or None if it exists."""
+    if not relative:
+        return f"no file name in column {column!r}"
+    if not (root / relative).is_file():
+        return f"file {root / relative} (column {column!r}) not found"
+    return None
+
+
+# ----------------------------------------------------------------------------------------- image-report pairs
 
 
 @dataclass
@@ -30,31 +130,8 @@ class ImageTextColumns:
 
     image: str = "image"
     text: str = "report"
-    split: str | None = "split"
+    split: str = "split"
     labels: Sequence[str] = field(default_factory=lambda: CHEXPERT_LABELS)
-
-
-def _read_table(path: Path) -> datasets.Dataset:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found.")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return datasets.Dataset.from_csv(str(path), keep_default_na=True)
-    if suffix in (".jsonl", ".json"):
-        return datasets.Dataset.from_json(str(path))
-    raise DataFormatError(f"{path}: expected a .csv or .jsonl table, got {suffix or 'no suffix'}.")
-
-
-def _label_value(value, path: Path, row: int, column: str) -> float:
-    if value is None or value == "":
-        return math.nan
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DataFormatError(f"{path}, row {row}: label {column!r} is {value!r}, not a number.") from None
-    if not (math.isnan(number) or number in (-1.0, 0.0, 1.0)):
-        raise DataFormatError(f"{path}, row {row}: label {column!r} is {value!r}; expected 1, 0, -1 or empty.")
-    return number
 
 
 def load_image_text_dataset(
@@ -63,66 +140,55 @@ def load_image_text_dataset(
     image_root: str | Path | None = None,
     split: str | None = None,
     skip_bad_rows: bool = False,
+    option: str = "--train_file",
 ) -> datasets.Dataset:
     """Read and check an image-report table.
 
-    Returns a dataset with `image` (resolved path), `text`, `row` (the table's 1-based data row, for messages)
-    and, with label columns, `labels` (floats; NaN and -1 kept, the loss treats both as absent). A row whose
-    image file is missing or whose report is empty raises `DataFormatError`, or is dropped and counted when
-    `skip_bad_rows`.
+    Returns a dataset (Arrow-backed, so DataLoader workers share it rather than copy it) with `image` (resolved
+    path), `text`, `row` (the table's 1-based data row, for messages) and, with label columns, `labels` (floats; NaN
+    and -1 kept, the loss treats both as absent). A row whose image file is missing or whose report is empty raises
+    `DataFormatError`, or is dropped and counted when `skip_bad_rows`; a label that is not 1, 0, -1 or empty always
+    raises.
     """
     path = Path(path)
-    table = _read_table(path)
-    wanted = [columns.image, columns.text, *columns.labels] + ([columns.split] if split else [])
-    missing = [name for name in wanted if name not in table.column_names]
-    if missing:
-        raise DataFormatError(
-            f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {table.column_names}. "
-            "Name yours with --image-column / --text-column / --label-columns (or --no-labels)."
-        )
+    advice = "Name yours with --image_column / --text_column / --label_columns (or --no_labels)."
+    frame = read_table(path, [columns.image, columns.text, *columns.labels], option, split, columns.split, advice)
     root = Path(image_root) if image_root is not None else path.parent
-    records, skipped = [], 0
-    for row, record in enumerate(table, start=1):
-        if split and record[columns.split] != split:
-            continue
-        problem = _row_problem(record, columns, root)
+    records, skipped = {"image": [], "text": [], "row": [], "labels": []}, 0
+    for row, record in numbered_rows(frame):
+        labels = [parse_number(record[name], (1.0, 0.0, -1.0), path, row, name) for name in columns.labels]
+        problem = missing_file(root, record[columns.image], columns.image)
+        if problem is None and not record[columns.text].strip():
+            problem = f"empty report in column {columns.text!r}"
         if problem:
             if not skip_bad_rows:
-                raise DataFormatError(f"{path}, row {row}: {problem} (pass --skip-bad-rows to drop such rows).")
+                raise DataFormatError(f"{path}, row {row}: {problem} (pass --skip_bad_rows to drop such rows).")
             skipped += 1
             continue
-        item = {"image": str(root / record[columns.image]), "text": record[columns.text].strip(), "row": row}
-        if columns.labels:
-            item["labels"] = [_label_value(record[name], path, row, name) for name in columns.labels]
-        records.append(item)
+        records["image"].append(str(root / record[columns.image]))
+        records["text"].append(record[columns.text].strip())
+        records["row"].append(row)
+        records["labels"].append(labels)
     if skipped:
-        logger.warning("%s: skipped %d bad row(s) of %d.", path, skipped, skipped + len(records))
-    if not records:
+        logger.warning("%s: skipped %d bad row(s) of %d.", path, skipped, len(frame))
+    if not records["row"]:
         raise DataFormatError(f"{path}: no usable rows" + (f" in split {split!r}." if split else "."))
-    return datasets.Dataset.from_list(records)
-
-
-def _row_problem(record: dict, columns: ImageTextColumns, root: Path) -> str | None:
-    image, text = record[columns.image], record[columns.text]
-    if not isinstance(image, str) or not image:
-        return f"no image path in column {columns.image!r}"
-    if not (root / image).is_file():
-        return f"image file {root / image} not found"
-    if not isinstance(text, str) or not text.strip():
-        return f"empty report in column {columns.text!r}"
-    return None
+    if not columns.labels:
+        del records["labels"]
+    return datasets.Dataset.from_dict(records)
 
 
 class ImageTextCollator:
-    """Turns dataset rows into a model batch: decodes images (in DataLoader workers) and tokenizes reports.
+    """Turns dataset rows into a model batch: decodes images (in DataLoader workers) and tokenizes reports with the
+    processor, which owns the tokenisation settings (context length, padding, truncation).
 
     With `skip_bad_images`, an unreadable image drops its row from the batch and is counted in the batch's
-    `num_skipped`; otherwise it raises `ImageLoadError` naming the table row and the file.
+    `num_skipped` (a batch may end up with no rows: only `num_skipped`); otherwise it raises `ImageLoadError` naming
+    the table row and the file.
     """
 
-    def __init__(self, processor: AceLoraProcessor, context_length: int, skip_bad_images: bool = False):
+    def __init__(self, processor: AceLoraProcessor, skip_bad_images: bool = False):
         self.processor = processor
-        self.context_length = context_length
         self.skip_bad_images = skip_bad_images
 
     def _load(self, item: dict):
@@ -140,19 +206,49 @@ class ImageTextCollator:
         if not kept:
             return {"num_skipped": num_skipped}
         items, images = zip(*kept)
-        tokens = self.processor.tokenizer(
-            [item["text"] for item in items], padding="max_length", truncation=True,
-            max_length=self.context_length, return_tensors="pt",
-        )
-        batch = {
-            "pixel_values": self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"],
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "num_skipped": num_skipped,
-        }
+        inputs = self.processor(images=list(images), text=[item["text"] for item in items], return_tensors="pt")
+        batch = {name: inputs[name] for name in ("pixel_values", "input_ids", "attention_mask")}
+        batch["num_skipped"] = num_skipped
         if "labels" in items[0]:
             batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=torch.float32)
         return batch
 
 
-__all__ = ["CHEXPERT_LABELS", "ImageTextCollator", "ImageTextColumns", "load_image_text_dataset"]
+# ------------------------------------------------------------------------------------------ image-label rows
+
+
+def read_image_labels(path: str | Path, image_root: str | Path | None, num_classes: int = 2,
+                      option: str = "--validation_file") -> list[tuple[Path, int]]:
+    """The rows `Path` (an image, relative to `image_root`, default the table's folder) and `Target` (a class index)
+    of a prepared classification table (RSNA-style), every row checked."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    classes = tuple(float(index) for index in range(num_classes))
+    items = []
+    for row, record in numbered_rows(read_table(path, ["Path", "Target"], option)):
+        problem = missing_file(root, record["Path"], "Path")
+        if problem:
+            raise DataFormatError(f"{path}, row {row}: {problem}.")
+        target = parse_number(record["Target"], classes, path, row, "Target", allow_empty=False)
+        items.append((root / record["Path"], int(target)))
+    return items
+
+
+class ImageClassificationSet(torch.utils.data.Dataset):
+    """Images with their class (see `read_image_labels`) as `{"pixel_values", "labels"}` items."""
+
+    def __init__(self, items: list[tuple[Path, int]], image_processor):
+        self.items, self.image_processor = items, image_processor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path, target = self.items[index]
+        pixels = self.image_processor(load_image(path), return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "labels": target}
+
+
+__all__ = ["CHEXPERT_LABELS", "ImageClassificationSet", "ImageTextCollator", "ImageTextColumns",
+           "load_image_text_dataset", "missing_file", "numbered_rows", "parse_number",
+           "read_image_labels", "read_table"]

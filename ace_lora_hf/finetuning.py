@@ -1,67 +1,145 @@
-"""Fine-tuning of the downstream heads on the frozen ACE-LoRA encoder (SIIM segmentation, RSNA detection).
+"""Fine-tuning of the downstream heads on the frozen ACE-LoRA encoder (SIIM segmentation, RSNA detection): the tasks,
+their data, their evaluation and the run (`examples/finetune_*.py` parse the options and call `run_finetuning`).
 
-The protocol of medical vision-language pre-training papers (GLoRIA, MGCA): the image encoder is frozen and only
-the task head trains, on 1%, 10% or 100% of the training split (`--fraction`, seeded); the model of the best
-validation epoch is kept and reported on the test split. Images and masks are resized to the encoder's 224 px
-(masks with nearest neighbours) and evaluated there; boxes are mapped into the 224 px frame and back with the same
-resize and crop, which leaves IoU, and so mAP, unchanged for the square RSNA images.
+The protocol of medical vision-language pre-training papers (GLoRIA, MGCA): the image encoder is frozen and only the
+task head trains, on 1%, 10% or 100% of the training split (`--fraction`, seeded); the epoch with the best validation
+metric is kept (segmentation: Dice over the pneumothorax-positive images; detection: the RSNA mAP) and reported on the
+test split. Images and masks are resized and cropped as the image processor does (masks with nearest neighbours) and
+evaluated in that frame; boxes are mapped into it with the processor's own resize and crop.
 """
 
 import argparse
 import json
-import logging
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-from transformers import AutoProcessor, get_cosine_schedule_with_warmup
-from transformers.image_utils import PILImageResampling
+from torch.utils.data import Dataset
+from transformers.image_transforms import center_to_corners_format, corners_to_center_format, \
+    get_resize_output_image_size
+from transformers.image_utils import ChannelDimension, PILImageResampling
+from transformers.utils import logging
 
+from .data import missing_file, numbered_rows, read_table
+from .errors import DataFormatError, InvalidArgumentError
 from .image_loading import load_image
 from .metrics import detection_map, dice_metrics
-from .modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation
-from .training_utils import TrainingProgress, check_output_dir, resume, save_checkpoint, save_model
+from .modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, box_area
+from .training import (BaseModel, Selection, TrainingArgumentParser, TrainingRun, add_training_options,
+                       build_accelerator, data_loader, file_sha256, json_safe, load_trained_model, prepare_output_dir,
+                       write_json)
 
 
-logger = get_logger(__name__)
+logger = logging.get_logger(__name__)
 
 
-def read_split(table: Path, split: str, columns: list[str], fraction: float = 1.0, seed: int = 0) -> list[dict]:
-    """Rows of `split` in a dataset_prep table, subsampled to `fraction` (seeded) for training."""
-    if not table.is_file():
-        raise SystemExit(f"{table} not found: run the dataset's dataset_prep script first.")
-    frame = pd.read_csv(table, dtype=str, keep_default_na=False)
-    missing = [c for c in ["split", *columns] if c not in frame.columns]
-    if missing:
-        raise SystemExit(f"{table}: missing column(s) {missing}; found {list(frame.columns)}.")
-    rows = frame[frame["split"] == split].to_dict("records")
-    if not rows:
-        raise SystemExit(f"{table}: no rows in split {split!r}.")
+@dataclass(frozen=True)
+class Task:
+    """A downstream task: its head, its prepared table and how its best epoch is chosen."""
+
+    name: str
+    model_class: type
+    table: str  # the file name dataset_prep gives the table
+    columns: tuple[str, ...]
+    selection: Selection
+    dataset: str  # the benchmark's name, as results and model cards report it
+    config_overrides: dict = field(default_factory=dict)
+
+
+SEGMENTATION = Task("segmentation", AceLoraForSegmentation, "siim_segmentation.csv", ("Path", "Mask"),
+                    Selection("valid_dice_positive", higher_is_better=True), "SIIM-ACR Pneumothorax")
+DETECTION = Task("detection", AceLoraForObjectDetection, "rsna_detection.csv", ("Path", "boxes"),
+                 Selection("valid_map", higher_is_better=True), "RSNA Pneumonia", {"num_labels": 1})
+
+
+def finetuning_parser(task: Task, description: str | None) -> TrainingArgumentParser:
+    """The options of a fine-tuning script: model and data, then those of every training script."""
+    parser = TrainingArgumentParser(description)
+    data = parser.add_argument_group("model and data")
+    add = parser.add_option
+    add("model", data, required=True,
+        help="ACE-LoRA folder or Hub id (the encoder), or a head saved by an earlier run (final/, best/).")
+    add("data_root", data, type=Path, required=True, help="The dataset's image root (dataset_prep's --input).")
+    add("table", data, type=Path, help=f"The prepared table (default: DATA_ROOT/{task.table}).")
+    if task is SEGMENTATION:
+        add("mask_root", data, type=Path, help="Folder the Mask paths are relative to (default: the table's folder).")
+    add("fraction", data, type=float, default=1.0, help="Share of the training split: 0.01, 0.1 or 1.0.")
+    add("evaluate_only", data, action="store_true", help="Only report the test metrics of --model.")
+    add_training_options(parser, num_epochs=50, batch_size=16, learning_rate=5e-4, weight_decay=1e-6,
+                         warmup_epochs=0.0, seed=42)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+def read_split(task: Task, args: argparse.Namespace, split: str, fraction: float = 1.0) -> list[dict]:
+    """Rows of `split` in the task's prepared table, every file and value checked, subsampled to `fraction`
+    (seeded) for training."""
+    table = args.table or args.data_root / task.table
+    frame = read_table(table, task.columns, "--table", split=split)
+    rows = []
+    for row, record in numbered_rows(frame):
+        problem = missing_file(args.data_root, record["Path"], "Path")
+        if problem is None and task is SEGMENTATION:
+            problem = missing_file(args.mask_root or table.parent, record["Mask"], "Mask")
+        if problem:
+            raise DataFormatError(f"{table}, row {row}: {problem}.")
+        if task is DETECTION:
+            record["boxes"] = _parse_boxes(record["boxes"], table, row)
+        rows.append(record)
     if fraction < 1.0:
-        rows = random.Random(seed).sample(rows, max(1, round(fraction * len(rows))))
+        rows = random.Random(args.seed).sample(rows, max(1, round(fraction * len(rows))))
     return rows
 
 
-def _crop_geometry(height: int, width: int, size: int) -> tuple[float, int, int]:
-    """Scale and (top, left) offset of the processor's shorter-side resize and center crop (torchvision's)."""
-    if height <= width:
-        new_height, new_width = size, int(size * width / height)
-    else:
-        new_height, new_width = int(size * height / width), size
-    return size / min(height, width), int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+def _parse_boxes(text: str, table: Path, row: int) -> list[list[float]]:
+    try:
+        boxes = json.loads(text or "[]")
+        valid = isinstance(boxes, list) and all(
+            isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+            and box[2] > box[0] and box[3] > box[1] for box in boxes)
+    except json.JSONDecodeError:
+        valid = False
+    if not valid:
+        raise DataFormatError(f"{table}, row {row}: column 'boxes' is {text[:60]!r}; expected a JSON list of "
+                              "[x1, y1, x2, y2] pixel boxes with x2 > x1 and y2 > y1 (e.g. [] or [[10, 20, 110, 90]]).")
+    return boxes
+
+
+def processed_window(image_processor, height: int, width: int) -> tuple[float, float, int, int]:
+    """Where the image processor puts an image of `height` x `width`: the horizontal and vertical scale of its resize
+    and the left and top of its center crop in the resized image. Both are read off the processor: its resize size
+    from its shortest-edge rule (transformers' `get_resize_output_image_size`, which it resizes with), its crop by
+    applying its own `center_crop` to zero-copy images of row and column indices."""
+    shape_only = np.broadcast_to(np.uint8(0), (1, height, width))
+    resized_height, resized_width = get_resize_output_image_size(
+        shape_only, image_processor.size.shortest_edge, default_to_square=False,
+        input_data_format=ChannelDimension.FIRST)
+    crop = image_processor.crop_size
+    shape = (1, resized_height, resized_width)
+    rows = np.broadcast_to(np.arange(resized_height)[None, :, None], shape)
+    columns = np.broadcast_to(np.arange(resized_width)[None, None, :], shape)
+    top = int(image_processor.center_crop(rows, crop)[0, 0, 0])
+    left = int(image_processor.center_crop(columns, crop)[0, 0, 0])
+    return resized_width / width, resized_height / height, left, top
+
+
+def boxes_in_crop(boxes: list[list[float]], image_processor, height: int, width: int) -> torch.Tensor:
+    """Pixel boxes (x1, y1, x2, y2) of an image of `height` x `width` as normalised (cx, cy, w, h) boxes of the
+    processor's crop; parts outside the crop are cut off and boxes left empty are dropped."""
+    scale_x, scale_y, left, top = processed_window(image_processor, height, width)
+    crop = torch.tensor([image_processor.crop_size.width, image_processor.crop_size.height] * 2, dtype=torch.float32)
+    corners = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * torch.tensor([scale_x, scale_y] * 2)
+    corners = torch.minimum((corners - torch.tensor([left, top] * 2)).clamp(min=0), crop)
+    return corners_to_center_format(corners[box_area(corners) > 0] / crop)
 
 
 class SegmentationSet(Dataset):
-    """SIIM rows (`Path`, `Mask`) as normalised pixels and 0/1 masks at the processor's crop size."""
+    """SIIM rows (`Path`, `Mask`) as `{"pixel_values", "labels"}` with 0/1 masks in the processor's crop."""
 
     def __init__(self, rows: list[dict], image_root: Path, mask_root: Path, image_processor):
         self.rows, self.image_root, self.mask_root, self.image_processor = rows, image_root, mask_root, image_processor
@@ -69,206 +147,132 @@ class SegmentationSet(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         pixels = self.image_processor(load_image(self.image_root / row["Path"]), return_tensors="pt")["pixel_values"]
         mask = load_image(self.mask_root / row["Mask"])
         mask = self.image_processor(mask, do_rescale=False, do_normalize=False, resample=PILImageResampling.NEAREST,
                                     return_tensors="np")["pixel_values"][0, 0]
-        return pixels[0], torch.from_numpy(mask > 127).long()
+        return {"pixel_values": pixels[0], "labels": torch.from_numpy(mask > 127).long()}
 
 
 class DetectionSet(Dataset):
-    """RSNA rows (`Path`, `boxes` JSON in pixels) as pixels and DETR-style targets in the crop's frame."""
+    """RSNA rows (`Path`, `boxes` in pixels) as `{"pixel_values", "labels"}`, the labels DETR-style targets of the
+    processor's crop."""
 
     def __init__(self, rows: list[dict], image_root: Path, image_processor):
         self.rows, self.image_root, self.image_processor = rows, image_root, image_processor
-        self.size = image_processor.crop_size["height"]
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         image = load_image(self.image_root / row["Path"])
         pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
-        scale, top, left = _crop_geometry(image.height, image.width, self.size)
-        boxes = torch.tensor(json.loads(row["boxes"]), dtype=torch.float32).reshape(-1, 4) * scale
-        boxes = (boxes - torch.tensor([left, top, left, top])).clamp(0, self.size)
-        boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
-        centre_size = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], -1) / self.size
-        return pixels, {"class_labels": torch.zeros(len(boxes), dtype=torch.long), "boxes": centre_size,
-                        "boxes_xyxy": boxes}
+        boxes = boxes_in_crop(row["boxes"], self.image_processor, image.height, image.width)
+        return {"pixel_values": pixels,
+                "labels": {"class_labels": torch.zeros(len(boxes), dtype=torch.long), "boxes": boxes}}
 
 
-def collate_detection(items):
-    return torch.stack([pixels for pixels, _ in items]), [target for _, target in items]
+def collate_detection(items: list[dict]) -> dict:
+    return {"pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "labels": [item["labels"] for item in items]}
 
 
-@dataclass(frozen=True)
-class Task:
-    name: str
-    model_class: type
-    table: str
-    columns: tuple[str, ...]
-    metric: str  # the validation metric that selects the best epoch (higher is better)
-    config_overrides: dict = field(default_factory=dict)
-
-
-TASKS = {
-    "segmentation": Task("segmentation", AceLoraForSegmentation, "siim_segmentation.csv", ("Path", "Mask"),
-                         "dice_per_image"),
-    "detection": Task("detection", AceLoraForObjectDetection, "rsna_detection.csv", ("Path", "boxes"), "map",
-                      {"num_labels": 1}),
-}
-
-
-def build_dataset(task: Task, args, split: str, image_processor, fraction: float = 1.0) -> Dataset:
-    table = args.table or args.data_root / task.table
-    rows = read_split(table, split, list(task.columns), fraction, args.seed)
-    if task.name == "segmentation":
+def build_dataset(task: Task, args: argparse.Namespace, rows: list[dict], image_processor) -> Dataset:
+    if task is SEGMENTATION:
+        table = args.table or args.data_root / task.table
         return SegmentationSet(rows, args.data_root, args.mask_root or table.parent, image_processor)
     return DetectionSet(rows, args.data_root, image_processor)
 
 
-def _loader(task: Task, dataset: Dataset, args, shuffle: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers,
-                      collate_fn=collate_detection if task.name == "detection" else None,
-                      generator=torch.Generator().manual_seed(args.seed))
+# ------------------------------------------------------------------------------------------------------ steps
+
+
+def head_loss(model, batch: dict) -> torch.Tensor:
+    """The loss of a batch: the head's own (Dice + BCE for segmentation, focal + GIoU + centerness for detection)."""
+    return model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
 
 
 @torch.no_grad()
-def evaluate(task: Task, accelerator: Accelerator, model, loader) -> dict[str, float]:
+def evaluate_head(task: Task, accelerator: Accelerator, model, loader) -> dict:
+    """The task's metrics over `loader` (every process's share gathered)."""
     model.eval()
-    unwrapped = accelerator.unwrap_model(model)
+    if task is SEGMENTATION:
+        predicted, true = [], []
+        for batch in loader:
+            masks = model(pixel_values=batch["pixel_values"]).logits[:, 0] > 0
+            masks, labels = accelerator.gather_for_metrics((masks, batch["labels"]))
+            predicted.append(masks.cpu().numpy())
+            true.append(labels.cpu().numpy())
+        return dice_metrics(np.concatenate(predicted), np.concatenate(true))
     predictions, truths = [], []
-    for pixels, targets in loader:
-        outputs = model(pixel_values=pixels)
-        if task.name == "segmentation":
-            masks, targets = accelerator.gather_for_metrics(((outputs.logits[:, 0] > 0), targets))
-            predictions.append(masks.cpu().numpy())
-            truths.append(targets.cpu().numpy())
-        else:
-            size = pixels.shape[-1]
-            detections = unwrapped.post_process_object_detection(outputs, target_sizes=[(size, size)] * len(pixels))
-            batch = [({"boxes": d["boxes"].cpu().tolist(), "scores": d["scores"].cpu().tolist()},
-                      t["boxes_xyxy"].tolist()) for d, t in zip(detections, targets)]
-            predictions_and_truths = accelerator.gather_for_metrics(batch, use_gather_object=True)
-            predictions += [p for p, _ in predictions_and_truths]
-            truths += [t for _, t in predictions_and_truths]
-    model.train()
-    if task.name == "segmentation":
-        return dice_metrics(np.concatenate(predictions), np.concatenate(truths))
+    for batch in loader:
+        height, width = batch["pixel_values"].shape[-2:]
+        outputs = model(pixel_values=batch["pixel_values"])
+        detections = accelerator.unwrap_model(model).post_process_object_detection(
+            outputs, target_sizes=[(height, width)] * len(outputs.logits))
+        frame = torch.tensor([width, height, width, height])
+        pairs = [({"boxes": d["boxes"].cpu().tolist(), "scores": d["scores"].cpu().tolist()},
+                  (center_to_corners_format(t["boxes"].cpu()) * frame).tolist())
+                 for d, t in zip(detections, batch["labels"])]
+        for prediction, truth in accelerator.gather_for_metrics(pairs, use_gather_object=True):
+            predictions.append(prediction)
+            truths.append(truth)
     return detection_map(predictions, truths)
 
 
-def parse_args(task: Task, argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=f"Fine-tune the ACE-LoRA {task.name} head (frozen encoder).")
-
-    def add(name: str, **kwargs):
-        parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, **kwargs)
-
-    add("model", required=True, help="ACE-LoRA folder or Hub id (the encoder), or a saved head to continue.")
-    add("data_root", type=Path, required=True, help="The dataset's image root (dataset_prep's --input).")
-    add("table", type=Path, help=f"The prepared table (default: DATA_ROOT/{task.table}).")
-    if task.name == "segmentation":
-        add("mask_root", type=Path, help="Folder the Mask paths are relative to (default: the table's folder).")
-    add("output_dir", type=Path, required=True)
-    add("fraction", type=float, default=1.0, help="Share of the training split: 0.01, 0.1 or 1.0.")
-    add("num_epochs", type=int, default=50)
-    add("batch_size", type=int, default=16)
-    add("learning_rate", type=float, default=5e-4)
-    add("weight_decay", type=float, default=1e-6)
-    add("seed", type=int, default=42)
-    add("mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    add("num_workers", type=int, default=4)
-    add("cpu", action="store_true", help="Train on the CPU (several processes with --multi_gpu launches).")
-    add("checkpointing_steps", type=int, default=0, help="Also save the training state every N steps.")
-    add("keep_checkpoints", type=int, default=3)
-    add("resume_from_checkpoint", help="A checkpoint folder, or 'latest'.")
-    add("overwrite_output_dir", action="store_true")
-    add("report_to", choices=["none", "tensorboard", "wandb"], default="none")
-    add("evaluate_only", action="store_true", help="Only report the test metrics of --model.")
-    return parser.parse_args(argv)
+# -------------------------------------------------------------------------------------------------------- run
 
 
-def run(task_name: str, argv=None) -> dict:
-    """The whole fine-tuning: train with model selection on validation, then report on test."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    task = TASKS[task_name]
-    args = parse_args(task, argv)
+def run_finetuning(task: Task, args: argparse.Namespace) -> dict:
+    """Train the head with model selection on the validation split, then report the best epoch on the test split
+    (`test_results.json`); with `--evaluate_only`, only report `--model` on the test split."""
     if not 0 < args.fraction <= 1:
-        raise SystemExit(f"--fraction must be in (0, 1], got {args.fraction}.")
-    accelerator = Accelerator(
-        cpu=args.cpu, mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    set_seed(args.seed)
-    check_output_dir(args.output_dir, bool(args.resume_from_checkpoint) or args.evaluate_only,
-                     args.overwrite_output_dir)
-    if accelerator.is_main_process:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-    model = task.model_class.from_pretrained(args.model, **task.config_overrides)
-    processor = AutoProcessor.from_pretrained(args.model)
-    image_processor = processor.image_processor
-    test_loader = _loader(task, build_dataset(task, args, "test", image_processor), args, shuffle=False)
-    if not args.evaluate_only:
-        train(task, args, accelerator, model, processor, image_processor)
-        model = task.model_class.from_pretrained(args.output_dir / "best")
-    model, test_loader = accelerator.prepare(model, test_loader)
-    metrics = evaluate(task, accelerator, model, test_loader)
-    results = {"task": task.name, "fraction": args.fraction, "test": metrics}
-    accelerator.print(json.dumps(results, indent=2))
-    if accelerator.is_main_process:
-        (args.output_dir / "test_results.json").write_text(json.dumps(results, indent=2))
-    accelerator.end_training()
+        raise InvalidArgumentError(f"--fraction must be in (0, 1], got {args.fraction}.")
+    accelerator = build_accelerator(args)
+    splits = ("test",) if args.evaluate_only else ("train", "valid", "test")
+    rows = {split: read_split(task, args, split, args.fraction if split == "train" else 1.0) for split in splits}
+    with prepare_output_dir(accelerator, args, reuse=args.evaluate_only) as resume_checkpoint:
+        model, processor = load_trained_model(args.model, task.model_class, **task.config_overrides)
+        loaders = {split: data_loader(build_dataset(task, args, split_rows, processor.image_processor), args,
+                                      shuffle=split == "train",
+                                      collate_fn=collate_detection if task is DETECTION else None)
+                   for split, split_rows in rows.items()}
+        if args.evaluate_only:
+            model, test_loader = accelerator.prepare(model, loaders["test"])
+            metrics = evaluate_head(task, accelerator, model, test_loader)
+        else:
+            metrics = _train_and_test(task, args, accelerator, model, processor, loaders, resume_checkpoint)
+        results = {"task": task.name, "dataset": task.dataset, "split": "test", "fraction": args.fraction,
+                   "model": str(args.model), "metrics": metrics}
+        accelerator.print(json.dumps(json_safe(results), indent=2))
+        if accelerator.is_main_process:
+            write_json(args.output_dir / "test_results.json", results)
     return results
 
 
-def train(task: Task, args, accelerator: Accelerator, model, processor, image_processor) -> None:
-    train_loader = _loader(task, build_dataset(task, args, "train", image_processor, args.fraction), args, True)
-    valid_loader = _loader(task, build_dataset(task, args, "valid", image_processor), args, shuffle=False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, len(train_loader) * args.num_epochs)
-    model, optimizer, train_loader, valid_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, valid_loader, scheduler)
-    progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
-    resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
-    if args.report_to != "none":
-        accelerator.init_trackers(f"ace_lora_{task.name}", config={k: str(v) for k, v in vars(args).items()})
-    bar = tqdm(total=len(train_loader) * args.num_epochs, initial=progress.completed_steps, unit="step",
-               disable=not accelerator.is_local_main_process, desc=task.name)
-    for epoch in range(progress.epoch, args.num_epochs):
-        model.train()
-        for pixels, targets in progress.epoch_batches(accelerator, train_loader):
-            loss = model(pixel_values=pixels, labels=targets).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            progress.record_step(accelerator, loss, bar)
-            if args.checkpointing_steps and progress.completed_steps % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, progress.completed_steps, args.keep_checkpoints)
-        validation = evaluate(task, accelerator, model, valid_loader)
-        record = {"epoch": epoch, "loss": progress.epoch_loss_sum / progress.step_in_epoch,
-                  **{f"valid_{k}": v for k, v in validation.items()}}
-        accelerator.print(json.dumps(record))
-        accelerator.log(record, step=progress.completed_steps)
-        progress.history.append(record)
-        score = -validation[task.metric] if not math.isnan(validation[task.metric]) else math.inf
-        is_best = score < progress.best_score or not (args.output_dir / "best").exists()
-        progress.best_score = min(progress.best_score, score)
-        progress.epoch, progress.step_in_epoch, progress.epoch_loss_sum = epoch + 1, 0, 0.0
-        if is_best:
-            save_model(accelerator, model, processor, args.output_dir / "best")
-        save_checkpoint(accelerator, args.output_dir, progress.completed_steps, args.keep_checkpoints)
-        if accelerator.is_main_process:
-            (args.output_dir / "training_history.json").write_text(json.dumps(progress.history, indent=2))
-    bar.close()
+def _train_and_test(task: Task, args: argparse.Namespace, accelerator: Accelerator, model, processor,
+                    loaders: dict, resume_checkpoint: Path | None) -> dict:
+    """Train (selecting the best epoch on the validation split) and return the best epoch's test metrics."""
+    valid_loader, test_loader = accelerator.prepare(loaders["valid"], loaders["test"])
+    signature = {"table_sha256": file_sha256(args.table or args.data_root / task.table), "fraction": args.fraction,
+                 "train_rows": len(loaders["train"].dataset)}
+    run = TrainingRun(accelerator, args, model, processor, loaders["train"], base=BaseModel.of(model, args.model),
+                      selection=task.selection, signature=signature, resume_checkpoint=resume_checkpoint,
+                      project_name=f"ace_lora_{task.name}")
+
+    def validate(epoch: int) -> dict:
+        metrics = evaluate_head(task, accelerator, run.model, valid_loader)
+        return {f"valid_{name}": value for name, value in metrics.items()}
+
+    run.train(head_loss, validate)
+    run.restore_best()
+    metrics = evaluate_head(task, accelerator, run.model, test_loader)
+    run.finish()
+    return metrics
 
 
-__all__ = ["TASKS", "DetectionSet", "SegmentationSet", "run"]
+__all__ = ["DETECTION", "SEGMENTATION", "DetectionSet", "SegmentationSet", "Task", "boxes_in_crop", "evaluate_head",
+           "finetuning_parser", "head_loss", "processed_window", "read_split", "run_finetuning"]

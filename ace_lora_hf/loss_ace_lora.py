@@ -4,6 +4,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 def binarize_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -18,6 +22,13 @@ def false_negative_mask(labels: torch.Tensor) -> torch.Tensor:
     same = (labels[:, None, :] == labels[None, :, :]).all(dim=-1)
     same.fill_diagonal_(False)
     return same
+
+
+def has_negatives(labels: torch.Tensor) -> bool:
+    """Whether label-guided InfoNCE keeps any negative pair in a batch: not when its (binarised) label vectors are all
+    the same, nor for a batch of one."""
+    labels = binarize_labels(labels)
+    return len(labels) > 1 and not bool((labels == labels[:1]).all())
 
 
 def label_guided_infonce(logits_per_image: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,30 +71,39 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 class LabelGuidedInfoNCELoss(nn.Module):
-    """Label-guided InfoNCE over the embeddings of a batch, optionally with every process's batch as negatives.
+    """Label-guided InfoNCE of a model output, optionally with every process's batch as negatives.
 
-    With `global_negatives` (and more than one process), image and text embeddings and labels are gathered from
-    all processes and each process computes the loss of the global batch, exactly the single-process loss on the
-    concatenated batch; gradients reach each process's own embeddings through the gather. Without it, each
-    process uses only its local batch, as the released ACE-LoRA training did.
+    Without `global_negatives` (or on one process) this is the loss of the model's own `logits_per_image`, each
+    process using only its local batch, as the released ACE-LoRA training did. With it, image and text embeddings and
+    labels are gathered from all processes and each process computes the loss of the global batch, exactly the
+    single-process loss on the concatenated batch; gradients reach each process's own embeddings through the gather.
+
+    A batch whose label vectors are all the same leaves no pair as a negative: its loss is 0 and it teaches nothing.
+    Such batches are counted in `batches_without_negatives`, with a warning the first time.
     """
 
     def __init__(self, global_negatives: bool = False):
         super().__init__()
         self.global_negatives = global_negatives
+        self.batches_without_negatives = 0
 
-    def forward(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        logit_scale: torch.Tensor,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if self.global_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            image_embeds = _GatherWithGrad.apply(image_embeds)
-            text_embeds = _GatherWithGrad.apply(text_embeds)
+    def _gathers(self) -> bool:
+        return self.global_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def forward(self, outputs, logit_scale: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`outputs`: an `AceLoraOutput` with `image_embeds`, `text_embeds` and `logits_per_image`."""
+        logits_per_image = outputs.logits_per_image
+        if self._gathers():
+            image_embeds = _GatherWithGrad.apply(outputs.image_embeds)
+            text_embeds = _GatherWithGrad.apply(outputs.text_embeds)
             labels = None if labels is None else _GatherWithGrad.apply(labels.float())
-        return label_guided_infonce(logit_scale * image_embeds @ text_embeds.t(), labels)
+            logits_per_image = logit_scale * image_embeds @ text_embeds.t()
+        if labels is not None and not has_negatives(labels):
+            if not self.batches_without_negatives:
+                logger.warning("A batch's label vectors are all the same, so the label-guided loss has no negatives "
+                               "for it (loss 0, nothing learnt); a larger batch or more varied labels avoid this.")
+            self.batches_without_negatives += 1
+        return label_guided_infonce(logits_per_image, labels)
 
 
-__all__ = ["LabelGuidedInfoNCELoss", "binarize_labels", "false_negative_mask", "label_guided_infonce"]
+__all__ = ["LabelGuidedInfoNCELoss", "binarize_labels", "false_negative_mask", "has_negatives", "label_guided_infonce"]

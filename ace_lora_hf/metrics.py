@@ -1,7 +1,15 @@
-"""Classification metrics as the ACE-LoRA evaluations define them (also served as `evaluate` modules)."""
+"""The metrics of ACE-LoRA's evaluations: classification, segmentation Dice and RSNA detection mAP (also served as
+`evaluate` modules)."""
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score
+from transformers.utils import logging
+
+from .modeling_ace_lora_heads import box_iou
+
+
+logger = logging.get_logger(__name__)
 
 
 def _as_arrays(scores, targets, expected_target_ndim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,11 +60,14 @@ def multilabel_metrics(scores, targets) -> dict[str, float | list[float]]:
     return {"auc": float(np.mean(defined)) if defined else float("nan"), "auc_per_class": per_class}
 
 
-def dice_metrics(predicted_masks, true_masks) -> dict[str, float]:
-    """Dice of binary masks (`[N, H, W]`, anything > 0 is foreground), averaged two ways.
+def dice_metrics(predicted_masks, true_masks) -> dict[str, float | int]:
+    """Dice of binary masks (`[N, H, W]`, anything > 0 is foreground), as the segmentation papers report it.
 
-    `dice_per_image`: the mean over images of each image's Dice, an image with neither a true nor a predicted
-    foreground counting as 1 (a correct empty prediction). `dice_pooled`: one Dice over all pixels of all images.
+    `dice_positive`: the mean Dice of the images with a true foreground (SIIM's pneumothorax-positive images); an
+    image without one has no Dice to contribute, and counting an empty prediction on it as a perfect 1 would reward a
+    model that predicts nothing on a mostly negative test set. `dice_pooled`: one Dice over all pixels of all images.
+    Either is NaN where it is undefined (no true foreground; no foreground at all). The counts say what the means rest
+    on, and a warning is logged when no image has a predicted foreground pixel.
     """
     predicted = np.asarray(predicted_masks) > 0
     true = np.asarray(true_masks) > 0
@@ -64,21 +75,20 @@ def dice_metrics(predicted_masks, true_masks) -> dict[str, float]:
         raise ValueError(f"Predicted masks {predicted.shape} and true masks {true.shape} differ in shape.")
     axes = tuple(range(1, predicted.ndim))
     overlap = (predicted & true).sum(axis=axes)
-    total = predicted.sum(axis=axes) + true.sum(axis=axes)
-    per_image = np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1))
-    pooled = 2 * overlap.sum() / total.sum() if total.sum() else 1.0
-    return {"dice_per_image": float(per_image.mean()), "dice_pooled": float(pooled)}
-
-
-def _areas(boxes: np.ndarray) -> np.ndarray:
-    return np.clip(boxes[:, 2:] - boxes[:, :2], 0, None).prod(-1)
-
-
-def _iou_matrix(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
-    top_left = np.maximum(boxes[:, None, :2], others[None, :, :2])
-    bottom_right = np.minimum(boxes[:, None, 2:], others[None, :, 2:])
-    intersection = np.clip(bottom_right - top_left, 0, None).prod(-1)
-    return intersection / np.maximum(_areas(boxes)[:, None] + _areas(others)[None, :] - intersection, 1e-12)
+    predicted_area, true_area = predicted.sum(axis=axes), true.sum(axis=axes)
+    positive = true_area > 0
+    per_positive_image = 2 * overlap[positive] / (predicted_area[positive] + true_area[positive])
+    total = predicted_area.sum() + true_area.sum()
+    if len(predicted) and not predicted_area.any():
+        logger.warning("No image has a predicted foreground pixel: the model predicts nothing (Dice 0 on every "
+                       "positive image).")
+    return {
+        "dice_positive": float(per_positive_image.mean()) if positive.any() else float("nan"),
+        "dice_pooled": float(2 * overlap.sum() / total) if total else float("nan"),
+        "num_images": int(len(predicted)),
+        "num_positive_images": int(positive.sum()),
+        "num_images_predicted_positive": int((predicted_area > 0).sum()),
+    }
 
 
 RSNA_IOU_THRESHOLDS = tuple(round(0.4 + 0.05 * step, 2) for step in range(8))  # 0.4, 0.45, ..., 0.75
@@ -104,7 +114,7 @@ def detection_map(predictions: list[dict], ground_truths: list[list], iou_thresh
         if not len(boxes) and not len(truth):
             continue
         boxes = boxes[np.argsort(-np.asarray(prediction["scores"], dtype=np.float64), kind="stable")]
-        iou = _iou_matrix(boxes, truth) if len(boxes) and len(truth) else np.zeros((len(boxes), len(truth)))
+        iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(truth)).numpy()
         precisions = []
         for threshold in iou_thresholds:
             matched, true_positives = set(), 0

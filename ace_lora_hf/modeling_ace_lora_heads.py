@@ -9,6 +9,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.image_transforms import center_to_corners_format, corners_to_center_format
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 
@@ -95,6 +96,55 @@ class AceLoraForSegmentation(AceLoraHeadModel):
         return SemanticSegmenterOutput(loss=loss, logits=logits)
 
 
+# ------------------------------------------------------------------------------------------------ box geometry
+# Boxes are corner boxes (x1, y1, x2, y2) in pixels unless a name says otherwise; the centre-size form of the model's
+# outputs and targets converts with transformers' `center_to_corners_format` / `corners_to_center_format`. The
+# detection head, the fine-tuning data and `metrics.detection_map` all measure boxes with these functions.
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Areas of `[..., 4]` corner boxes (x1, y1, x2, y2); an inverted box has area 0."""
+    return (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
+
+
+def _intersection_and_union(boxes: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union areas of corner boxes, broadcast over the leading dimensions."""
+    overlap = torch.cat([torch.maximum(boxes[..., :2], others[..., :2]),
+                         torch.minimum(boxes[..., 2:], others[..., 2:])], -1)
+    intersection = box_area(overlap)
+    return intersection, box_area(boxes) + box_area(others) - intersection
+
+
+def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU `[N, M]` of `[N, 4]` and `[M, 4]` corner boxes (x1, y1, x2, y2)."""
+    intersection, union = _intersection_and_union(boxes[:, None], others[None])
+    return intersection / union.clamp(min=1e-9)
+
+
+def generalized_iou_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean generalised-IoU loss of matching `[N, 4]` corner box pairs."""
+    intersection, union = _intersection_and_union(predicted, target)
+    enclosing = torch.cat([torch.minimum(predicted[..., :2], target[..., :2]),
+                           torch.maximum(predicted[..., 2:], target[..., 2:])], -1)
+    enclosing_area = box_area(enclosing).clamp(min=1e-9)
+    iou = intersection / union.clamp(min=1e-9)
+    return (1 - iou + (enclosing_area - union) / enclosing_area).mean()
+
+
+def non_maximum_suppression(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Indices of the boxes kept, highest score first (torchvision's `nms`, which is unavailable on CPU torch)."""
+    order = scores.argsort(descending=True)
+    keep = []
+    while order.numel():
+        best = order[0]
+        keep.append(best)
+        if order.numel() == 1:
+            break
+        overlaps = box_iou(boxes[best][None], boxes[order[1:]])[0]
+        order = order[1:][overlaps <= iou_threshold]
+    return torch.stack(keep) if keep else torch.empty(0, dtype=torch.long)
+
+
 # --------------------------------------------------------------------------------------------------- detection
 
 
@@ -112,43 +162,6 @@ class AceLoraObjectDetectionOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     centerness: torch.FloatTensor | None = None
-
-
-def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of `[N, 4]` and `[M, 4]` boxes (x1, y1, x2, y2)."""
-    top_left = torch.maximum(boxes[:, None, :2], others[None, :, :2])
-    bottom_right = torch.minimum(boxes[:, None, 2:], others[None, :, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
-    return intersection / (_box_area(boxes)[:, None] + _box_area(others)[None, :] - intersection).clamp(min=1e-9)
-
-
-def non_maximum_suppression(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Indices of the boxes kept, highest score first (torchvision's `nms`, which is unavailable on CPU torch)."""
-    order = scores.argsort(descending=True)
-    keep = []
-    while order.numel():
-        best = order[0]
-        keep.append(best)
-        if order.numel() == 1:
-            break
-        overlaps = box_iou(boxes[best][None], boxes[order[1:]])[0]
-        order = order[1:][overlaps <= iou_threshold]
-    return torch.stack(keep) if keep else torch.empty(0, dtype=torch.long)
-
-
-def _box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(-1)
-
-
-def _giou_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean generalised-IoU loss of matching `[N, 4]` box pairs (x1, y1, x2, y2)."""
-    intersection = (torch.minimum(predicted[:, 2:], target[:, 2:]) - torch.maximum(predicted[:, :2], target[:, :2]))
-    intersection = intersection.clamp(min=0).prod(-1)
-    union = _box_area(predicted) + _box_area(target) - intersection
-    enclosing = (torch.maximum(predicted[:, 2:], target[:, 2:]) - torch.minimum(predicted[:, :2], target[:, :2]))
-    enclosing = enclosing.clamp(min=0).prod(-1).clamp(min=1e-9)
-    iou = intersection / union.clamp(min=1e-9)
-    return (1 - iou + (enclosing - union) / enclosing).mean()
 
 
 def _per_class_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float):
@@ -220,15 +233,13 @@ class AceLoraForObjectDetection(AceLoraHeadModel):
         distances = distances * strides[None, :, None]
         corners = torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
         size = pixel_values.shape[-1]
-        pred_boxes = torch.cat([(corners[..., :2] + corners[..., 2:]) / 2, corners[..., 2:] - corners[..., :2]], -1)
-        pred_boxes = pred_boxes / size
+        pred_boxes = corners_to_center_format(corners) / size
         loss = None if labels is None else self._loss(logits, corners, centerness, points, strides, labels, size)
         return AceLoraObjectDetectionOutput(loss=loss, logits=logits, pred_boxes=pred_boxes, centerness=centerness)
 
     def _targets(self, points, strides, target: dict, size: int):
         """Per location: class (-1 background), its box in pixels and the centerness target."""
-        boxes = target["boxes"].to(points.device).float() * size
-        boxes = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1)
+        boxes = center_to_corners_format(target["boxes"].to(points.device).float() * size)
         classes = torch.full((points.shape[0],), -1, dtype=torch.long, device=points.device)
         if boxes.numel() == 0:
             return classes, points.new_zeros(points.shape[0], 4), points.new_zeros(points.shape[0])
@@ -260,7 +271,7 @@ class AceLoraForObjectDetection(AceLoraHeadModel):
             positive = classes >= 0
             positives += int(positive.sum())
             if positive.any():
-                total_box = total_box + _giou_loss(corners[index][positive], boxes[positive]) * positive.sum()
+                total_box = total_box + generalized_iou_loss(corners[index][positive], boxes[positive]) * positive.sum()
                 total_centerness = total_centerness + F.binary_cross_entropy_with_logits(
                     centerness[index][positive].float(), centerness_target[positive], reduction="sum")
         normaliser = max(positives, 1)
@@ -280,8 +291,7 @@ class AceLoraForObjectDetection(AceLoraHeadModel):
         scores_all = (outputs.logits.sigmoid() * outputs.centerness.sigmoid()[..., None]).sqrt()
         results = []
         for index, scores in enumerate(scores_all):
-            boxes = outputs.pred_boxes[index]
-            boxes = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1).clamp(0, 1)
+            boxes = center_to_corners_format(outputs.pred_boxes[index]).clamp(0, 1)
             if target_sizes is not None:
                 height, width = target_sizes[index]
                 boxes = boxes * boxes.new_tensor([width, height, width, height])
@@ -312,5 +322,5 @@ def _register_checkpoint_layouts() -> None:
 _register_checkpoint_layouts()
 
 
-__all__ = ["AceLoraForObjectDetection", "AceLoraForSegmentation", "AceLoraObjectDetectionOutput", "box_iou",
-           "non_maximum_suppression"]
+__all__ = ["AceLoraForObjectDetection", "AceLoraForSegmentation", "AceLoraObjectDetectionOutput", "box_area", "box_iou",
+           "generalized_iou_loss", "non_maximum_suppression"]

@@ -5,8 +5,15 @@ from transformers import ProcessorMixin
 
 class AceLoraProcessor(ProcessorMixin):
     r"""
-    Wraps an [`AceLoraImageProcessor`] and a BERT tokenizer. Texts are padded and truncated to the model's
-    256-token context, as BiomedCLIP was trained.
+    Wraps an [`AceLoraImageProcessor`] and a BERT tokenizer. Texts are padded and truncated to the model's text
+    context (`context_length`, the model config's `text_config.context_length`), as BiomedCLIP was trained: every
+    caller tokenizes through the processor (`processor(text=...)`) rather than repeating these settings.
+
+    Args:
+        image_processor ([`AceLoraImageProcessor`]): The image processor.
+        tokenizer ([`BertTokenizer`] or [`BertTokenizerFast`]): The tokenizer.
+        context_length (`int`, *optional*, defaults to 256): Tokens per text after padding and truncation; saved in
+            `processor_config.json` (folders without it are BiomedCLIP's 256).
 
     Example:
 
@@ -16,10 +23,14 @@ class AceLoraProcessor(ProcessorMixin):
     ```
     """
 
-    text_kwargs = {"padding": "max_length", "truncation": True, "max_length": 256}
-
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, context_length: int = 256, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
+        self.context_length = context_length
+
+    @property
+    def text_kwargs(self) -> dict:
+        """The tokenizer settings `ProcessorMixin` applies to every text (its per-processor defaults)."""
+        return {"padding": "max_length", "truncation": True, "max_length": self.context_length}
 
 
 __all__ = ["AceLoraProcessor"]

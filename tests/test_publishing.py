@@ -1,43 +1,70 @@
-"""Publishing: the staged Hub folder, its model card (whose snippet runs as written), adapter-only exports."""
+"""Publishing: the staged Hub folder, its model card (built from data, round-tripping through huggingface_hub, with
+snippets that run as written, claiming only the results of the model published), adapter-only exports."""
 
-import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-import yaml
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from transformers import AutoModelForSemanticSegmentation
 
-from ace_lora_hf import AceLoraModel
+from ace_lora_hf import AceLoraForSegmentation, AceLoraModel
+from ace_lora_hf import publish
 from ace_lora_hf.adapters import EXTRAS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, load_adapters, save_adapters
+from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import AdapterMismatchError, CheckpointError, OutputPathError
-from ace_lora_hf.model_card import PUBLISHED_RESULTS
+from ace_lora_hf.model_card import PUBLISHED_RESULTS, paper_results
+from ace_lora_hf.training import BaseModel, write_trained_weights
 
-from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora, populate_hub_cache
+from conftest import SAMPLES, AceLoraModelTester, perturb_lora, populate_hub_cache
 from test_loading import HUB_REPO_ID
 
 
-def _push_to_hub_module():
-    spec = importlib.util.spec_from_file_location("push_to_hub", REPO_ROOT / "examples" / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _released_is(folder):
+    """`publish` with the released model built from `folder` (the real one is converted from BiomedCLIP on the Hub)."""
+    real = publish.model_folder
+    return lambda source, *args, **kwargs: str(folder) if source in (None, "released") else real(source, *args,
+                                                                                                    **kwargs)
 
 
 @pytest.fixture(scope="module")
 def staged(tiny_hub_folder, tmp_path_factory):
-    staging = tmp_path_factory.mktemp("staging") / "repo"
-    return _push_to_hub_module().stage_repository(tiny_hub_folder, HUB_REPO_ID, staging)
+    """The released model's repository, as `ace-lora-publish --model released` stages it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(publish, "model_folder", _released_is(tiny_hub_folder))
+        return publish.stage_repository("released", HUB_REPO_ID, tmp_path_factory.mktemp("staging") / "repo")
 
 
-def _front_matter(card: str) -> dict:
-    match = re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL)
-    assert match, "the model card must open with YAML metadata"
-    return yaml.safe_load(match.group(1))
+@pytest.fixture(scope="module")
+def fine_tune(tiny_hub_folder, tmp_path_factory):
+    """A user's segmentation fine-tune: its light best/ (head weights + base reference) and its test results."""
+    run = tmp_path_factory.mktemp("seg_run")
+    torch.manual_seed(0)
+    head = AceLoraForSegmentation.from_pretrained(tiny_hub_folder, head_hidden_size=16)
+    with torch.no_grad():
+        head.classifier.bias.fill_(0.25)
+    (run / "best").mkdir()
+    write_trained_weights(head, run / "best", BaseModel.of(head, tiny_hub_folder), epoch=3)
+    results = {"task": "segmentation", "dataset": "SIIM-ACR Pneumothorax", "split": "test", "fraction": 0.01,
+               "model": str(tiny_hub_folder), "metrics": {"dice_positive": 0.41234, "dice_pooled": 0.5, "num_images": 9,
+                                                          "num_positive_images": 3,
+                                                          "num_images_predicted_positive": 4}}
+    (run / "test_results.json").write_text(json.dumps(results))
+    return run, head
+
+
+def _card(folder):
+    return ModelCard.load(folder / "README.md")
+
+
+def _identity(result):
+    return (result.task_type, result.dataset_type, result.dataset_config, result.dataset_split, result.metric_type,
+            result.metric_config, result.metric_value, result.source_name)
 
 
 def test_staged_repository_is_complete(staged):
@@ -53,20 +80,29 @@ def test_staged_repository_is_complete(staged):
     }
 
 
-def test_model_card_metadata(staged):
-    metadata = _front_matter((staged / "README.md").read_text())
-    assert metadata["license"] == "mit" and metadata["library_name"] == "transformers"
-    assert metadata["pipeline_tag"] == "zero-shot-image-classification"
-    assert metadata["base_model"] == "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-    assert "medical" in metadata["tags"] and metadata["datasets"]
-    values = [r["metrics"][0]["value"] for r in metadata["model-index"][0]["results"]]
-    assert values == [value for *_, value in PUBLISHED_RESULTS] and 87.19 in values
+def test_released_card_metadata_round_trips_through_huggingface_hub(staged):
+    card = _card(staged)
+    assert card.data.license == "mit" and card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert card.data.base_model == "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    assert "medical" in card.data.tags and card.data.datasets == ["MIMIC-CXR-JPG"]
+    loaded = [_identity(result) for result in card.data.eval_results]
+    assert loaded == [_identity(result) for result in paper_results()]  # nothing folded or lost, LC25000 twice
+    assert [value for *_, value, _ in loaded] == [result.value for result in PUBLISHED_RESULTS]
+    assert all(result.source_name.startswith("ACE-LoRA paper") and result.source_url for result in
+               card.data.eval_results)
+    _, again = model_index_to_eval_results(eval_results_to_model_index("m", card.data.eval_results))
+    assert [_identity(result) for result in again] == loaded
+    assert "Results reported in the paper" in card.text and "the authors' release" in card.text
 
 
 def test_model_card_snippet_runs_against_the_hub_cache(staged, tmp_path):
     """The exact snippet users copy, run offline against the staged repository laid out as a Hub download."""
-    card = (staged / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
+    assert run_card_snippet(staged, tmp_path).startswith("{")
+
+
+def run_card_snippet(staged, tmp_path) -> str:
+    snippet = _card(staged).text.split("```python\n", 1)[1].split("```", 1)[0]
     assert f'"{HUB_REPO_ID}"' in snippet
     populate_hub_cache(staged, tmp_path / "hf_home" / "hub", HUB_REPO_ID)
     workdir = tmp_path / "work"
@@ -76,15 +112,75 @@ def test_model_card_snippet_runs_against_the_hub_cache(staged, tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "snippet.py"], cwd=workdir, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    probabilities = eval(result.stdout.strip().splitlines()[-1])  # the snippet prints a dict literal
-    assert set(probabilities) == {"No Finding", "pneumonia"}
-    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    printed = result.stdout.strip().splitlines()[-1]
+    if printed.startswith("{"):
+        probabilities = eval(printed)  # the zero-shot snippet prints a dict literal
+        assert set(probabilities) == {"No Finding", "pneumonia"}
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    return printed
+
+
+def test_own_fine_tune_card_claims_only_its_own_results(fine_tune, tmp_path):
+    run, head = fine_tune
+    staging = publish.stage_repository(run / "best", "me/ace-lora-siim", tmp_path / "repo",
+                                       results=[run / "test_results.json"])
+    card = _card(staging)
+    assert card.data.pipeline_tag == "image-segmentation" and not card.data.datasets
+    assert [(r.metric_config, r.metric_value, r.dataset_split, r.source_name) for r in card.data.eval_results] == [
+        ("positive-images", 41.23, "test", None), ("pooled", 50.0, "test", None)]
+    assert "1% of the training split" in card.data.eval_results[0].task_name
+    for paper_claim in ("46.34", "87.19", "authors' release", "reported in the paper"):
+        assert paper_claim not in card.content
+    assert "not the paper's released weights" in card.text
+    # The staged weights are the fine-tune's: its base with its trained head, loadable as the head it is.
+    assert "AutoModelForSemanticSegmentation" in json.loads((staging / "config.json").read_text())["auto_map"]
+    staged_head = AutoModelForSemanticSegmentation.from_pretrained(staging)
+    assert all(torch.equal(a, b) for a, b in zip(staged_head.state_dict().values(), head.state_dict().values()))
+    assert "hf_model_inference.py" not in {path.name for path in staging.iterdir()}
+
+
+def test_fine_tune_card_snippet_runs_against_the_hub_cache(fine_tune, tmp_path):
+    run, _ = fine_tune
+    staging = publish.stage_repository(run / "best", HUB_REPO_ID, tmp_path / "repo")
+    assert run_card_snippet(staging, tmp_path).endswith("of the image predicted as foreground")
+
+
+def test_a_users_model_without_results_claims_none(tiny_hub_folder, tmp_path):
+    card = _card(publish.stage_repository(tiny_hub_folder, "me/mine", tmp_path / "repo"))
+    assert card.data.eval_results is None and "No evaluation results were given" in card.text
+    assert "87.19" not in card.content and "not the paper's released weights" in card.text
+
+
+def test_zero_shot_results_keep_both_lc25000_sets(tiny_hub_folder, tmp_path):
+    files = []
+    for dataset, accuracy in (("lc25000_lung", 0.8), ("lc25000_colon", 0.9)):
+        files.append(tmp_path / f"{dataset}.json")
+        files[-1].write_text(json.dumps({"dataset": dataset, "metrics": {"accuracy": accuracy, "auc": None}}))
+    card = _card(publish.stage_repository(tiny_hub_folder, "me/mine", tmp_path / "repo", results=files))
+    assert [(r.dataset_type, r.dataset_config, r.metric_value) for r in card.data.eval_results] == [
+        ("lc25000", "lung", 80.0), ("lc25000", "colon", 90.0)]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("not json", "not a JSON file"),
+    ('{"dataset": "imagenet", "metrics": {"accuracy": 0.5}}', "neither a fine-tune's results"),
+    ('{"task": "segmentation"}', "no 'metrics'"),
+])
+def test_results_files_that_are_not_evaluations_are_one_line(content, message, tiny_hub_folder, tmp_path, capsys):
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(publish.main, ["--model", str(tiny_hub_folder), "--repo-id", "me/mine", "--staging",
+                               str(tmp_path / "repo"), "--results", str(tmp_path / "results.json")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "repo").exists()
 
 
 def test_staging_refuses_a_non_empty_folder(tiny_hub_folder, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="not empty"):
-        _push_to_hub_module().stage_repository(tiny_hub_folder, HUB_REPO_ID, tmp_path)
+    with pytest.raises(OutputPathError, match="is not empty; pass --overwrite"):
+        publish.stage_repository(tiny_hub_folder, HUB_REPO_ID, tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------------------------------- adapters

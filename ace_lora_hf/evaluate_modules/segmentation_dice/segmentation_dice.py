@@ -1,7 +1,8 @@
-"""Dice of binary segmentation masks, per image (mean) and pooled over all pixels, as an `evaluate` module.
+"""Dice of binary segmentation masks, as an `evaluate` module: the mean over the images with a true foreground
+(`dice_positive`) and one Dice pooled over all pixels (`dice_pooled`), with the image counts they rest on.
 
-`predictions` and `references` are 2-D masks (lists of rows; anything > 0 is foreground). An image with neither a
-true nor a predicted foreground counts as Dice 1 in the per-image mean.
+`predictions` and `references` are 2-D masks (lists of rows; anything > 0 is foreground). See
+`ace_lora_hf.metrics.dice_metrics`.
 """
 
 import datasets

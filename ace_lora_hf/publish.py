@@ -1,0 +1,126 @@
+"""Stage an ACE-LoRA model as a complete Hub repository (weights, code, processor, model card) and optionally upload it.
+
+    ace-lora-publish --model runs/ace/final --repo-id me/ace-lora-mimic --staging hub_repo/ \\
+        --results runs/ace/rsna_zero_shot.json [--push]
+    ace-lora-publish --model released --repo-id aydnarda/ACE-LoRA --staging hub_repo/
+
+--model is a model folder or Hub id (a run's final/), a run's checkpoint folder (best/: its base with its trained
+weights), or `released`: the authors' weights, built from BiomedCLIP, the only model whose card shows the paper's
+results. --results adds evaluations of the model published (a fine-tune's test_results.json, the --output of
+examples/zero_shot_eval.py) to its card. Without --push the staging folder is only written, to be inspected; with it,
+it is uploaded (needs `hf auth login`).
+"""
+
+import argparse
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import AutoConfig
+from transformers.utils import logging
+
+from .cli import run_cli
+from .errors import DataFormatError, ModelSourceError
+from .model_card import BIOMEDCLIP, evaluation_results, render_model_card
+from .model_sources import model_folder
+from .released_adapters import RELEASED
+from .safe_outputs import atomic_folder, check_output_folder, folder_lock
+from .training import MODEL_CLASSES, is_checkpoint, load_trained_model, read_checkpoint_record
+
+
+logger = logging.get_logger(__name__)
+
+# The command line shipped with the zero-shot model; present in a source checkout of ace-lora-hf.
+INFERENCE_SCRIPT = Path(__file__).resolve().parents[1] / "hf_model_inference.py"
+
+
+def read_results(path: Path) -> dict:
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise DataFormatError(f"--results {path}: cannot read it ({error.strerror}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataFormatError(f"--results {path}: not a JSON file ({error}).") from None
+    if not isinstance(results, dict):
+        raise DataFormatError(f"--results {path}: expected a JSON object of results.")
+    return results
+
+
+def load_publishable(source: str | Path | None):
+    """`(model, processor)` of `source` as the class it was saved as (the zero-shot model or a head)."""
+    if source is not None and is_checkpoint(source):
+        record = read_checkpoint_record(Path(source))
+        return load_trained_model(source, MODEL_CLASSES[record["model_class"]])
+    folder = model_folder(source)
+    architectures = AutoConfig.from_pretrained(folder).architectures or ["AceLoraModel"]
+    return load_trained_model(folder, MODEL_CLASSES.get(architectures[0], MODEL_CLASSES["AceLoraModel"]))
+
+
+def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path, results: Sequence[str | Path] = (),
+                     base_model: str = BIOMEDCLIP, overwrite: bool = False) -> Path:
+    """Write everything the Hub repository of `model` holds into `staging` (empty, or replaced with `overwrite`)."""
+    released = model is None or str(model) == RELEASED
+    evaluations = [result for path in results for result in evaluation_results(read_results(path), Path(path))]
+    inputs = [Path(path) for path in (model, *results) if path is not None and Path(path).exists()]
+    staging = check_output_folder(staging, inputs=inputs, overwrite=overwrite, option="--staging")
+    with folder_lock(staging, "--staging"):
+        loaded, processor = load_publishable(model)
+        model_class = type(loaded).__name__
+        with_script = model_class == "AceLoraModel" and INFERENCE_SCRIPT.is_file()
+        card = render_model_card(repo_id, model_class, evaluations, released, base_model, with_script)
+        with atomic_folder(staging) as folder:
+            loaded.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            if with_script:
+                shutil.copy(INFERENCE_SCRIPT, folder / INFERENCE_SCRIPT.name)
+            card.save(folder / "README.md")
+    return staging
+
+
+def upload(staging: Path, repo_id: str, private: bool) -> str:
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(folder_path=staging, repo_id=repo_id, commit_message="Upload ACE-LoRA").commit_url
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "no answer"
+        raise ModelSourceError(f"--repo-id {repo_id}: the Hub refused the upload ({status}); log in with "
+                               "hf auth login (a token that may write), or check the repository name.") from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ace-lora-publish", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=RELEASED,
+                        help="Model folder, Hub id, a run's checkpoint folder, or 'released' (default).")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. me/ace-lora-mimic.")
+    parser.add_argument("--staging", type=Path, required=True, help="Folder to assemble the repository in.")
+    parser.add_argument("--results", type=Path, nargs="+", default=[],
+                        help="Evaluation JSONs of this model for its card (test_results.json, zero_shot_eval output).")
+    parser.add_argument("--base-model", default=BIOMEDCLIP, help="Base model named in the card's metadata.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --staging folder.")
+    parser.add_argument("--push", action="store_true", help="Upload the staged folder to the Hub.")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    staging = stage_repository(args.model, args.repo_id, args.staging, args.results, args.base_model, args.overwrite)
+    print(f"staged {args.repo_id} in {staging}: {', '.join(sorted(path.name for path in staging.iterdir()))}")
+    if args.push:
+        print(f"uploaded: {upload(staging, args.repo_id, args.private)}")
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+__all__ = ["cli", "load_publishable", "main", "stage_repository", "upload"]
+
+
+if __name__ == "__main__":
+    cli()
