@@ -19,6 +19,7 @@ from transformers.utils import logging
 from .errors import DataFormatError, ImageLoadError
 from .image_loading import load_image
 from .processing_ace_lora import AceLoraProcessor
+from .tables import read_table_rows
 
 
 logger = logging.get_logger(__name__)
@@ -29,7 +30,6 @@ CHEXPERT_LABELS = (
     "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
     "Pneumothorax", "Support Devices",
 )
-TABLE_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
 # ------------------------------------------------------------------------------------------------------ tables
@@ -43,19 +43,15 @@ def read_table(
     split_column: str = "split",
     column_advice: str = "",
 ) -> pd.DataFrame:
-    """The rows of a CSV or JSON-lines table as strings (an empty cell is `""`), checked to have `columns`.
-
-    With `split`, only the rows whose `split_column` holds it. The frame's index is each row's 1-based number among
-    the table's data rows (the header is not counted), for messages.
-    """
+    """The rows of a CSV or JSON Lines table (`ace_lora_hf.tables`) as strings (an empty cell is `""`), checked to have
+    `columns`. With `split`, only the rows whose `split_column` holds it. The frame's index is each row's line in the
+    file, for messages."""
     path = Path(path)
-    frame = _read_frame(path, option)
+    if path.is_dir():
+        raise DataFormatError(f"{option} {path}: a folder; give the table's file.")
     wanted = [*columns, *([split_column] if split else [])]
-    missing = [name for name in wanted if name not in frame.columns]
-    if missing:
-        raise DataFormatError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; found "
-                              f"{list(frame.columns)}. {column_advice}".rstrip())
-    frame.index = range(1, len(frame) + 1)
+    rows = list(read_table_rows(path, wanted, f"the {option} table", column_advice))
+    frame = pd.DataFrame([row.cells for row in rows], index=[row.line for row in rows], columns=wanted)
     if split:
         frame = frame[frame[split_column] == split]
     if frame.empty:
@@ -64,40 +60,12 @@ def read_table(
     return frame
 
 
-def _read_frame(path: Path, option: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataFormatError(f"{option} {path}: no such file" + (" (a folder)" if path.is_dir() else "") + ".")
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataFormatError(f"{option} {path}: expected a .csv or .jsonl table, got {suffix or 'no suffix'}.")
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-        return pd.read_json(path, lines=True, dtype=False, convert_dates=False, encoding="utf-8").map(_as_text)
-    except UnicodeDecodeError as error:
-        raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save the table as "
-                              "UTF-8.") from None
-    except pd.errors.EmptyDataError:
-        raise DataFormatError(f"{path}: the file is empty; expected a header row and data rows.") from None
-    except pd.errors.ParserError as error:
-        raise DataFormatError(f"{path}: not a well-formed CSV table ({' '.join(str(error).split())}).") from None
-    except ValueError as error:  # pandas' JSON reader
-        raise DataFormatError(f"{path}: not a JSON-lines table, one object per line ({error}).") from None
-
-
-def _as_text(value) -> str:
-    """A JSON value as the text a CSV cell would hold (null -> "")."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value)
-
-
 def numbered_rows(frame: pd.DataFrame) -> Iterator[tuple[int, dict]]:
-    """`(row number, record)` of each row of a table read by `read_table`."""
+    """`(line, record)` of each row of a table read by `read_table`."""
     return zip(frame.index, frame.to_dict("records"))
 
 
-def parse_number(value: str, allowed: Sequence[float], path: Path, row: int, column: str,
+def parse_number(value: str, allowed: Sequence[float], path: Path, line: int, column: str,
                  allow_empty: bool = True) -> float:
     """A table cell that must be one of `allowed`, or empty (NaN: a missing value) if `allow_empty`."""
     if allow_empty and value.strip() == "":
@@ -108,7 +76,7 @@ def parse_number(value: str, allowed: Sequence[float], path: Path, row: int, col
         number = math.nan
     if number not in allowed:
         expected = ", ".join(f"{v:g}" for v in allowed) + (" or empty" if allow_empty else "")
-        raise DataFormatError(f"{path}, row {row}: column {column!r} is {value!r}; expected one of {expected}.")
+        raise DataFormatError(f"{path}, line {line}: column {column!r} is {value!r}; expected one of {expected}.")
     return number
 
 
@@ -145,7 +113,7 @@ def load_image_text_dataset(
     """Read and check an image-report table.
 
     Returns a dataset (Arrow-backed, so DataLoader workers share it rather than copy it) with `image` (resolved
-    path), `text`, `row` (the table's 1-based data row, for messages) and, with label columns, `labels` (floats; NaN
+    path), `text`, `line` (the row's line in the table, for messages) and, with label columns, `labels` (floats; NaN
     and -1 kept, the loss treats both as absent). A row whose image file is missing or whose report is empty raises
     `DataFormatError`, or is dropped and counted when `skip_bad_rows`; a label that is not 1, 0, -1 or empty always
     raises.
@@ -154,24 +122,24 @@ def load_image_text_dataset(
     advice = "Name yours with --image_column / --text_column / --label_columns (or --no_labels)."
     frame = read_table(path, [columns.image, columns.text, *columns.labels], option, split, columns.split, advice)
     root = Path(image_root) if image_root is not None else path.parent
-    records, skipped = {"image": [], "text": [], "row": [], "labels": []}, 0
-    for row, record in numbered_rows(frame):
-        labels = [parse_number(record[name], (1.0, 0.0, -1.0), path, row, name) for name in columns.labels]
+    records, skipped = {"image": [], "text": [], "line": [], "labels": []}, 0
+    for line, record in numbered_rows(frame):
+        labels = [parse_number(record[name], (1.0, 0.0, -1.0), path, line, name) for name in columns.labels]
         problem = missing_file(root, record[columns.image], columns.image)
         if problem is None and not record[columns.text].strip():
             problem = f"empty report in column {columns.text!r}"
         if problem:
             if not skip_bad_rows:
-                raise DataFormatError(f"{path}, row {row}: {problem} (pass --skip_bad_rows to drop such rows).")
+                raise DataFormatError(f"{path}, line {line}: {problem} (pass --skip_bad_rows to drop such rows).")
             skipped += 1
             continue
         records["image"].append(str(root / record[columns.image]))
         records["text"].append(record[columns.text].strip())
-        records["row"].append(row)
+        records["line"].append(line)
         records["labels"].append(labels)
     if skipped:
         logger.warning("%s: skipped %d bad row(s) of %d.", path, skipped, len(frame))
-    if not records["row"]:
+    if not records["line"]:
         raise DataFormatError(f"{path}: no usable rows" + (f" in split {split!r}." if split else "."))
     if not columns.labels:
         del records["labels"]
@@ -193,7 +161,7 @@ class ImageTextCollator:
 
     def _load(self, item: dict):
         try:
-            return load_image(item["image"], name=f"row {item['row']}: {item['image']}")
+            return load_image(item["image"], name=f"line {item['line']}: {item['image']}")
         except ImageLoadError:
             if self.skip_bad_images:
                 return None
@@ -225,11 +193,11 @@ def read_image_labels(path: str | Path, image_root: str | Path | None, num_class
     root = Path(image_root) if image_root is not None else path.parent
     classes = tuple(float(index) for index in range(num_classes))
     items = []
-    for row, record in numbered_rows(read_table(path, ["Path", "Target"], option)):
+    for line, record in numbered_rows(read_table(path, ["Path", "Target"], option)):
         problem = missing_file(root, record["Path"], "Path")
         if problem:
-            raise DataFormatError(f"{path}, row {row}: {problem}.")
-        target = parse_number(record["Target"], classes, path, row, "Target", allow_empty=False)
+            raise DataFormatError(f"{path}, line {line}: {problem}.")
+        target = parse_number(record["Target"], classes, path, line, "Target", allow_empty=False)
         items.append((root / record["Path"], int(target)))
     return items
 

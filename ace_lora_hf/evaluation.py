@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from accelerate import Accelerator
 
 from .bootstrap import bootstrap_intervals
 from .classify import add_model_arguments, model_dtype
 from .cli import EXIT_INPUTS_SKIPPED, run_cli
+from .data import numbered_rows, parse_number, read_table
 from .errors import DataFormatError, InvalidArgumentError
 from .malloc_tuning import keep_freed_memory_for_reuse
 from .metrics import classification_metrics, multilabel_metrics
@@ -71,47 +71,30 @@ BENCHMARKS = {
 # ------------------------------------------------------------------------------------------------------ tables
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataFormatError(f"{path} not found: run the dataset's dataset_prep script first (see README).")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataFormatError(f"{path}: not UTF-8 text (byte {error.object[error.start:error.start + 1]!r}); "
-                              "save it as UTF-8.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise DataFormatError(f"{path}: cannot be read as CSV ({' '.join(str(error).split())}).") from None
-
-
-def _check_values(path: Path, table: pd.DataFrame, column: str, allowed: Sequence[str]) -> None:
-    bad = table[~table[column].isin(allowed)]
-    if not bad.empty:
-        line = int(bad.index[0]) + 2
-        raise DataFormatError(f"{path}, line {line}, column {column!r}: {bad[column].iloc[0]!r} is not one of "
-                              f"{list(allowed)}.")
-
-
 def read_benchmark(benchmark: Benchmark, table_path: Path, data_root: Path) -> tuple[list[str], list]:
     """Image paths and references: class indices, or multi-hot rows for a multi-label set."""
-    table = _read_table(table_path)
+    if not table_path.is_file():
+        raise DataFormatError(f"{table_path} not found: run the dataset's dataset_prep script first (see README).")
     columns = ["Path", *([benchmark.target] if benchmark.target else benchmark.classes)]
-    columns += ["split"] if benchmark.split else []
-    missing = [column for column in columns if column not in table.columns]
-    if missing:
-        raise DataFormatError(f"{table_path}: missing column(s) {missing}; found {list(table.columns)}.")
-    if benchmark.split:
-        table = table[table["split"] == benchmark.split]
-    if table.empty:
-        raise DataFormatError(f"{table_path}: no rows" + (f" in split {benchmark.split!r}." if benchmark.split else "."))
+    frame = read_table(table_path, columns, "--table", split=benchmark.split)
+    images, references = [], []
+    for line, record in numbered_rows(frame):
+        if not record["Path"].strip():
+            raise DataFormatError(f"{table_path}, line {line}: column 'Path' is empty; give the image's path.")
+        images.append(str(data_root / record["Path"]))
+        references.append(_reference(benchmark, record, table_path, line))
+    return images, references
+
+
+def _reference(benchmark: Benchmark, record: dict, table_path: Path, line: int) -> int | list[int]:
     if benchmark.target is None:
-        for column in benchmark.classes:
-            _check_values(table_path, table, column, ("0", "1"))
-        references = table[list(benchmark.classes)].astype(int).values.tolist()
-    else:
-        _check_values(table_path, table, benchmark.target, list(benchmark.classes))
-        index = {value: position for position, value in enumerate(benchmark.classes)}
-        references = [index[value] for value in table[benchmark.target]]
-    return [str(data_root / path) for path in table["Path"]], references
+        return [int(parse_number(record[column], (0.0, 1.0), table_path, line, column, allow_empty=False))
+                for column in benchmark.classes]
+    classes = list(benchmark.classes)
+    if record[benchmark.target] not in classes:
+        raise DataFormatError(f"{table_path}, line {line}: column {benchmark.target!r} is {record[benchmark.target]!r}; "
+                              f"expected one of {classes}.")
+    return classes.index(record[benchmark.target])
 
 
 def published_result(name: str | None) -> dict | None:

@@ -82,21 +82,21 @@ def read_split(task: Task, args: argparse.Namespace, split: str, fraction: float
     table = args.table or args.data_root / task.table
     frame = read_table(table, task.columns, "--table", split=split)
     rows = []
-    for row, record in numbered_rows(frame):
+    for line, record in numbered_rows(frame):
         problem = missing_file(args.data_root, record["Path"], "Path")
         if problem is None and task is SEGMENTATION:
             problem = missing_file(args.mask_root or table.parent, record["Mask"], "Mask")
         if problem:
-            raise DataFormatError(f"{table}, row {row}: {problem}.")
+            raise DataFormatError(f"{table}, line {line}: {problem}.")
         if task is DETECTION:
-            record["boxes"] = _parse_boxes(record["boxes"], table, row)
+            record["boxes"] = _parse_boxes(record["boxes"], table, line)
         rows.append(record)
     if fraction < 1.0:
         rows = random.Random(args.seed).sample(rows, max(1, round(fraction * len(rows))))
     return rows
 
 
-def _parse_boxes(text: str, table: Path, row: int) -> list[list[float]]:
+def _parse_boxes(text: str, table: Path, line: int) -> list[list[float]]:
     try:
         boxes = json.loads(text or "[]")
         valid = isinstance(boxes, list) and all(
@@ -105,7 +105,7 @@ def _parse_boxes(text: str, table: Path, row: int) -> list[list[float]]:
     except json.JSONDecodeError:
         valid = False
     if not valid:
-        raise DataFormatError(f"{table}, row {row}: column 'boxes' is {text[:60]!r}; expected a JSON list of "
+        raise DataFormatError(f"{table}, line {line}: column 'boxes' is {text[:60]!r}; expected a JSON list of "
                               "[x1, y1, x2, y2] pixel boxes with x2 > x1 and y2 > y1 (e.g. [] or [[10, 20, 110, 90]]).")
     return boxes
 

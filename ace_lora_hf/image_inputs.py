@@ -1,11 +1,12 @@
 """The images a command works on: files, folders (recursive), lists of paths, or a labelled CSV table."""
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import numbered_rows, parse_number, read_table
 from .errors import DataFormatError, InvalidArgumentError
+from .tables import read_text
 
 
 # What a folder contributes by default: common image files, and files without a suffix (as DICOM exports often are).
@@ -45,20 +46,10 @@ def collect_images(paths: Sequence[Path], patterns: Sequence[str] | None = None)
     return images
 
 
-def _read_text(path: Path, option: str) -> str:
-    if not path.is_file():
-        raise DataFormatError(f"{option} {path}: file not found.")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataFormatError(f"{option} {path}: not UTF-8 text (byte {error.object[error.start:error.start + 1]!r} "
-                              f"at offset {error.start}); save it as UTF-8.") from None
-
-
 def read_image_list(path: Path, root: Path | None = None) -> list[str]:
     """One path per line (blank lines and `#` comments skipped), relative to `root` or the list's folder."""
     root = root or path.parent
-    lines = [line.strip() for line in _read_text(path, "--image-list").splitlines()]
+    lines = [line.strip() for line in read_text(path, "--image-list: a file with one image path per line").splitlines()]
     images = [str(root / line) for line in lines if line and not line.startswith("#")]
     if not images:
         raise DataFormatError(f"--image-list {path}: lists no images.")
@@ -66,21 +57,16 @@ def read_image_list(path: Path, root: Path | None = None) -> list[str]:
 
 
 def read_labelled_table(path: Path, root: Path | None = None) -> ImageInputs:
-    """An RSNA-style CSV: `Path` (relative to `root` or the table's folder) and `Target` (0 or 1)."""
-    rows = list(csv.DictReader(_read_text(path, "--csv").splitlines()))
-    columns = set(rows[0]) if rows else set()
-    missing = sorted({"Path", "Target"} - columns)
-    if missing:
-        raise DataFormatError(f"{path}: missing column(s) {', '.join(missing)}; found {sorted(columns)}.")
+    """An RSNA-style table: `Path` (relative to `root` or the table's folder) and `Target` (0 or 1). The images are
+    not checked here: one that is missing is reported and skipped like any unreadable image."""
     root = root or path.parent
-    targets = []
-    for line, row in enumerate(rows, start=2):
-        if row["Target"] not in ("0", "1"):
-            raise DataFormatError(f"{path}, line {line}, column 'Target': {row['Target']!r} is not 0 or 1.")
-        if not row["Path"]:
-            raise DataFormatError(f"{path}, line {line}, column 'Path': empty; give the image's path.")
-        targets.append(int(row["Target"]))
-    return ImageInputs([str(root / row["Path"]) for row in rows], targets, [path])
+    images, targets = [], []
+    for line, record in numbered_rows(read_table(path, ["Path", "Target"], "--csv")):
+        if not record["Path"].strip():
+            raise DataFormatError(f"{path}, line {line}: column 'Path' is empty; give the image's path.")
+        images.append(str(root / record["Path"]))
+        targets.append(int(parse_number(record["Target"], (0.0, 1.0), path, line, "Target", allow_empty=False)))
+    return ImageInputs(images, targets, [path])
 
 
 __all__ = ["IMAGE_SUFFIXES", "ImageInputs", "collect_images", "read_image_list", "read_labelled_table"]

@@ -30,7 +30,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +41,6 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from dataset_prep._common import Row, read_rows, read_text, shown
-
 from .batch_inference import embed_images
 from .classify import add_model_arguments, model_dtype
 from .cli import EXIT_INPUTS_SKIPPED, run_cli
@@ -51,8 +49,13 @@ from .malloc_tuning import keep_freed_memory_for_reuse
 from .model_sources import load_model_and_processor
 from .modeling_ace_lora import AceLoraModel, AceLoraTokenFeatures
 from .processing_ace_lora import AceLoraProcessor
-from .safe_outputs import atomic_file, check_output_file, ensure_folder, write_text_atomic
-
+from .safe_outputs import (
+    atomic_file,
+    check_output_file,
+    ensure_folder,
+    write_text_atomic,
+)
+from .tables import read_table_rows
 
 logger = logging.get_logger(__name__)
 
@@ -93,7 +96,9 @@ def read_pairs(
     wanted = [columns.image, columns.report] + ([columns.split] if split is not None else [])
     root = image_root if image_root is not None else table.parent
     pairs, splits_seen = RetrievalPairs([], [], []), set()
-    for row in _table_rows(table, wanted):
+    rows = read_table_rows(table, wanted, "an image-report table",
+                           "Name yours with --image-column / --report-column / --split-column.")
+    for row in rows:
         if split is not None:
             splits_seen.add(row.cells[columns.split].strip())
             if row.cells[columns.split].strip() != split:
@@ -105,40 +110,6 @@ def read_pairs(
         where = f" with {columns.split} = {split!r} (found {sorted(splits_seen)}); check --split" if split else ""
         raise DataFormatError(f"{table}: no image-report pairs{where}.")
     return pairs
-
-
-def _table_rows(path: Path, columns: list[str]) -> Iterator[Row]:
-    suffix = Path(path.name.removesuffix(".gz")).suffix.lower()
-    if suffix == ".csv":
-        return read_rows(path, columns, "an image-report table")
-    if suffix in (".jsonl", ".json"):
-        return _json_lines_rows(path, columns)
-    raise DataFormatError(f"{path}: expected a .csv or .jsonl table (optionally .gz), not {suffix or 'no suffix'}.")
-
-
-def _json_lines_rows(path: Path, columns: list[str]) -> Iterator[Row]:
-    """The rows of a JSON Lines table as CSV rows are read: text cells of `columns`, checked the same way."""
-    # Split on newlines only: JSON strings may hold U+2028, which str.splitlines() would also split on.
-    for line, text in enumerate(read_text(path, "an image-report table").split("\n"), start=1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataFormatError(f"{path}, line {line}: not JSON ({error.msg}); write one JSON object per line.") \
-                from None
-        if not isinstance(record, dict):
-            raise DataFormatError(f"{path}, line {line} is {shown(record)}; write one JSON object per line.")
-        missing = [column for column in columns if column not in record]
-        if missing:
-            raise DataFormatError(f"{path}, line {line}: no {', '.join(map(repr, missing))} field; found "
-                                  f"{sorted(record)}. Name yours with --image-column / --report-column / "
-                                  "--split-column.")
-        cells = {column: "" if record[column] is None else record[column] for column in columns}
-        for column, value in cells.items():
-            if not isinstance(value, str):
-                raise DataFormatError(f"{path}, line {line}, column {column!r} is {shown(value)}; expected text.")
-        yield Row(path, line, cells)
 
 
 def distinct_texts(texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:

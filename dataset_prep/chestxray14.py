@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from ace_lora_hf.cli import run_cli
 from ace_lora_hf.errors import DataFormatError, InvalidArgumentError
-from dataset_prep._common import (Row, check_consistent, is_plain_file_name, locked_outputs, parser, read_rows,
-                                  read_text, write_tables)
+from ace_lora_hf.tables import Row, is_plain_file_name, read_text
+from dataset_prep._common import check_consistent, locked_outputs, parser, read_rows, write_tables
 
 
 FINDINGS = (

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from ace_lora_hf.cli import run_cli
 from ace_lora_hf.errors import DataFormatError
-from dataset_prep._common import (check_consistent, locked_outputs, parser, read_rows, read_text, require_dir,
-                                  write_tables)
+from ace_lora_hf.tables import read_text
+from dataset_prep._common import check_consistent, locked_outputs, parser, read_rows, require_dir, write_tables
 
 
 CHEXPERT_LABELS = (

@@ -688,7 +688,7 @@ def test_zero_shot_eval_rejects_an_unknown_label(lc25000_input, tiny_hub_folder,
     write_rows(tmp_path / "lung.csv", ["Path", "label"], [["lung_image_sets/lung_n/lung_n1.jpeg", "lung_xyz"]])
     error = refused(capsys, evaluation, "--dataset", "lc25000_lung", "--model", tiny_hub_folder, "--data-root",
                     lc25000_input, "--table", tmp_path / "lung.csv")
-    assert "lung.csv, line 2, column 'label': 'lung_xyz' is not one of ['lung_aca', 'lung_n', 'lung_scc']" in error
+    assert "lung.csv, line 2: column 'label' is 'lung_xyz'; expected one of ['lung_aca', 'lung_n', 'lung_scc']." in error
 
 
 # ------------------------------------------------------------------------------------------------- bad rows

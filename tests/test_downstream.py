@@ -306,9 +306,9 @@ def test_save_full_best_makes_a_loadable_head_folder(tiny_hub_folder, downstream
 
 
 @pytest.mark.parametrize(("task", "column", "value", "message"), [
-    ("detection", "boxes", "abc", r"row 1: column 'boxes' is 'abc'; expected a JSON list of \[x1, y1, x2, y2\]"),
-    ("detection", "boxes", "[[10, 10, 5, 20]]", "row 1: column 'boxes' is '\\[\\[10, 10, 5, 20\\]\\]'"),
-    ("segmentation", "Mask", "masks/gone.png", r"row 1: file .*gone.png \(column 'Mask'\) not found"),
+    ("detection", "boxes", "abc", r"line 2: column 'boxes' is 'abc'; expected a JSON list of \[x1, y1, x2, y2\]"),
+    ("detection", "boxes", "[[10, 10, 5, 20]]", "line 2: column 'boxes' is '\\[\\[10, 10, 5, 20\\]\\]'"),
+    ("segmentation", "Mask", "masks/gone.png", r"line 2: file .*gone.png \(column 'Mask'\) not found"),
 ])
 def test_bad_downstream_table_is_one_line_before_the_model_loads(task, column, value, message, downstream_data,
                                                                  tmp_path, capsys):

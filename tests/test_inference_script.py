@@ -183,9 +183,9 @@ def test_bad_arguments_are_one_line(tiny_hub_folder, tmp_path, capsys, monkeypat
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("Path,Label\nx.png,1\n", r"missing column(s) Target"),
-        ("Path,Target\nx.png,abc\n", "line 2, column 'Target': 'abc' is not 0 or 1"),
-        ("Path,Target\n,1\n", "line 2, column 'Path': empty"),
+        ("Path,Label\nx.png,1\n", "missing column(s) 'Target'"),
+        ("Path,Target\nx.png,abc\n", "line 2: column 'Target' is 'abc'; expected one of 0, 1."),
+        ("Path,Target\n,1\n", "line 2: column 'Path' is empty; give the image's path."),
     ],
 )
 def test_bad_tables_are_one_line(tiny_hub_folder, tmp_path, capsys, content, message):

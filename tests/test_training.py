@@ -92,7 +92,7 @@ def read_rows(path):
 
 def test_dataset_reads_labels_and_splits(synthetic_data):
     dataset = load_image_text_dataset(synthetic_data / "train.csv", COLUMNS, split="train")
-    assert len(dataset) == 20 and dataset[0]["row"] == 1
+    assert len(dataset) == 20 and dataset[0]["line"] == 2
     assert dataset[0]["image"] == str(synthetic_data / "images" / "000.png")
     assert dataset[0]["labels"] == [1.0, -1.0] and np.isnan(dataset[1]["labels"][0])
 
@@ -112,10 +112,10 @@ def test_missing_image_names_row_and_file_or_is_skipped(synthetic_data, tmp_path
     rows[2]["image"] = "images/gone.png"
     rows[5]["report"] = " "
     write_csv(tmp_path / "bad.csv", rows)
-    with pytest.raises(DataFormatError, match=r"bad.csv, row 3: file .*gone.png \(column 'image'\) not found"):
+    with pytest.raises(DataFormatError, match=r"bad.csv, line 4: file .*gone.png \(column 'image'\) not found"):
         load_image_text_dataset(tmp_path / "bad.csv", COLUMNS, image_root=synthetic_data)
     dataset = load_image_text_dataset(tmp_path / "bad.csv", COLUMNS, image_root=synthetic_data, skip_bad_rows=True)
-    assert len(dataset) == 22 and 3 not in dataset["row"] and 6 not in dataset["row"]
+    assert len(dataset) == 22 and 4 not in dataset["line"] and 7 not in dataset["line"]
 
 
 def _bad_tables():
@@ -125,12 +125,12 @@ def _bad_tables():
     return [
         ("missing_column", "image,report,No Finding\n" + "images/000.png,normal,1\n",
          r"missing column\(s\) 'Pneumonia'; found \['image', 'report', 'No Finding'\]"),
-        ("empty", "", "the file is empty"),
+        ("empty", "", "empty.csv is empty: expected the --train_file table"),
         ("latin1", (header + "images/000.png,épanchement,1,\n").encode("latin-1"), "not UTF-8 text"),
-        ("extra_field", header + good + "images/001.png,no finding,1,,surplus\n", "not a well-formed CSV table"),
+        ("extra_field", header + good + "images/001.png,no finding,1,,surplus\n", "line 3: 5 cells but the header names 4 columns"),
         ("label_yes", header + good + "images/001.png,pneumonia,,yes\n",
-         r"row 2: column 'Pneumonia' is 'yes'; expected one of 1, 0, -1 or empty"),
-        ("empty_report", header + "images/000.png,,1,\n", "row 1: empty report in column 'report'"),
+         r"line 3: column 'Pneumonia' is 'yes'; expected one of 1, 0, -1 or empty"),
+        ("empty_report", header + "images/000.png,,1,\n", "line 2: empty report in column 'report'"),
         ("header_only", header, "no rows"),
     ]
 
@@ -156,15 +156,15 @@ def test_validation_table_with_a_non_numeric_target_is_named(tiny_hub_folder, sy
         tiny_hub_folder, synthetic_data, tmp_path / "run", "--validation_file", tmp_path / "validation.csv",
         "--validation_image_root", synthetic_data), capsys)
     assert code == EXIT_USER_ERROR
-    assert "validation.csv, row 5: column 'Target' is 'abc'; expected one of 0, 1." in err
+    assert "validation.csv, line 6: column 'Target' is 'abc'; expected one of 0, 1." in err
 
 
 def test_collator_names_an_unreadable_image_or_skips_it(synthetic_data, tiny_hub_folder, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    items = [{"image": str(synthetic_data / "images" / "000.png"), "text": "normal", "row": 1, "labels": [1.0, 0.0]},
-             {"image": str(tmp_path / "broken.png"), "text": "normal", "row": 2, "labels": [1.0, 0.0]}]
+    items = [{"image": str(synthetic_data / "images" / "000.png"), "text": "normal", "line": 2, "labels": [1.0, 0.0]},
+             {"image": str(tmp_path / "broken.png"), "text": "normal", "line": 3, "labels": [1.0, 0.0]}]
     processor = AutoProcessor.from_pretrained(tiny_hub_folder)
-    with pytest.raises(ImageLoadError, match="row 2: .*broken.png"):
+    with pytest.raises(ImageLoadError, match="line 3: .*broken.png"):
         ImageTextCollator(processor)(items)
     batch = ImageTextCollator(processor, skip_bad_images=True)(items)
     assert batch["pixel_values"].shape == (1, 3, 32, 32) and batch["input_ids"].shape == (1, 256)
@@ -177,7 +177,7 @@ def test_the_processor_owns_the_context_length(synthetic_data, tiny_hub_folder, 
     AceLoraProcessor(processor.image_processor, processor.tokenizer, context_length=64).save_pretrained(tmp_path)
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert reloaded.context_length == 64 and processor.context_length == 256  # a folder without it: BiomedCLIP's
-    item = {"image": str(synthetic_data / "images" / "000.png"), "text": "normal " * 100, "row": 1}
+    item = {"image": str(synthetic_data / "images" / "000.png"), "text": "normal " * 100, "line": 2}
     assert ImageTextCollator(reloaded)([item])["input_ids"].shape == (1, 64)
     assert reloaded(text=["no finding"], return_tensors="pt")["input_ids"].shape == (1, 64)
 
