@@ -16,7 +16,7 @@ from PIL import Image
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
 
-from .errors import AceLoraError, InvalidArgumentError
+from .errors import InvalidArgumentError, MissingDependencyError
 from .image_loading import load_image
 from .batch_inference import ImageInput
 from .modeling_ace_lora import AceHypergraph
@@ -173,7 +173,7 @@ def require_plotting() -> None:
     try:
         import matplotlib.figure  # noqa: F401
     except ImportError:
-        raise AceLoraError(f"Drawing explanations needs matplotlib: {PLOT_EXTRA_HINT}") from None
+        raise MissingDependencyError(f"Drawing explanations needs matplotlib: {PLOT_EXTRA_HINT}") from None
 
 
 def _new_figure(width_inches: float, height_inches: float) -> "Figure":

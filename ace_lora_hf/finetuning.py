@@ -28,9 +28,9 @@ from .errors import DataFormatError, InvalidArgumentError
 from .image_loading import load_image
 from .metrics import detection_map, dice_metrics
 from .modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, box_area
+from .safe_outputs import json_safe, write_json_atomic
 from .training import (BaseModel, Selection, TrainingArgumentParser, TrainingRun, add_training_options,
-                       build_accelerator, data_loader, file_sha256, json_safe, load_trained_model, prepare_output_dir,
-                       write_json)
+                       build_accelerator, data_loader, file_sha256, load_trained_model, prepare_output_dir)
 
 
 logger = logging.get_logger(__name__)
@@ -249,7 +249,7 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict:
                    "model": str(args.model), "metrics": metrics}
         accelerator.print(json.dumps(json_safe(results), indent=2))
         if accelerator.is_main_process:
-            write_json(args.output_dir / "test_results.json", results)
+            write_json_atomic(args.output_dir / "test_results.json", results)
     return results
 
 

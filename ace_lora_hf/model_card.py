@@ -136,7 +136,7 @@ to chest X-rays with rank-stabilised LoRA (r = 4) on the attention of both tower
 {{ usage }}```
 {% if inference_script %}
 The ace-lora-hf package (pip install from its repository) adds DICOM loading, batched zero-shot classification and the
-command line in `hf_model_inference.py` (`python hf_model_inference.py --model {{ repo_id }} --images a.dcm b.png`).
+command line in this repository's `hf_model_inference.py` (`python hf_model_inference.py --images a.dcm b.png`).
 {% endif %}
 ## {{ results_title }}
 {% if results %}
@@ -199,7 +199,7 @@ def evaluation_results(results: dict, path: Path) -> list[EvalResult]:
 
 
 def render_model_card(repo_id: str, model_class: str = "AceLoraModel", results: list[EvalResult] = (),
-                      released: bool = False, base_model: str = BIOMEDCLIP, inference_script: bool = True) -> ModelCard:
+                      released: bool = False, base_model: str = BIOMEDCLIP) -> ModelCard:
     """The model card of `repo_id`: an ACE-LoRA model (`model_class`) with the evaluation `results` given. With
     `released`, the card is that of the authors' released weights and adds the paper's results."""
     own_results = list(results)
@@ -225,7 +225,7 @@ def render_model_card(repo_id: str, model_class: str = "AceLoraModel", results: 
     return ModelCard.from_template(
         card_data, template_str=TEMPLATE, title=repo_id.split("/")[-1], biomedclip=BIOMEDCLIP, paper_url=PAPER_URL,
         provenance=provenance, usage=USAGE[model_class].format(repo_id=repo_id), repo_id=repo_id,
-        inference_script=inference_script and model_class == "AceLoraModel", results_title=results_title,
+        inference_script=model_class == "AceLoraModel", results_title=results_title,
         results=all_results, results_note=results_note)
 
 

@@ -130,32 +130,36 @@ def load_model_and_processor(
     `AceLoraError` naming the file and the fix.
     """
     folder = model_folder(source, revision=revision, **released)
-    model = _load(AutoModel, folder, revision=revision, dtype=dtype)
-    processor = _load(AutoProcessor, folder, revision=revision)
+    model = load_pretrained(AutoModel, folder, revision=revision, dtype=dtype)
+    processor = load_pretrained(AutoProcessor, folder, revision=revision)
     if for_inference:
         model.merge_lora()
         model.eval()
     return model.to(device), processor
 
 
-def _load(auto_class, folder: str, **kwargs):
-    what = "weights" if auto_class is AutoModel else "processor"
+def load_pretrained(model_class, folder: str | Path, option: str | None = None, **kwargs):
+    """`model_class.from_pretrained(folder, **kwargs)` (any model class, an Auto class or `AutoProcessor`; None
+    values left out); every way the folder can be unusable is an `AceLoraError` naming it (after `option`, the
+    command-line option it came from, when given) and the fix."""
+    where = f"{option} {folder}" if option else str(folder)
+    what = "processor" if model_class is AutoProcessor else "weights"
     try:
-        return auto_class.from_pretrained(folder, **{key: value for key, value in kwargs.items() if value is not None})
+        return model_class.from_pretrained(folder, **{key: value for key, value in kwargs.items() if value is not None})
     except AceLoraError:
         raise
     except StrictDataclassError as error:
         cause = error.__cause__ or error
-        raise ConfigError(f"{folder}/config.json: {cause}; fix the value or convert the model again.") from None
+        raise ConfigError(f"{where}/config.json: {cause}; fix the value or convert the model again.") from None
     except SafetensorError as error:
-        raise CheckpointError(f"{folder}: its {what} file is unreadable ({error}); it may be truncated: download or "
+        raise CheckpointError(f"{where}: its {what} file is unreadable ({error}); it may be truncated: download or "
                               "convert it again.") from None
     except OSError as error:
         advice = ("; a folder written by ace-lora-convert, or by save_pretrained of both the model and its "
-                  "AceLoraProcessor, has one" if auto_class is AutoProcessor else "")
+                  "AceLoraProcessor, has one" if model_class is AutoProcessor else "")
         reason = " ".join(str(error).split())
-        raise CheckpointError(f"{folder}: cannot load its {what} ({reason[:200]}{'…' if len(reason) > 200 else ''})"
+        raise CheckpointError(f"{where}: cannot load its {what} ({reason[:200]}{'…' if len(reason) > 200 else ''})"
                               f"{advice}.") from None
 
 
-__all__ = ["BIOMEDCLIP_REPO_ID", "load_model_and_processor", "model_folder", "released_model_folder"]
+__all__ = ["BIOMEDCLIP_REPO_ID", "load_model_and_processor", "load_pretrained", "model_folder", "released_model_folder"]

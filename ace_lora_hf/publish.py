@@ -13,7 +13,6 @@ it is uploaded (needs `hf auth login`).
 
 import argparse
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,8 +32,29 @@ from .training import MODEL_CLASSES, is_checkpoint, load_trained_model, read_che
 
 logger = logging.get_logger(__name__)
 
-# The command line shipped with the zero-shot model; present in a source checkout of ace-lora-hf.
-INFERENCE_SCRIPT = Path(__file__).resolve().parents[1] / "hf_model_inference.py"
+INFERENCE_SCRIPT_NAME = "hf_model_inference.py"
+# The command line shipped with a zero-shot model: ace-lora-classify, defaulting to the repository it sits in.
+INFERENCE_SCRIPT = '''#!/usr/bin/env python
+"""Zero-shot classification of chest X-rays (PNG/JPEG/TIFF/DICOM) with {repo_id}; needs the ace-lora-hf package.
+
+    python hf_model_inference.py --images a.png b.dcm
+    python hf_model_inference.py --csv test.csv --image-root images/ --output results.csv
+
+The same command is installed with ace-lora-hf as `ace-lora-classify --model {repo_id}`; `--help` lists every option.
+"""
+
+import sys
+
+from ace_lora_hf.classify import main
+from ace_lora_hf.cli import run_cli
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    if not any(argument == "--model" or argument.startswith("--model=") for argument in arguments):
+        arguments = ["--model", "{repo_id}", *arguments]
+    run_cli(main, arguments)
+'''
 
 
 def read_results(path: Path) -> dict:
@@ -69,13 +89,13 @@ def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path
     with folder_lock(staging, "--staging"):
         loaded, processor = load_publishable(model)
         model_class = type(loaded).__name__
-        with_script = model_class == "AceLoraModel" and INFERENCE_SCRIPT.is_file()
-        card = render_model_card(repo_id, model_class, evaluations, released, base_model, with_script)
+        with_script = model_class == "AceLoraModel"
+        card = render_model_card(repo_id, model_class, evaluations, released, base_model)
         with atomic_folder(staging) as folder:
             loaded.save_pretrained(folder)
             processor.save_pretrained(folder)
             if with_script:
-                shutil.copy(INFERENCE_SCRIPT, folder / INFERENCE_SCRIPT.name)
+                (folder / INFERENCE_SCRIPT_NAME).write_text(INFERENCE_SCRIPT.format(repo_id=repo_id), encoding="utf-8")
             card.save(folder / "README.md")
     return staging
 

@@ -112,7 +112,7 @@ def json_safe(value):
 
 def write_json_atomic(path: str | Path, value) -> Path:
     """`value` as indented, valid JSON (NaN and infinities written as null), atomically."""
-    return write_text_atomic(path, json.dumps(json_safe(value), indent=2, allow_nan=False))
+    return write_text_atomic(path, json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
 
 
 @contextmanager

@@ -39,7 +39,6 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, ProjectConfiguration, gather_object, is_tensorboard_available,
                               is_wandb_available, set_seed)
-from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch.utils.data import DataLoader, Dataset
@@ -48,12 +47,12 @@ from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 from transformers.utils import logging
 
 from .convert import save_model_folder
-from .errors import (AceLoraError, CheckpointError, ConfigError, InvalidArgumentError, OutputPathError,
+from .errors import (CheckpointError, InvalidArgumentError, OutputPathError,
                      TrainingDivergedError)
-from .model_sources import model_folder
+from .model_sources import load_pretrained, model_folder
 from .modeling_ace_lora import AceLoraModel
 from .modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation
-from .safe_outputs import atomic_file, atomic_folder, ensure_folder, folder_lock, write_text_atomic
+from .safe_outputs import atomic_file, atomic_folder, ensure_folder, folder_lock, json_safe, write_json_atomic
 
 
 logger = logging.get_logger(__name__)
@@ -324,22 +323,6 @@ def _remove_run_outputs(output_dir: Path) -> None:
             path.unlink()
 
 
-def json_safe(value):
-    """`value` with every NaN or infinite float replaced by None, so that it is valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
-
-
-def write_json(path: Path, value) -> None:
-    """Write `value` as JSON atomically; NaN and infinities become null (bare NaN is not JSON)."""
-    write_text_atomic(path, json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
-
-
 # --------------------------------------------------------------------------------------------- trained weights
 
 
@@ -388,7 +371,7 @@ def write_trained_weights(model: torch.nn.Module, folder: Path, base: BaseModel,
     """Write the trainable weights of `model` and the record of what they are into `folder`."""
     _save_tensors(trainable_parameters(model), folder / TRAINED_WEIGHTS)
     config = json.loads(model.config.to_json_string(use_diff=False))
-    write_json(folder / CHECKPOINT_RECORD, {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
+    write_json_atomic(folder / CHECKPOINT_RECORD, {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
                                             "base": asdict(base), **details, "config": config})
 
 
@@ -425,7 +408,7 @@ def load_trained_model(source: str | Path | None, model_class: type, option: str
     or a run's checkpoint folder (`best/`, `checkpoints/step_N/`), which is loaded as its base with its trained
     weights, once the base is found to be the one they were trained on."""
     if source is None or not is_checkpoint(source):
-        return _from_pretrained(model_class, source, option, **config_overrides)
+        return _model_and_processor(model_class, source, option, **config_overrides)
     folder = Path(source)
     record = read_checkpoint_record(folder)
     if record["model_class"] != model_class.__name__:
@@ -434,12 +417,17 @@ def load_trained_model(source: str | Path | None, model_class: type, option: str
                               "materialize_checkpoint) instead.")
     config = model_class.config_class.from_dict(record["config"])
     base = record["base"]
-    model, processor = _from_pretrained(model_class, base["source"], f"{option} {folder} (its base)", config=config)
+    model, processor = _model_and_processor(model_class, base["source"], f"{option} {folder} (its base)", config=config)
     if frozen_fingerprint(model) != base["fingerprint"]:
         raise CheckpointError(f"{option} {folder}: its weights were trained on another base than the one now at "
                               f"{base['source']} (the frozen weights differ); restore that base model.")
     load_trained_weights(model, folder)
     return model, processor
+
+
+def _model_and_processor(model_class: type, source: str | Path | None, option: str, **kwargs):
+    folder = model_folder(source, option)
+    return load_pretrained(model_class, folder, option, **kwargs), load_pretrained(AutoProcessor, folder, option)
 
 
 def materialize_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
@@ -449,19 +437,6 @@ def materialize_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     model, processor = load_trained_model(checkpoint, MODEL_CLASSES[record["model_class"]])
     save_model_folder(model, processor, Path(output))
     return Path(output)
-
-
-def _from_pretrained(model_class: type, source: str | Path | None, option: str, **kwargs):
-    """`model_class.from_pretrained` with its processor; every way the folder can be unusable is one line."""
-    folder = model_folder(source, option)
-    try:
-        return model_class.from_pretrained(folder, **kwargs), AutoProcessor.from_pretrained(folder)
-    except AceLoraError:
-        raise
-    except StrictDataclassError as error:
-        raise ConfigError(f"{option} {folder}: config.json: {error.__cause__ or error}.") from None
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{option} {folder}: cannot load it ({' '.join(str(error).split())[:300]}).") from None
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -733,7 +708,7 @@ class TrainingRun:
             self._save_trained(self.output_dir / "best", epoch=epoch, step=record["step"],
                                **{self.selection.metric: record.get(self.selection.metric)})
         if self.accelerator.is_main_process:
-            write_json(self.output_dir / "training_history.json", progress.history)
+            write_json_atomic(self.output_dir / "training_history.json", progress.history)
         self.save_checkpoint()
 
     # ------------------------------------------------------------------------------------------ saving
@@ -776,7 +751,7 @@ class TrainingRun:
         _save_tensors({f"process_{index}.{name}": tensor for index, (tensors, _) in enumerate(random_states)
                        for name, tensor in tensors.items()}, folder / RANDOM_STATES)
         scaler = self.accelerator.scaler
-        write_json(folder / TRAINING_STATE, {
+        write_json_atomic(folder / TRAINING_STATE, {
             "progress": asdict(self.progress),
             "signature": self.signature,
             "optimizer": optimizer_values,
@@ -874,5 +849,5 @@ class TrainingRun:
 
 __all__ = ["BaseModel", "Selection", "TrainingArgumentParser", "TrainingProgress", "TrainingRun",
            "add_training_options", "build_accelerator", "data_loader", "file_sha256", "frozen_fingerprint",
-           "is_checkpoint", "json_safe", "latest_checkpoint", "load_trained_model", "load_trained_weights",
-           "materialize_checkpoint", "prepare_output_dir", "read_checkpoint_record", "require_tracker", "write_json"]
+           "is_checkpoint", "latest_checkpoint", "load_trained_model", "load_trained_weights",
+           "materialize_checkpoint", "prepare_output_dir", "read_checkpoint_record", "require_tracker"]

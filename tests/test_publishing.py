@@ -101,6 +101,18 @@ def test_model_card_snippet_runs_against_the_hub_cache(staged, tmp_path):
     assert run_card_snippet(staged, tmp_path).startswith("{")
 
 
+def test_staged_inference_script_classifies_with_its_repository(staged, tmp_path):
+    """The repository's hf_model_inference.py, run from a Hub download offline, defaults to that repository."""
+    populate_hub_cache(staged, tmp_path / "hf_home" / "hub", HUB_REPO_ID)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(staged / "hf_model_inference.py"), "--images", str(SAMPLES / "nih_00000001_000.png"),
+               "--output", str(tmp_path / "out.json")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    classified = json.loads((tmp_path / "out.json").read_text())
+    assert HUB_REPO_ID in json.dumps(classified) and "nih_00000001_000.png" in json.dumps(classified)
+
+
 def run_card_snippet(staged, tmp_path) -> str:
     snippet = _card(staged).text.split("```python\n", 1)[1].split("```", 1)[0]
     assert f'"{HUB_REPO_ID}"' in snippet

@@ -28,6 +28,7 @@ from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.data import ImageTextCollator, ImageTextColumns, load_image_text_dataset
 from ace_lora_hf.errors import DataFormatError, ImageLoadError, InvalidArgumentError, TrainingDivergedError
 from ace_lora_hf.loss_ace_lora import LabelGuidedInfoNCELoss, label_guided_infonce
+from ace_lora_hf.safe_outputs import write_json_atomic
 from ace_lora_hf.modeling_ace_lora import AceLoraOutput
 from ace_lora_hf.safe_outputs import folder_lock
 from ace_lora_hf.training import latest_checkpoint, load_trained_model, materialize_checkpoint
@@ -361,7 +362,7 @@ def test_one_process_run_lowers_the_loss_and_reloads(tiny_hub_folder, synthetic_
     output = tmp_path / "run"
     run_pretrain(pretrain_command(tiny_hub_folder, synthetic_data, output, "--num_epochs", 6, "--batch_size", 8,
                                   "--learning_rate", "2e-2", "--validation_file", synthetic_data / "validation.csv",
-                                  "--checkpointing_steps", 3))
+                                  "--checkpointing_steps", 3, "--report_to", "tensorboard"))
     saved = [line for line in capsys.readouterr().out.splitlines() if line.startswith("saved checkpoint")]
     assert saved == [f"saved checkpoint step_{step}" for step in range(3, 19, 3)]  # epoch ends: once each
     history = json.loads((output / "training_history.json").read_text())
@@ -382,6 +383,18 @@ def test_one_process_run_lowers_the_loss_and_reloads(tiny_hub_folder, synthetic_
                        model.logit_scale.detach())
     best_epoch = min(range(6), key=lambda epoch: losses[epoch])
     assert json.loads((output / "best" / "ace_lora_checkpoint.json").read_text())["epoch"] == best_epoch
+    assert tensorboard_scalars(output / "logs", "epoch/loss") == pytest.approx(losses)
+
+
+def tensorboard_scalars(logs, tag):
+    """The values `tag` took in the TensorBoard event files under `logs`, in step order."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    events = EventMultiplexer().AddRunsFromDirectory(str(logs))
+    events.Reload()
+    runs = [run for run, tags in events.Runs().items() if tag in tags["scalars"]]
+    assert len(runs) == 1, events.Runs()
+    return [event.value for event in events.Scalars(runs[0], tag)]
 
 
 STRAIGHT = ("--num_epochs", 3, "--checkpointing_steps", 2)
@@ -594,7 +607,7 @@ def test_history_and_training_state_are_strict_json(straight_run, tmp_path):
     for path in (straight_run / "training_history.json", straight_run / "best" / "ace_lora_checkpoint.json",
                  straight_run / "checkpoints" / "step_18" / "training_state.json"):
         _strict_json(path)
-    training.write_json(tmp_path / "h.json", [{"epoch": 0, "validation_auc": float("nan"), "loss": float("inf")}])
+    write_json_atomic(tmp_path / "h.json", [{"epoch": 0, "validation_auc": float("nan"), "loss": float("inf")}])
     assert _strict_json(tmp_path / "h.json") == [{"epoch": 0, "validation_auc": None, "loss": None}]
 
 
