@@ -57,10 +57,11 @@ def resolve_sources(
 
 def convert_sources(sources: ConversionSources, **config_overrides) -> tuple[AceLoraModel, AceLoraProcessor]:
     """An `AceLoraModel` (eval mode) and its processor from resolved sources; every tensor is checked."""
-    processor = AceLoraProcessor(biomedclip_image_processor(sources.biomedclip), load_tokenizer(sources.tokenizer))
     if sources.adapters is not None:
         config_overrides = {**sources.adapters.config_updates(), **config_overrides}
     config = biomedclip_config(sources.biomedclip, **config_overrides)
+    processor = AceLoraProcessor(biomedclip_image_processor(sources.biomedclip), load_tokenizer(sources.tokenizer),
+                                 context_length=config.text_config.context_length)
     model = AceLoraModel(config)
     state = biomedclip_state_dict(sources.biomedclip, model)
     if sources.adapters is not None:

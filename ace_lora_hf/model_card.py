@@ -2,7 +2,7 @@
 `ModelCardData`, results as `EvalResult`s, the text from a template.
 
 Results come from the evaluation of the model being published (a fine-tune's `test_results.json`, the JSON of
-`examples/zero_shot_eval.py --output`). The paper's numbers appear only on the card of the released weights, labelled
+`ace-lora-evaluate --output`). The paper's numbers appear only on the card of the released weights, labelled
 as the paper's.
 """
 
@@ -49,7 +49,7 @@ DATASETS = {
     "LC25000 (lung)": ("lc25000", "lung"),
     "LC25000 (colon)": ("lc25000", "colon"),
 }
-# `examples/zero_shot_eval.py --dataset` names -> benchmark names.
+# `ace-lora-evaluate --dataset` names -> benchmark names.
 ZERO_SHOT_BENCHMARKS = {"rsna": "RSNA Pneumonia", "chexpert5x200": "CheXpert 5x200", "siim": "SIIM-ACR Pneumothorax",
                         "nih14": "ChestX-ray14", "mhist": "MHIST", "lc25000_lung": "LC25000 (lung)",
                         "lc25000_colon": "LC25000 (colon)"}
@@ -175,25 +175,29 @@ def paper_results() -> list[EvalResult]:
 
 
 def evaluation_results(results: dict, path: Path) -> list[EvalResult]:
-    """`EvalResult`s of an evaluation of this model: a fine-tune's `test_results.json` or the output of
-    `examples/zero_shot_eval.py`; metrics in percent, without a source (the paper's results carry theirs). An
-    undefined (null) metric is left out."""
-    metrics = results.get("metrics")
-    if not isinstance(metrics, dict):
-        raise DataFormatError(f"{path}: no 'metrics'; expected a fine-tune's test_results.json or the --output of "
-                              "examples/zero_shot_eval.py.")
+    """`EvalResult`s of an evaluation of this model: a fine-tune's `test_results.json` or the `--output` of
+    `ace-lora-evaluate` (one or more zero-shot benchmarks); metrics in percent, without a source (the paper's results
+    carry theirs). An undefined (null) metric is left out."""
     if results.get("task") in FINETUNING_TASKS:
-        task, dataset, split = FINETUNING_TASKS[results["task"]], results.get("dataset"), results.get("split")
-        fraction = results.get("fraction", 1.0)
-        task_name = f"{results['task']} head on the frozen encoder, {fraction:.0%} of the training split"
-    elif results.get("dataset") in ZERO_SHOT_BENCHMARKS:
-        task, dataset, split = "zero-shot-image-classification", ZERO_SHOT_BENCHMARKS[results["dataset"]], None
-        task_name = "zero-shot classification"
-    else:
-        raise DataFormatError(f"{path}: neither a fine-tune's results (task segmentation or detection) nor a zero-shot "
-                              f"evaluation of a known dataset ({', '.join(ZERO_SHOT_BENCHMARKS)}).")
+        task_name = (f"{results['task']} head on the frozen encoder, {results.get('fraction', 1.0):.0%} of the "
+                     "training split")
+        return _results_of(FINETUNING_TASKS[results["task"]], results.get("dataset"), results.get("split"),
+                           task_name, results.get("metrics"), path)
+    benchmarks = results.get("datasets")
+    if not isinstance(benchmarks, dict) or not benchmarks or any(name not in ZERO_SHOT_BENCHMARKS
+                                                                  for name in benchmarks):
+        raise DataFormatError(f"{path}: neither a fine-tune's test_results.json (task segmentation or detection) nor "
+                              f"the --output of ace-lora-evaluate on known datasets ({', '.join(ZERO_SHOT_BENCHMARKS)}).")
+    return [result for name, benchmark in benchmarks.items()
+            for result in _results_of("zero-shot-image-classification", ZERO_SHOT_BENCHMARKS[name], None,
+                                      "zero-shot classification", benchmark.get("metrics"), f"{path}: {name}")]
+
+
+def _results_of(task: str, dataset, split: str | None, task_name: str, metrics, where) -> list[EvalResult]:
     if not isinstance(dataset, str):
-        raise DataFormatError(f"{path}: no 'dataset' name.")
+        raise DataFormatError(f"{where}: no 'dataset' name.")
+    if not isinstance(metrics, dict):
+        raise DataFormatError(f"{where}: no 'metrics'; write it again with the command that made it.")
     return [_result(task, dataset, key, round(100 * value, 2), split, task_name=task_name)
             for key, value in metrics.items() if key in METRICS and isinstance(value, (int, float))]
 

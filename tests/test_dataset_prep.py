@@ -22,6 +22,7 @@ from ace_lora_hf import evaluation
 from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import DataFormatError, OutputPathError
 from ace_lora_hf.metrics import classification_metrics, multilabel_metrics
+from ace_lora_hf.model_card import METRICS, evaluation_results
 from ace_lora_hf.safe_outputs import folder_lock, json_safe
 
 from conftest import REPO_ROOT
@@ -682,6 +683,10 @@ def test_zero_shot_eval_end_to_end(dataset, tiny_hub_folder, request, tmp_path):
     assert saved["metrics"] == json_safe(expected)  # an undefined AUC (NaN) is written as null
     published = {"rsna": 87.19, "chexpert5x200": 49.8, "mhist": 57.27, "lc25000_lung": 84.03, "lc25000_colon": 90.39}
     assert (saved["published"] or {}).get("value") == published.get(dataset)
+    # The report, as written, is what ace-lora-publish --results puts on a model card (in percent).
+    on_card = {r.metric_type: r.metric_value for r in evaluation_results(json.loads(output.read_text()), output)}
+    assert on_card == {METRICS[key][0]: round(100 * value, 2) for key, value in saved["metrics"].items()
+                       if key in METRICS and value is not None}
 
 
 def test_zero_shot_eval_rejects_an_unknown_label(lc25000_input, tiny_hub_folder, tmp_path, capsys):

@@ -164,19 +164,25 @@ def test_a_users_model_without_results_claims_none(tiny_hub_folder, tmp_path):
 
 
 def test_zero_shot_results_keep_both_lc25000_sets(tiny_hub_folder, tmp_path):
-    files = []
-    for dataset, accuracy in (("lc25000_lung", 0.8), ("lc25000_colon", 0.9)):
-        files.append(tmp_path / f"{dataset}.json")
-        files[-1].write_text(json.dumps({"dataset": dataset, "metrics": {"accuracy": accuracy, "auc": None}}))
+    """ace-lora-evaluate reports, one with both LC25000 sets and one with RSNA, give one card entry per metric."""
+    both = {"datasets": {"lc25000_lung": {"metrics": {"accuracy": 0.8, "auc": None}},
+                         "lc25000_colon": {"metrics": {"accuracy": 0.9, "auc": None}}}}
+    rsna = {"datasets": {"rsna": {"metrics": {"accuracy": 0.75, "auc": 0.8123}}}}
+    files = [tmp_path / "lc25000.json", tmp_path / "rsna.json"]
+    for path, report in zip(files, (both, rsna)):
+        path.write_text(json.dumps(report))
     card = _card(publish.stage_repository(tiny_hub_folder, "me/mine", tmp_path / "repo", results=files))
-    assert [(r.dataset_type, r.dataset_config, r.metric_value) for r in card.data.eval_results] == [
-        ("lc25000", "lung", 80.0), ("lc25000", "colon", 90.0)]
+    assert [(r.dataset_type, r.dataset_config, r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        ("lc25000", "lung", "accuracy", 80.0), ("lc25000", "colon", "accuracy", 90.0),
+        ("rsna-pneumonia", None, "accuracy", 75.0), ("rsna-pneumonia", None, "roc_auc", 81.23)]
 
 
 @pytest.mark.parametrize(("content", "message"), [
     ("not json", "not a JSON file"),
-    ('{"dataset": "imagenet", "metrics": {"accuracy": 0.5}}', "neither a fine-tune's results"),
-    ('{"task": "segmentation"}', "no 'metrics'"),
+    ('{"datasets": {"imagenet": {"metrics": {"accuracy": 0.5}}}}', "neither a fine-tune's test_results.json"),
+    ('{"dataset": "rsna", "metrics": {"accuracy": 0.5}}', "neither a fine-tune's test_results.json"),
+    ('{"datasets": {"rsna": {}}}', "rsna: no 'metrics'"),
+    ('{"task": "segmentation", "dataset": "SIIM"}', "no 'metrics'"),
 ])
 def test_results_files_that_are_not_evaluations_are_one_line(content, message, tiny_hub_folder, tmp_path, capsys):
     (tmp_path / "results.json").write_text(content)
