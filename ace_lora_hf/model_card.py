@@ -116,6 +116,13 @@ print(detections["boxes"].tolist(), detections["scores"].tolist())  # x1, y1, x2
 ''',
 }
 
+EXPLANATION_CAPTION = (
+    "The model's answer for {image}, as `ace-lora-classify --explain` and the demo draw it. Top row: the whole image "
+    "with the square the model sees (resized and centre-cropped) outlined; that view with the five patches the "
+    "hypergraph links to the CLS token, numbered by link weight; the CLS token's last-layer attention to each patch "
+    "relative to an even spread (log scale, 1/8 to 8 times). Below, one map per label: the probability each patch "
+    "alone would give that label, from 0 to 1, white at chance.")
+
 TEMPLATE = """---
 {{ card_data }}
 ---
@@ -134,9 +141,23 @@ to chest X-rays with rank-stabilised LoRA (r = 4) on the attention of both tower
 
 ```python
 {{ usage }}```
-{% if inference_script %}
+{% if zero_shot %}
 The ace-lora-hf package (pip install from its repository) adds DICOM loading, batched zero-shot classification and the
 command line in this repository's `hf_model_inference.py` (`python hf_model_inference.py --images a.dcm b.png`).
+
+## Try it
+
+{% if space %}In the browser: [the demo Space](https://huggingface.co/spaces/{{ space }}); upload a PNG, JPEG or DICOM
+image, edit the labels and see the probabilities with the explanation below.
+
+{% endif %}On your machine: `pip install 'ace-lora-hf[app]'`, run `ace-lora-app --model {{ repo_id }}` and open
+http://127.0.0.1:7860.
+{% endif %}{% if explanation %}
+## What the model looks at
+
+![Explanation of a zero-shot classification by {{ title }}]({{ explanation }})
+
+{{ explanation_caption }}
 {% endif %}
 ## {{ results_title }}
 {% if results %}
@@ -203,9 +224,12 @@ def _results_of(task: str, dataset, split: str | None, task_name: str, metrics, 
 
 
 def render_model_card(repo_id: str, model_class: str = "AceLoraModel", results: list[EvalResult] = (),
-                      released: bool = False, base_model: str = BIOMEDCLIP) -> ModelCard:
+                      released: bool = False, base_model: str = BIOMEDCLIP, space: str | None = None,
+                      explanation: str | None = None, explanation_of: str = "an image") -> ModelCard:
     """The model card of `repo_id`: an ACE-LoRA model (`model_class`) with the evaluation `results` given. With
-    `released`, the card is that of the authors' released weights and adds the paper's results."""
+    `released`, the card is that of the authors' released weights and adds the paper's results. A zero-shot model's
+    card says how to try it (the demo `space` on the Hub, when there is one, and locally) and shows `explanation`, the
+    repository's picture of its explanation of `explanation_of`."""
     own_results = list(results)
     all_results = [*own_results, *(paper_results() if released else [])]
     card_data = ModelCardData(
@@ -229,7 +253,8 @@ def render_model_card(repo_id: str, model_class: str = "AceLoraModel", results: 
     return ModelCard.from_template(
         card_data, template_str=TEMPLATE, title=repo_id.split("/")[-1], biomedclip=BIOMEDCLIP, paper_url=PAPER_URL,
         provenance=provenance, usage=USAGE[model_class].format(repo_id=repo_id), repo_id=repo_id,
-        inference_script=model_class == "AceLoraModel", results_title=results_title,
+        zero_shot=model_class == "AceLoraModel", space=space, explanation=explanation,
+        explanation_caption=EXPLANATION_CAPTION.format(image=explanation_of), results_title=results_title,
         results=all_results, results_note=results_note)
 
 

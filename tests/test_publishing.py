@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 from transformers import AutoModelForSemanticSegmentation
@@ -80,6 +81,34 @@ def test_staged_repository_is_complete(staged):
     }
 
 
+def test_zero_shot_card_shows_an_explanation_and_how_to_try_it(staged):
+    card = _card(staged)
+    assert "![Explanation of a zero-shot classification" in card.text and "(explanation.png)" in card.text
+    assert "`nih_00000001_000.png`" in card.text and "numbered by link weight" in card.text
+    with Image.open(staged / "explanation.png") as picture:
+        assert picture.format == "PNG" and picture.width >= 1800  # slide-sized, three panels a row
+    assert f"ace-lora-app --model {HUB_REPO_ID}" in card.text and "huggingface.co/spaces" not in card.text
+
+
+def test_card_links_the_demo_space_and_draws_the_image_given(tiny_hub_folder, tmp_path):
+    image = tmp_path / "monochrome1.dcm"
+    shutil.copy(SAMPLES / "fake_monochrome1.dcm", image)
+    staging = publish.stage_repository(tiny_hub_folder, "me/mine", tmp_path / "repo", space="me/ace-lora-demo",
+                                       example_image=image)
+    card = _card(staging)
+    assert "[the demo Space](https://huggingface.co/spaces/me/ace-lora-demo)" in card.text
+    assert "`monochrome1.dcm`" in card.text and (staging / "explanation.png").is_file()
+
+
+def test_a_missing_example_image_is_refused_before_loading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(publish.main, ["--model", str(tmp_path / "no_model"), "--repo-id", "me/mine", "--staging",
+                               str(tmp_path / "repo"), "--example-image", str(tmp_path / "missing.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and "--example-image" in err and "missing.png: no such file" in err
+    assert not (tmp_path / "repo").exists()
+
+
 def test_released_card_metadata_round_trips_through_huggingface_hub(staged):
     card = _card(staged)
     assert card.data.license == "mit" and card.data.library_name == "transformers"
@@ -148,7 +177,8 @@ def test_own_fine_tune_card_claims_only_its_own_results(fine_tune, tmp_path):
     assert "AutoModelForSemanticSegmentation" in json.loads((staging / "config.json").read_text())["auto_map"]
     staged_head = AutoModelForSemanticSegmentation.from_pretrained(staging)
     assert all(torch.equal(a, b) for a, b in zip(staged_head.state_dict().values(), head.state_dict().values()))
-    assert "hf_model_inference.py" not in {path.name for path in staging.iterdir()}
+    assert not {"hf_model_inference.py", "explanation.png"} & {path.name for path in staging.iterdir()}
+    assert "ace-lora-app" not in card.text
 
 
 def test_fine_tune_card_snippet_runs_against_the_hub_cache(fine_tune, tmp_path):
