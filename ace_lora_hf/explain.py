@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
-from transformers.image_transforms import get_resize_output_image_size
-from transformers.image_utils import ChannelDimension
 
 from .errors import InvalidArgumentError, MissingDependencyError
 from .image_loading import load_image
@@ -94,26 +92,6 @@ class Explanation:
         return self.relative_attention.shape[0]
 
 
-def crop_box(image_processor, width: int, height: int) -> tuple[float, float, float, float]:
-    """`(left, top, right, bottom)` in an original `width` x `height` image of what the processor keeps."""
-    resized_height, resized_width = height, width
-    if image_processor.do_resize:
-        size = image_processor.size
-        target = size.shortest_edge or (size.height, size.width)
-        resized_height, resized_width = get_resize_output_image_size(
-            np.broadcast_to(np.uint8(0), (1, height, width)), target, default_to_square=False,
-            input_data_format=ChannelDimension.FIRST,
-        )
-    if not image_processor.do_center_crop:
-        return 0.0, 0.0, float(width), float(height)
-    crop_height, crop_width = image_processor.crop_size.height, image_processor.crop_size.width
-    # As `AceLoraImageProcessor.center_crop`: torchvision rounds the top/left margin.
-    top, left = round((resized_height - crop_height) / 2), round((resized_width - crop_width) / 2)
-    # Multiplied before dividing, so that a box along the image's edges is exactly its width and height.
-    return (left * width / resized_width, top * height / resized_height,
-            (left + crop_width) * width / resized_width, (top + crop_height) * height / resized_height)
-
-
 def _model_view(image_processor, image: Image.Image) -> Image.Image:
     crop = image_processor([image], do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"][0]
     return Image.fromarray(np.moveaxis(crop, 0, -1).astype(np.uint8))
@@ -154,7 +132,7 @@ def explain(
     return Explanation(
         image=image,
         crop=_model_view(image_processor, image),
-        crop_box=crop_box(image_processor, image.width, image.height),
+        crop_box=image_processor.crop_window(image.height, image.width).in_original(image.height, image.width),
         relative_attention=(cls_attention.softmax(dim=-1) * cls_attention.numel()).view(grid, grid).cpu().numpy(),
         linked_patches=linked_patches,
         link_weights=link_weights,
@@ -287,4 +265,4 @@ def plot_explanation(explanation: Explanation, title: str | None = None) -> "Fig
     return figure
 
 
-__all__ = ["Explanation", "crop_box", "explain", "plot_explanation", "require_plotting"]
+__all__ = ["Explanation", "explain", "plot_explanation", "require_plotting"]

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import Dataset
-from transformers.image_transforms import center_to_corners_format, corners_to_center_format, \
-    get_resize_output_image_size
-from transformers.image_utils import ChannelDimension, PILImageResampling
+from transformers.image_transforms import center_to_corners_format, corners_to_center_format
+from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
 from .data import missing_file, numbered_rows, read_table
@@ -110,31 +109,14 @@ def _parse_boxes(text: str, table: Path, line: int) -> list[list[float]]:
     return boxes
 
 
-def processed_window(image_processor, height: int, width: int) -> tuple[float, float, int, int]:
-    """Where the image processor puts an image of `height` x `width`: the horizontal and vertical scale of its resize
-    and the left and top of its center crop in the resized image. Both are read off the processor: its resize size
-    from its shortest-edge rule (transformers' `get_resize_output_image_size`, which it resizes with), its crop by
-    applying its own `center_crop` to zero-copy images of row and column indices."""
-    shape_only = np.broadcast_to(np.uint8(0), (1, height, width))
-    resized_height, resized_width = get_resize_output_image_size(
-        shape_only, image_processor.size.shortest_edge, default_to_square=False,
-        input_data_format=ChannelDimension.FIRST)
-    crop = image_processor.crop_size
-    shape = (1, resized_height, resized_width)
-    rows = np.broadcast_to(np.arange(resized_height)[None, :, None], shape)
-    columns = np.broadcast_to(np.arange(resized_width)[None, None, :], shape)
-    top = int(image_processor.center_crop(rows, crop)[0, 0, 0])
-    left = int(image_processor.center_crop(columns, crop)[0, 0, 0])
-    return resized_width / width, resized_height / height, left, top
-
-
 def boxes_in_crop(boxes: list[list[float]], image_processor, height: int, width: int) -> torch.Tensor:
     """Pixel boxes (x1, y1, x2, y2) of an image of `height` x `width` as normalised (cx, cy, w, h) boxes of the
     processor's crop; parts outside the crop are cut off and boxes left empty are dropped."""
-    scale_x, scale_y, left, top = processed_window(image_processor, height, width)
-    crop = torch.tensor([image_processor.crop_size.width, image_processor.crop_size.height] * 2, dtype=torch.float32)
-    corners = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * torch.tensor([scale_x, scale_y] * 2)
-    corners = torch.minimum((corners - torch.tensor([left, top] * 2)).clamp(min=0), crop)
+    window = image_processor.crop_window(height, width)
+    scale = torch.tensor([window.resized_width / width, window.resized_height / height] * 2)
+    crop = torch.tensor([window.right - window.left, window.bottom - window.top] * 2, dtype=torch.float32)
+    corners = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
+    corners = torch.minimum((corners - torch.tensor([window.left, window.top] * 2)).clamp(min=0), crop)
     return corners_to_center_format(corners[box_area(corners) > 0] / crop)
 
 
@@ -275,4 +257,4 @@ def _train_and_test(task: Task, args: argparse.Namespace, accelerator: Accelerat
 
 
 __all__ = ["DETECTION", "SEGMENTATION", "DetectionSet", "SegmentationSet", "Task", "boxes_in_crop", "evaluate_head",
-           "finetuning_parser", "head_loss", "processed_window", "read_split", "run_finetuning"]
+           "finetuning_parser", "head_loss", "read_split", "run_finetuning"]

@@ -1,11 +1,31 @@
 """Image processor for ACE-LoRA: BiomedCLIP's (open_clip's) preprocessing, pixel for pixel."""
 
+from typing import NamedTuple
+
 import numpy as np
 from PIL import Image
 from transformers import BatchFeature
 from transformers.image_processing_backends import PilBackend
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling, SizeDict
+
+
+class CropWindow(NamedTuple):
+    """Where a processed image comes from: the size its original was resized to, and the box (left, top, right,
+    bottom) the center crop keeps of that resized image, in its pixels."""
+
+    resized_height: int
+    resized_width: int
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+    def in_original(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """The crop's box in the pixels of the `height` x `width` original."""
+        # Multiplied before dividing, so that a box along the image's edges is exactly its width and height.
+        return (self.left * width / self.resized_width, self.top * height / self.resized_height,
+                self.right * width / self.resized_width, self.bottom * height / self.resized_height)
 
 
 class AceLoraImageProcessor(PilBackend):
@@ -32,6 +52,26 @@ class AceLoraImageProcessor(PilBackend):
     do_rescale = True
     do_normalize = True
     do_convert_rgb = True
+
+    def crop_window(self, height: int, width: int) -> CropWindow:
+        """The part of a `height` x `width` image that this processor keeps, by its own resize rule and center crop
+        (applied to zero-copy images of row and column indices), so that boxes and pictures drawn over its output
+        line up with its pixels exactly."""
+        resized_height, resized_width = height, width
+        if self.do_resize:
+            target = self.size.shortest_edge or (self.size.height, self.size.width)
+            resized_height, resized_width = get_resize_output_image_size(
+                np.broadcast_to(np.uint8(0), (1, height, width)), target, default_to_square=False,
+                input_data_format=ChannelDimension.FIRST)
+        if not self.do_center_crop:
+            return CropWindow(resized_height, resized_width, 0, 0, resized_width, resized_height)
+        shape = (1, resized_height, resized_width)
+        rows = np.broadcast_to(np.arange(resized_height)[None, :, None], shape)
+        columns = np.broadcast_to(np.arange(resized_width)[None, None, :], shape)
+        top = int(self.center_crop(rows, self.crop_size)[0, 0, 0])
+        left = int(self.center_crop(columns, self.crop_size)[0, 0, 0])
+        return CropWindow(resized_height, resized_width, left, top, left + self.crop_size.width,
+                          top + self.crop_size.height)
 
     def process_image(self, image, do_convert_rgb: bool | None = None, **kwargs) -> np.ndarray | Image.Image:
         """Channels-first array of one image. An "L" image to be made RGB stays as it is: `resize` hands it to PIL
@@ -129,4 +169,4 @@ class AceLoraImageProcessor(PilBackend):
         return image[..., top : top + size.height, left : left + size.width]
 
 
-__all__ = ["AceLoraImageProcessor"]
+__all__ = ["AceLoraImageProcessor", "CropWindow"]

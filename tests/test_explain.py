@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf import AceLoraImageProcessor, AceLoraModel
 from ace_lora_hf.errors import AceLoraError, InvalidArgumentError
-from ace_lora_hf.explain import ATTENTION_RANGE, crop_box, explain, plot_explanation
+from ace_lora_hf.explain import ATTENTION_RANGE, explain, plot_explanation
 from ace_lora_hf.image_loading import load_image
 from ace_lora_hf.zero_shot import ZeroShotClassifier
 
@@ -81,12 +81,12 @@ def test_attention_is_the_share_per_patch_relative_to_uniform(explanation, token
 
 @pytest.mark.parametrize("width, height", [(320, 200), (200, 320), (250, 250)])
 @pytest.mark.parametrize("shortest_edge", [32, 224])
-def test_crop_box_is_where_the_models_view_lies_in_the_original(width, height, shortest_edge):
+def test_the_crop_window_is_where_the_models_view_lies_in_the_original(width, height, shortest_edge):
     processor = AceLoraImageProcessor(size={"shortest_edge": shortest_edge},
                                       crop_size={"height": shortest_edge, "width": shortest_edge})
     y, x = np.mgrid[0:height, 0:width]
     original = Image.fromarray((127 + 60 * np.sin(x / 17) + 60 * np.cos(y / 13)).astype(np.uint8))
-    box = crop_box(processor, width, height)
+    box = processor.crop_window(height, width).in_original(height, width)
     left, top, right, bottom = box
     assert right - left == pytest.approx(bottom - top, rel=0.02)  # a square of the original
     assert (left == 0 or top == 0) and min(right - left, bottom - top) == pytest.approx(min(width, height), rel=0.02)
