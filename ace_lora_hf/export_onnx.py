@@ -1,6 +1,6 @@
 """Export the ACE image and text embeddings of an ACE-LoRA model folder to ONNX.
 
-    python -m ace_lora_hf.export_onnx --model MODEL_DIR --output OUT_DIR [--opset N] [--overwrite]
+    ace-lora-export-onnx --model MODEL_DIR --output OUT_DIR [--opset N] [--overwrite]
 
 Writes into OUT_DIR:
 - `vision.onnx`: `pixel_values` float32 `[batch, 3, H, W]` (as `AceLoraImageProcessor` makes them) ->
@@ -232,7 +232,7 @@ def export_model(model: AceLoraModel, folder: Path, opset: int | None = None) ->
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ace_lora_hf.export_onnx", description=__doc__,
+    parser = argparse.ArgumentParser(prog="ace-lora-export-onnx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="ACE-LoRA model folder (save_pretrained layout).")
     parser.add_argument("--output", type=Path, required=True, help="Folder to write the ONNX files into.")
