@@ -5,6 +5,7 @@
 
 from dataclasses import dataclass, field
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig, PreTrainedConfig, ViTConfig
 
@@ -204,6 +205,9 @@ class AceLoraConfig(PreTrainedConfig):
     head_hidden_size: int = 256
 
     def __post_init__(self, **kwargs):
+        # transformers looks a dtype name up on torch; a name that is none there is a mistake in config.json.
+        if isinstance(self.dtype, str) and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ConfigError(f"dtype={self.dtype!r}: not a torch dtype; use float32, bfloat16 or float16.")
         self.vision_config, self.text_config = self._tower_dicts(kwargs)
         super().__post_init__(**kwargs)
         if self.head_feature_layers is None:

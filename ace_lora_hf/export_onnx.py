@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig
 from transformers.utils import logging
 
 from .cli import run_cli
-from .configuration_ace_lora import AceLoraConfig
-from .errors import CheckpointError, MissingDependencyError
+from .errors import InvalidArgumentError, MissingDependencyError
+from .model_sources import load_pretrained, model_folder
 from .modeling_ace_lora import AceLoraModel
 from .safe_outputs import atomic_folder, check_output_folder, folder_lock, write_text_atomic
 
@@ -41,6 +40,7 @@ logger = logging.get_logger(__name__)
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INSTALL_COMMAND = "pip install 'ace-lora-hf[onnx]'"
 DESCRIPTION_FILE = "export_onnx.json"
+MIN_OPSET = 18  # the oldest opset torch.onnx's exporter writes
 # Traced with one batch size and checked with another, so a batch size baked into the graph cannot go unnoticed.
 EXAMPLE_BATCH_SIZE = 2
 CHECK_BATCH_SIZE = 1
@@ -137,18 +137,22 @@ class TextEmbedding(EmbeddingPath):
 # -------------------------------------------------------------------------------------------------- the steps
 
 
-def load_model_for_export(folder: Path) -> AceLoraModel:
-    """The model of `folder` in float32, in eval mode, with LoRA merged into its base weights."""
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"--model {folder} has no config.json; give a folder written by save_pretrained or by "
-                              "`python -m ace_lora_hf.convert`.")
-    config = AutoConfig.from_pretrained(folder)
-    if not isinstance(config, AceLoraConfig):
-        raise CheckpointError(f"--model {folder} holds a {config.model_type!r} model; the ONNX export needs a whole "
-                              f"ACE-LoRA model (model_type {AceLoraConfig.model_type!r}) with both towers.")
-    model = AceLoraModel.from_pretrained(folder, config=config, dtype=torch.float32).eval()
+def load_model_for_export(source: str | Path) -> AceLoraModel:
+    """The model of `source` (a folder or Hub repository in ACE-LoRA's format) in float32, in eval mode, with LoRA
+    merged into its base weights."""
+    model = load_pretrained(AceLoraModel, model_folder(source, "--model"), "--model", dtype=torch.float32).eval()
     model.merge_lora()
     return model
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the exporter cannot write (it would fall back to its own) or onnx does not know."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not MIN_OPSET <= opset <= newest:
+        raise InvalidArgumentError(f"--opset {opset}: torch.onnx exports opsets {MIN_OPSET} to {newest} here; pass "
+                                   "one of them or leave --opset out.")
 
 
 @contextmanager
@@ -234,7 +238,7 @@ def export_model(model: AceLoraModel, folder: Path, opset: int | None = None) ->
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ace-lora-export-onnx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="ACE-LoRA model folder (save_pretrained layout).")
+    parser.add_argument("--model", required=True, help="ACE-LoRA model folder (save_pretrained layout) or Hub id.")
     parser.add_argument("--output", type=Path, required=True, help="Folder to write the ONNX files into.")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's own).")
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
@@ -244,8 +248,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     require_onnx_packages()
+    check_opset(args.opset)
     with folder_lock(args.output.resolve()):
-        check_output_folder(args.output, [args.model], args.overwrite)
+        check_output_folder(args.output, [Path(args.model)], args.overwrite)
         model = load_model_for_export(args.model)
         with atomic_folder(args.output) as staging:
             description = export_model(model, staging, args.opset)

@@ -1,5 +1,6 @@
 """Image processor for ACE-LoRA: BiomedCLIP's (open_clip's) preprocessing, pixel for pixel."""
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
@@ -52,6 +53,13 @@ class AceLoraImageProcessor(PilBackend):
     do_rescale = True
     do_normalize = True
     do_convert_rgb = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("size", "crop_size"):
+            sides = {key: value for key, value in dataclasses.asdict(getattr(self, name)).items() if value is not None}
+            if not all(isinstance(value, int) and value > 0 for value in sides.values()):
+                raise ValueError(f"{name}={sides}: every side must be a positive whole number of pixels.")
 
     def crop_window(self, height: int, width: int) -> CropWindow:
         """The part of a `height` x `width` image that this processor keeps, by its own resize rule and center crop

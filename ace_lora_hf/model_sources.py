@@ -8,6 +8,8 @@ this package.
 
 import hashlib
 import json
+import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from transformers import AutoModel, AutoProcessor
 from transformers.utils import logging
 
 from .convert import ConversionSources, convert_sources, resolve_sources, save_model_folder
+from .configuration_ace_lora import AceLoraConfig
 from .errors import AceLoraError, CheckpointError, ConfigError, ModelSourceError
 from .hub import hub_file
 from .modeling_ace_lora import AceLoraModel
@@ -91,11 +94,21 @@ def model_folder(source: str | Path | None, option: str = "--model", revision: s
     if config_path is None:
         raise ModelSourceError(f"{option} {source}: not a model in ACE-LoRA's transformers format (no config.json). "
                                f"{_foreign_model_advice(source)}")
-    model_type = _read_config(config_path).get("model_type")
+    config = _read_config(config_path)
+    model_type = config.get("model_type")
     if model_type != "ace_lora":
         raise ModelSourceError(f"{option} {source}: a {model_type or 'unknown'} model, not ACE-LoRA. "
                                f"{_foreign_model_advice(source)}")
+    try:
+        AceLoraConfig.from_dict(config)  # every field checked now, before anything loads
+    except (ConfigError, StrictDataclassError) as error:
+        raise _config_error(error, f"{option} {source}") from None
     return str(source)
+
+
+def _config_error(error: Exception, where: str) -> ConfigError:
+    cause = error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ else error
+    return ConfigError(f"{where}/config.json: {str(cause).rstrip('.')}; fix the value or convert the model again.")
 
 
 def _foreign_model_advice(source: str | Path) -> str:
@@ -141,25 +154,75 @@ def load_model_and_processor(
 def load_pretrained(model_class, folder: str | Path, option: str | None = None, **kwargs):
     """`model_class.from_pretrained(folder, **kwargs)` (any model class, an Auto class or `AutoProcessor`; None
     values left out); every way the folder can be unusable is an `AceLoraError` naming it (after `option`, the
-    command-line option it came from, when given) and the fix."""
+    command-line option it came from, when given) and the fix. A model whose weights lack a tensor of its encoders, or
+    hold one of another shape than its config gives, is refused rather than run with fresh weights there; a head's
+    own weights may be missing (they are trained from scratch)."""
     where = f"{option} {folder}" if option else str(folder)
-    what = "processor" if model_class is AutoProcessor else "weights"
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    if model_class is AutoProcessor:
+        return _load_processor(folder, where, **kwargs)
     try:
-        return model_class.from_pretrained(folder, **{key: value for key, value in kwargs.items() if value is not None})
+        with _quiet_loading_report():
+            model, loading_info = model_class.from_pretrained(folder, ignore_mismatched_sizes=True,
+                                                              output_loading_info=True, **kwargs)
+    except (ConfigError, StrictDataclassError) as error:
+        raise _config_error(error, where) from None
     except AceLoraError:
         raise
-    except StrictDataclassError as error:
-        cause = error.__cause__ or error
-        raise ConfigError(f"{where}/config.json: {cause}; fix the value or convert the model again.") from None
     except SafetensorError as error:
-        raise CheckpointError(f"{where}: its {what} file is unreadable ({error}); it may be truncated: download or "
+        raise CheckpointError(f"{where}: its weights file is unreadable ({error}); it may be truncated: download or "
                               "convert it again.") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{where}: its weights are a pickle with more than tensors in it, which is never "
+                              "unpickled here; use a folder with model.safetensors.") from None
     except OSError as error:
-        advice = ("; a folder written by ace-lora-convert, or by save_pretrained of both the model and its "
-                  "AceLoraProcessor, has one" if model_class is AutoProcessor else "")
-        reason = " ".join(str(error).split())
-        raise CheckpointError(f"{where}: cannot load its {what} ({reason[:200]}{'…' if len(reason) > 200 else ''})"
-                              f"{advice}.") from None
+        raise CheckpointError(f"{where}: cannot load its weights ({_shortened(error)}).") from None
+    _check_loading_info(loading_info, where)
+    return model
+
+
+def _load_processor(folder: str | Path, where: str, **kwargs):
+    try:
+        return AutoProcessor.from_pretrained(folder, **kwargs)
+    except AceLoraError:
+        raise
+    except (OSError, ValueError) as error:  # a missing, unparsable or invalid tokenizer or processor file
+        raise CheckpointError(f"{where}: cannot load its processor ({_shortened(error)}); a folder written by "
+                              "ace-lora-convert, or by save_pretrained of both the model and its AceLoraProcessor, "
+                              "has a working one.") from None
+
+
+def _check_loading_info(loading_info: dict, where: str) -> None:
+    encoder_prefixes = ("vision_model.", "text_model.", "logit_scale")
+    mismatched = sorted(loading_info["mismatched_keys"])
+    if mismatched:
+        name, saved, expected = mismatched[0]
+        raise CheckpointError(f"{where}: its config.json does not fit its weights: {name} is saved as "
+                              f"{list(saved)} but the config makes it {list(expected)}"
+                              f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''}; use the "
+                              "config.json saved with these weights.")
+    missing = sorted(key for key in loading_info["missing_keys"] if key.startswith(encoder_prefixes))
+    if missing:
+        raise CheckpointError(f"{where}: its weights lack {missing[0]}"
+                              f"{f' and {len(missing) - 1} more tensors' if len(missing) > 1 else ''} that its "
+                              "config.json calls for; download or convert the model again.")
+
+
+@contextmanager
+def _quiet_loading_report():
+    """transformers logs a multi-line report of missing and mismatched weights; `_check_loading_info` says it in
+    one line instead (a head's fresh weights need no report)."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _shortened(error: Exception) -> str:
+    reason = " ".join(str(error).split())
+    return f"{reason[:200]}{'…' if len(reason) > 200 else ''}"
 
 
 __all__ = ["BIOMEDCLIP_REPO_ID", "load_model_and_processor", "load_pretrained", "model_folder", "released_model_folder"]

@@ -8,7 +8,7 @@ finished file of an earlier run unless asked (`--overwrite`).
 import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import InvalidArgumentError, OutputPathError
@@ -52,35 +52,59 @@ class ResultsFile:
     # -------------------------------------------------------------------------------------------------- reading
 
     def _read_earlier(self) -> list[dict]:
+        """The records an earlier run of this output wrote; a last line cut off by its interruption is dropped (that
+        image runs again), anything else that is not a record of these labels is refused."""
         source = self.partial if self.partial.exists() else self.path
         if not source.exists():
             return []
-        text = source.read_text(encoding="utf-8")
-        return self._read_csv(source, text) if self.format == ".csv" else self._read_jsonl(source, text)
-
-    def _read_csv(self, source: Path, text: str) -> list[dict]:
-        rows = list(csv.DictReader(text.splitlines()))
-        if rows and list(rows[0]) != self._columns():
-            raise OutputPathError(f"--resume: {source} holds the results of other labels ({list(rows[0])}); "
-                                  "choose another --output or pass --overwrite to start over.")
-        return [self._from_row(row) for row in rows]
-
-    def _read_jsonl(self, source: Path, text: str) -> list[dict]:
+        try:
+            lines = source.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise self._unusable(source, "is not a UTF-8 text file") from None
+        parse = self._csv_records if self.format == ".csv" else self._jsonl_records
         records = []
-        lines = text.splitlines()
+        for number, record, cut_off in parse(source, lines):
+            if record is None:
+                if cut_off and number == len(lines):
+                    break
+                raise self._unusable(source, f"line {number} is not a result of these labels")
+            records.append(record)
+        return records
+
+    def _csv_records(self, source: Path, lines: list[str]) -> Iterator[tuple[int, dict | None, bool]]:
+        """(line number, record or None, whether the line looks cut off) of each row."""
+        rows = csv.reader(lines)
+        header = next(rows, None)
+        if header is not None and header != self._columns():
+            raise OutputPathError(f"--resume: {source} holds the results of other labels ({header}); choose another "
+                                  "--output or pass --overwrite to start over.")
+        for number, cells in enumerate(rows, start=2):
+            complete = len(cells) == len(header)
+            yield number, self._from_row(dict(zip(header, cells))) if complete else None, len(cells) < len(header)
+
+    def _jsonl_records(self, source: Path, lines: list[str]) -> Iterator[tuple[int, dict | None, bool]]:
+        """(line number, record or None, whether the line looks cut off) of each line."""
         for number, line in enumerate(lines, start=1):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                if number == len(lines):  # cut off by the interruption: that image runs again
-                    break
-                raise OutputPathError(f"--resume: {source}, line {number} is not JSON; pass --overwrite to start "
-                                      "over.") from None
-        for record in records:
-            if "error" not in record and set(record.get("probabilities", {})) != set(self.labels):
-                raise OutputPathError(f"--resume: {source} holds the results of other labels; choose another "
-                                      "--output or pass --overwrite to start over.")
-        return records
+                yield number, None, True
+                continue
+            yield number, record if self._is_record(record) else None, False
+
+    def _is_record(self, record) -> bool:
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            return False
+        if "error" in record:
+            return True
+        probabilities = record.get("probabilities")
+        return (isinstance(probabilities, dict) and set(probabilities) == set(self.labels)
+                and all(isinstance(value, (int, float)) for value in probabilities.values()))
+
+    @staticmethod
+    def _unusable(source: Path, problem: str) -> OutputPathError:
+        return OutputPathError(f"--resume: {source} {problem}; pass --overwrite to start over, or choose another "
+                               "--output.")
 
     # -------------------------------------------------------------------------------------------------- writing
 
@@ -94,13 +118,17 @@ class ResultsFile:
             row["target"] = record["target"]
         return row
 
-    def _from_row(self, row: dict) -> dict:
-        if row.get("error"):
+    def _from_row(self, row: dict) -> dict | None:
+        """The record of a CSV row, or None where its cells are not one."""
+        if row["error"]:
             return {"image": row["image"], "error": row["error"]}
-        record = {"image": row["image"], "probabilities": {label: float(row[label]) for label in self.labels},
-                  "prediction": row["prediction"]}
-        if row.get("target", "") != "":
-            record["target"] = int(row["target"])
+        try:
+            record = {"image": row["image"], "probabilities": {label: float(row[label]) for label in self.labels},
+                      "prediction": row["prediction"]}
+            if row.get("target", "") != "":
+                record["target"] = int(row["target"])
+        except ValueError:
+            return None
         return record
 
     def _start_partial(self) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from ace_lora_hf import AceLoraModel
 from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
-from ace_lora_hf.errors import CheckpointError, MissingDependencyError, OutputPathError
+from ace_lora_hf.errors import InvalidArgumentError, MissingDependencyError, ModelSourceError, OutputPathError
 from ace_lora_hf.export_onnx import main
 
 from conftest import AceLoraModelTester, perturb_lora
@@ -119,10 +119,18 @@ def test_outputs_are_checked_before_the_work(tiny_folder, tiny_export):
 @needs_onnx
 def test_a_folder_without_both_towers_is_refused(tiny_folder, tmp_path):
     AceLoraModel.from_pretrained(tiny_folder).vision_model.save_pretrained(tmp_path / "vision_tower")
-    with pytest.raises(CheckpointError, match="'ace_lora_vision_model' model; the ONNX export needs a whole"):
+    with pytest.raises(ModelSourceError, match="a ace_lora_vision_model model, not ACE-LoRA"):
         main(["--model", str(tmp_path / "vision_tower"), "--output", str(tmp_path / "onnx")])
-    with pytest.raises(CheckpointError, match="has no config.json"):
+    with pytest.raises(ModelSourceError, match="no such folder"):
         main(["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "onnx")])
+    assert not (tmp_path / "onnx").exists()
+
+
+@needs_onnx
+@pytest.mark.parametrize("opset", [0, 17, 999])
+def test_an_opset_the_exporter_cannot_write_is_refused(tiny_folder, tmp_path, opset):
+    with pytest.raises(InvalidArgumentError, match=f"--opset {opset}: torch.onnx exports opsets 18 to"):
+        main(["--model", str(tiny_folder), "--output", str(tmp_path / "onnx"), "--opset", str(opset)])
     assert not (tmp_path / "onnx").exists()
 
 

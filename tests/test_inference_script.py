@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from ace_lora_hf.cli import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
@@ -145,6 +146,33 @@ def test_an_interrupted_run_keeps_its_results_and_resumes(tiny_hub_folder, tmp_p
     assert rows[:2] == kept and "classified 3 image(s)" in out
 
 
+HEADER = "image,No Finding,pneumonia,prediction,error\n"
+
+
+@pytest.mark.parametrize(("name", "content", "problem"), [
+    ("r.csv", b"garbage,,,\n", "holds the results of other labels"),
+    ("r.csv", HEADER.encode() + b"a.png,abc,0.5,pneumonia,\nb.png,0.5,0.5,pneumonia,\n", "line 2 is not a result"),
+    ("r.csv", b"\xff\xfe" + HEADER.encode(), "is not a UTF-8 text file"),
+    ("r.jsonl", b'[1, 2]\n{"image": "b.png", "error": "x"}\n', "line 1 is not a result"),
+    ("r.jsonl", b'{"image": "a.png", "probabilities": {"cat": 1.0}}\n', "line 1 is not a result"),
+])
+def test_resuming_from_a_file_that_is_not_these_results_leaves_it_alone(name, content, problem, tiny_hub_folder,
+                                                                       tmp_path, capsys):
+    earlier = tmp_path / name
+    earlier.write_bytes(content)
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--images", IMAGES[0], "--output", earlier, "--resume")
+    assert code == EXIT_USER_ERROR and "Traceback" not in err and f"{earlier} {problem}" in err
+    assert earlier.read_bytes() == content and not (tmp_path / f"{name}.partial").exists()
+
+
+def test_a_last_line_cut_off_by_an_interruption_runs_again(tiny_hub_folder, tmp_path, capsys):
+    partial = tmp_path / "r.jsonl.partial"
+    partial.write_text('{"image": "%s", "error": "unreadable"}\n{"image": "cut' % IMAGES[1])
+    run(capsys, "--model", tiny_hub_folder, "--images", IMAGES[0], "--output", tmp_path / "r.jsonl", "--resume")
+    assert [json.loads(line)["image"] for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [
+        str(IMAGES[0])]
+
+
 def test_outputs_never_replace_inputs_or_earlier_results(tiny_hub_folder, tmp_path, capsys):
     scan = tmp_path / "scan.png"
     shutil.copy(IMAGES[0], scan)
@@ -255,6 +283,59 @@ def test_a_truncated_weights_file_and_an_invalid_config_are_one_line(tiny_hub_fo
     code, _, err = run_exit(capsys, "--model", folder, "--images", IMAGES[0])
     assert code == EXIT_USER_ERROR and "Traceback" not in err
     assert f"{folder}/config.json: vision_config.hypergraph_top_k=0" in err.splitlines()[-1]
+
+
+def _edit_json(path, edit):
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+def _drop_tensor(folder, name):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    del weights[name]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _pickled_weights(folder):
+    (folder / "model.safetensors").unlink()
+    torch.save({"payload": Exception("not a tensor")}, folder / "pytorch_model.bin")
+
+
+DAMAGES = {
+    "a config that does not fit the weights": (
+        lambda folder: _edit_json(folder / "config.json", lambda c: c["vision_config"].update(intermediate_size=40)),
+        "config.json does not fit its weights: vision_model."),
+    "a tensor missing": (
+        lambda folder: _drop_tensor(folder, "vision_model.encoder.layer.0.attention.attention.query.base_layer.weight"),
+        "its weights lack vision_model.layers.0.attention.q_proj.base_layer.weight"),
+    "an unknown dtype": (
+        lambda folder: _edit_json(folder / "config.json", lambda c: c.update(dtype="float99")),
+        "config.json: dtype='float99': not a torch dtype"),
+    "pickled weights": (_pickled_weights, "its weights are a pickle with more than tensors in it"),
+    "no tokenizer": (
+        lambda folder: [(folder / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
+        "cannot load its processor"),
+    "an unparsable tokenizer": (lambda folder: (folder / "tokenizer.json").write_text("{not json"),
+                                "cannot load its processor"),
+    "a negative image size": (
+        lambda folder: _edit_json(folder / "processor_config.json",
+                                  lambda c: c["image_processor"].update(size={"shortest_edge": -5})),
+        "size={'shortest_edge': -5}: every side must be a positive whole number of pixels"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_model_folder_is_one_line_naming_it(damage, tiny_hub_folder, tmp_path, capsys):
+    folder = _damaged_copy(tiny_hub_folder, tmp_path)
+    damage_folder, message = DAMAGES[damage]
+    damage_folder(folder)
+    code, _, err = run_exit(capsys, "--model", folder, "--images", IMAGES[0])
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert code == EXIT_USER_ERROR and "Traceback" not in err and len(errors) == 1, err
+    assert str(folder) in errors[0] and message in errors[0], errors[0]
 
 
 def test_two_processes_shard_the_images_and_gather_them_in_input_order(tiny_hub_folder, tmp_path):
