@@ -94,8 +94,13 @@ def tokenizer_folder(folder: Path, explicit: str | Path | None = None, revision:
     """Where the tokenizer comes from: `explicit` (a folder or Hub id) if given, else the BiomedCLIP folder when it
     has tokenizer files, else the repository its `open_clip_config.json` names (`text_cfg.hf_tokenizer_name`)."""
     if explicit is not None:
-        return local_folder(explicit, "--tokenizer", revision, allow_patterns=TOKENIZER_FILES)
-    if any((folder / name).is_file() for name in TOKENIZER_FILES[:2]):
+        tokenizer = local_folder(explicit, "--tokenizer", revision, allow_patterns=TOKENIZER_FILES)
+        if not _has_tokenizer_files(tokenizer):
+            raise ModelSourceError(f"--tokenizer {explicit}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
+                                   "pass PubMedBERT's tokenizer (a folder or "
+                                   "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract).")
+        return tokenizer
+    if _has_tokenizer_files(folder):
         return folder
     named = read_open_clip_config(folder).get("model_cfg", {}).get("text_cfg", {}).get("hf_tokenizer_name")
     if not named:
@@ -103,6 +108,10 @@ def tokenizer_folder(folder: Path, explicit: str | Path | None = None, revision:
                                f"{OPEN_CLIP_CONFIG} names none (text_cfg.hf_tokenizer_name); pass --tokenizer with "
                                "PubMedBERT's tokenizer (a folder or microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract).")
     return local_folder(named, f"--biomedclip {folder}: the tokenizer it names,", allow_patterns=TOKENIZER_FILES)
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES[:2])
 
 
 def load_tokenizer(folder: Path) -> BertTokenizer:

@@ -21,6 +21,7 @@ from transformers.utils import logging
 from .biomedclip import (BIOMEDCLIP_FILES, biomedclip_config, biomedclip_image_processor, biomedclip_state_dict,
                          load_tokenizer, tokenizer_folder)
 from .cli import run_cli
+from .errors import ModelSourceError
 from .hub import local_folder
 from .modeling_ace_lora import AceLoraModel
 from .processing_ace_lora import AceLoraProcessor
@@ -60,7 +61,12 @@ def convert_sources(sources: ConversionSources, **config_overrides) -> tuple[Ace
     if sources.adapters is not None:
         config_overrides = {**sources.adapters.config_updates(), **config_overrides}
     config = biomedclip_config(sources.biomedclip, **config_overrides)
-    processor = AceLoraProcessor(biomedclip_image_processor(sources.biomedclip), load_tokenizer(sources.tokenizer),
+    tokenizer = load_tokenizer(sources.tokenizer)
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ModelSourceError(f"{sources.tokenizer}: its {len(tokenizer)} tokens do not fit the text tower's "
+                               f"{config.text_config.vocab_size} embeddings; pass the tokenizer BiomedCLIP was "
+                               "trained with (--tokenizer).")
+    processor = AceLoraProcessor(biomedclip_image_processor(sources.biomedclip), tokenizer,
                                  context_length=config.text_config.context_length)
     model = AceLoraModel(config)
     state = biomedclip_state_dict(sources.biomedclip, model)

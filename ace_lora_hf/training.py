@@ -92,6 +92,20 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{value} is not a number >= 0")
+    return value
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Lists each option once, by its underscore spelling."""
 
@@ -177,9 +191,10 @@ def add_training_options(parser: TrainingArgumentParser, *, num_epochs: int, bat
     add("output_dir", training, type=Path, required=True, help="Where checkpoints, the history and the models go.")
     add("num_epochs", training, type=positive_int, default=num_epochs, help="(default: %(default)s)")
     add("batch_size", training, type=positive_int, default=batch_size, help="Per device (default: %(default)s).")
-    add("learning_rate", training, type=float, default=learning_rate, help="AdamW's (default: %(default)s).")
-    add("weight_decay", training, type=float, default=weight_decay, help="AdamW's (default: %(default)s).")
-    add("warmup_epochs", training, type=float, default=warmup_epochs,
+    add("learning_rate", training, type=positive_float, default=learning_rate, help="AdamW's (default: %(default)s).")
+    add("weight_decay", training, type=non_negative_float, default=weight_decay,
+        help="AdamW's (default: %(default)s).")
+    add("warmup_epochs", training, type=non_negative_float, default=warmup_epochs,
         help="Linear warm-up before the cosine schedule, in epochs (default: %(default)s).")
     add("seed", training, type=int, default=seed, help="(default: %(default)s)")
     add("gradient_accumulation_steps", training, type=positive_int, default=1, help="(default: %(default)s)")
@@ -483,6 +498,20 @@ class TrainingProgress:
     skipped_batches: int = 0
     skipped_images: int = 0
     history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        """A hand-edited or foreign training state is refused here rather than failing later, mid-run."""
+        for name, value in asdict(self).items():
+            if name == "history":
+                valid = isinstance(value, list) and all(isinstance(record, dict) for record in value)
+            elif name in ("epoch_loss_sum", "best_score"):
+                valid = (value is None and name == "best_score") or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+            else:
+                valid = (value is None and name == "best_epoch") or (
+                    isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+            if not valid:
+                raise ValueError(f"progress.{name} is {value!r}")
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,25 @@ def test_a_biomedclip_folder_without_a_tokenizer_is_refused_before_writing(biome
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_folder_without_a_vocabulary_is_refused_before_writing(biomedclip_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSourceError, match=r"--tokenizer .*empty: no tokenizer files"):
+        convert_main(["--biomedclip", str(biomedclip_dir), "--tokenizer", str(tmp_path / "empty"),
+                      "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_larger_than_the_text_tower_is_refused(biomedclip_dir, tmp_path):
+    words = 30522 + 10  # PubMedBERT's vocabulary, the stand-in's text tower too
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                            *(f"w{i}" for i in range(words))]) + "\n")
+    with pytest.raises(ModelSourceError, match="tokens do not fit the text tower's 30522 embeddings"):
+        convert_main(["--biomedclip", str(biomedclip_dir), "--tokenizer", str(tmp_path / "big"),
+                      "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_hub_repo_in_another_format_says_what_it_is(offline_hub, tmp_path):
     from ace_lora_hf.model_sources import model_folder
 

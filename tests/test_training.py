@@ -529,6 +529,31 @@ def test_a_truncated_latest_checkpoint_is_named(straight_run, tiny_hub_folder, s
     assert code == EXIT_USER_ERROR and f"{weights}: not a readable safetensors file" in err
 
 
+@pytest.mark.parametrize("value", ["abc", None, -5])
+def test_a_hand_edited_training_state_is_named(value, straight_run, tiny_hub_folder, synthetic_data, tmp_path, capsys):
+    output = tmp_path / "run"
+    shutil.copytree(straight_run, output)
+    state_file = output / "checkpoints" / "step_18" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state["progress"]["completed_steps"] = value
+    state_file.write_text(json.dumps(state))
+    code, err = run_cli_in_process(pretrain.main, pretrain_command(
+        tiny_hub_folder, synthetic_data, output, *STRAIGHT, "--resume_from_checkpoint", "latest"), capsys)
+    assert code == EXIT_USER_ERROR and f"{state_file}: does not fit this run" in err
+    assert f"progress.completed_steps is {value!r}" in err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--learning_rate", "nan"), ("--learning_rate", "-1"),
+                                               ("--weight_decay", "-1"), ("--warmup_epochs", "inf")])
+def test_optimizer_settings_out_of_range_are_refused_before_any_work(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.parse_args(["--model", "m", "--train_file", "t.csv", "--output_dir", str(tmp_path / "run"),
+                             option, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {option}/" in err and "is not a" in err.splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_earlier_run_is_not_overwritten(tiny_hub_folder, synthetic_data, tmp_path, capsys):
     (tmp_path / "run" / "final").mkdir(parents=True)
     code, err = run_cli_in_process(pretrain.main, pretrain_command(tiny_hub_folder, synthetic_data, tmp_path / "run"),
