@@ -42,10 +42,12 @@ def read_table(
     split: str | None = None,
     split_column: str = "split",
     column_advice: str = "",
+    unique: str | None = None,
 ) -> pd.DataFrame:
     """The rows of a CSV or JSON Lines table (`ace_lora_hf.tables`) as strings (an empty cell is `""`), checked to have
-    `columns`. With `split`, only the rows whose `split_column` holds it. The frame's index is each row's line in the
-    file, for messages."""
+    `columns`. With `split`, only the rows whose `split_column` holds it. A value of the `unique` column listed twice is
+    refused (an image counted twice skews every metric). The frame's index is each row's line in the file, for
+    messages."""
     path = Path(path)
     if path.is_dir():
         raise DataFormatError(f"{option} {path}: a folder; give the table's file.")
@@ -57,7 +59,18 @@ def read_table(
     if frame.empty:
         where = f" in split {split!r} (column {split_column!r})" if split else ""
         raise DataFormatError(f"{path}: no rows{where}.")
+    if unique is not None:
+        _check_listed_once(frame[unique], path, unique)
     return frame
+
+
+def _check_listed_once(values: pd.Series, path: Path, column: str) -> None:
+    repeated = values[values.duplicated()]
+    if not repeated.empty:
+        line, value = repeated.index[0], repeated.iloc[0]
+        first = values.index[(values == value).argmax()]
+        raise DataFormatError(f"{path}, line {line}: column {column!r} lists {value!r} again (first on line {first}); "
+                              "remove the repeated row.")
 
 
 def numbered_rows(frame: pd.DataFrame) -> Iterator[tuple[int, dict]]:
@@ -193,7 +206,7 @@ def read_image_labels(path: str | Path, image_root: str | Path | None, num_class
     root = Path(image_root) if image_root is not None else path.parent
     classes = tuple(float(index) for index in range(num_classes))
     items = []
-    for line, record in numbered_rows(read_table(path, ["Path", "Target"], option)):
+    for line, record in numbered_rows(read_table(path, ["Path", "Target"], option, unique="Path")):
         problem = missing_file(root, record["Path"], "Path")
         if problem:
             raise DataFormatError(f"{path}, line {line}: {problem}.")

@@ -76,7 +76,7 @@ def read_benchmark(benchmark: Benchmark, table_path: Path, data_root: Path) -> t
     if not table_path.is_file():
         raise DataFormatError(f"{table_path} not found: run the dataset's dataset_prep script first (see README).")
     columns = ["Path", *([benchmark.target] if benchmark.target else benchmark.classes)]
-    frame = read_table(table_path, columns, "--table", split=benchmark.split)
+    frame = read_table(table_path, columns, "--table", split=benchmark.split, unique="Path")
     images, references = [], []
     for line, record in numbered_rows(frame):
         if not record["Path"].strip():

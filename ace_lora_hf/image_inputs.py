@@ -61,7 +61,7 @@ def read_labelled_table(path: Path, root: Path | None = None) -> ImageInputs:
     not checked here: one that is missing is reported and skipped like any unreadable image."""
     root = root or path.parent
     images, targets = [], []
-    for line, record in numbered_rows(read_table(path, ["Path", "Target"], "--csv")):
+    for line, record in numbered_rows(read_table(path, ["Path", "Target"], "--csv", unique="Path")):
         if not record["Path"].strip():
             raise DataFormatError(f"{path}, line {line}: column 'Path' is empty; give the image's path.")
         images.append(str(root / record["Path"]))

@@ -398,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                  args.split_column), args.split)
     if args.output:
         check_output_file(args.output, [args.table], overwrite=args.overwrite)
+    ensure_folder(args.cache_dir, "--cache-dir")
     summary = run(args, pairs)
     print_summary(summary)
     if args.output:

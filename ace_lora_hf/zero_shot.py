@@ -32,9 +32,10 @@ def checked_templates(templates: Sequence[str]) -> tuple[str, ...]:
 
 
 def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
-    """Labels as a tuple: a non-empty sequence of distinct, non-empty strings (a bare string is refused)."""
-    if isinstance(labels, str) or not labels:
-        raise InvalidArgumentError(f"labels={labels!r}: give a non-empty list of class names, e.g. "
+    """Labels as a tuple: two or more distinct, non-empty strings (a bare string is refused; with one label the
+    probability would be 1 whatever the image)."""
+    if isinstance(labels, str) or len(labels) < 2:
+        raise InvalidArgumentError(f"labels={labels!r}: give a list of two or more class names, e.g. "
                                    "['No Finding', 'pneumonia'].")
     if not all(isinstance(label, str) and label.strip() for label in labels):
         raise InvalidArgumentError(f"labels={list(labels)!r}: every label must be a non-empty string.")

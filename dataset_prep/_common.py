@@ -6,12 +6,13 @@ import csv
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from sklearn.model_selection import train_test_split
 
 from ace_lora_hf import tables
-from ace_lora_hf.errors import DataFormatError
+from ace_lora_hf.errors import DataFormatError, OutputPathError
 from ace_lora_hf.tables import Row, shown
 from ace_lora_hf.safe_outputs import atomic_file, check_output_file, check_output_folder, ensure_folder, folder_lock
 
@@ -71,11 +72,12 @@ def check_consistent(earlier: dict[Hashable, tuple[dict[str, Any], int]], key: H
 
 @contextmanager
 def locked_outputs(output: Path, inputs: Iterable[Path], overwrite: bool, tables: Iterable[str],
-                   folders: Iterable[str] = ()) -> Iterator[None]:
+                   folders: Mapping[str, str] = MappingProxyType({})) -> Iterator[None]:
     """Hold the --output folder for the run and check its outputs before any work.
 
     --output must be a folder; no output may be one of `inputs` (not even with --overwrite); existing outputs need
-    --overwrite. A failed run removes the --output folder again if the run created it and left it empty.
+    --overwrite, and an output folder (name -> the glob of the files the script writes there) is replaced only when it
+    holds nothing else. A failed run removes the --output folder again if the run created it and left it empty.
     """
     inputs = list(inputs)
     with folder_lock(output.resolve()):
@@ -84,13 +86,25 @@ def locked_outputs(output: Path, inputs: Iterable[Path], overwrite: bool, tables
         try:
             for name in tables:
                 check_output_file(output / name, inputs, overwrite)
-            for name in folders:
+            for name, written in folders.items():
                 check_output_folder(output / name, inputs, overwrite)
+                _check_only_ours(output / name, written)
             yield
         except BaseException:
             if created and output.is_dir() and not any(output.iterdir()):
                 output.rmdir()
             raise
+
+
+def _check_only_ours(folder: Path, written: str) -> None:
+    """Refuse to replace a folder that holds anything but what this script writes there (`written`, a glob)."""
+    if folder.is_dir():
+        foreign = sorted(path.name for path in folder.iterdir() if not (path.is_file() and path.match(written)))
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise OutputPathError(f"{folder} holds {foreign[0]!r}{more}, which this script does not write there "
+                                  f"({written}); --overwrite replaces the whole folder: move them, or choose another "
+                                  "--output.")
 
 
 def write_tables(output: Path, tables: Mapping[str, Table]) -> None:

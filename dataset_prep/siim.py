@@ -159,7 +159,7 @@ def split_tables(images: dict[str, Annotations], labels_path: Path) -> dict[str,
 def prepare(input_dir: Path, output_dir: Path, overwrite: bool = False) -> None:
     labels_path, images_dir = input_dir / LABELS_FILE, input_dir / IMAGES_DIR
     with locked_outputs(output_dir, [labels_path, images_dir], overwrite, [CLASSIFICATION_TABLE, SEGMENTATION_TABLE],
-                        [MASKS_DIR]):
+                        {MASKS_DIR: "*.png"}):
         images = read_annotations(labels_path)
         sizes = image_sizes(require_dir(images_dir, "the DICOM folder"), images, labels_path)
         tables = split_tables(images, labels_path)

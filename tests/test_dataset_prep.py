@@ -291,6 +291,17 @@ def test_siim_run_failing_half_way_leaves_nothing_and_a_rerun_succeeds(siim_inpu
                                    "siim_classification.csv", "siim_segmentation.csv"]
 
 
+def test_siim_overwrite_never_deletes_a_users_file_beside_the_masks(siim_input, tmp_path, capsys):
+    output = tmp_path / "out"
+    succeeds(siim, "--input", siim_input[0], "--output", output)
+    (output / "masks" / "my_notes.txt").write_text("mine")
+    error = refused(capsys, siim, "--input", siim_input[0], "--output", output, "--overwrite")
+    assert f"{output / 'masks'} holds 'my_notes.txt', which this script does not write there (*.png)" in error
+    assert (output / "masks" / "my_notes.txt").read_text() == "mine"
+    (output / "masks" / "my_notes.txt").unlink()
+    succeeds(siim, "--input", siim_input[0], "--output", output, "--overwrite")
+
+
 def test_siim_bad_last_row_leaves_nothing_and_the_fixed_input_runs(siim_input, tmp_path, capsys):
     root, _, single = siim_input
     input_beside(root, tmp_path / "in", siim.LABELS_FILE, b"1.2.3.8,3 5 7", siim.IMAGES_DIR)
@@ -687,6 +698,14 @@ def test_zero_shot_eval_end_to_end(dataset, tiny_hub_folder, request, tmp_path):
     on_card = {r.metric_type: r.metric_value for r in evaluation_results(json.loads(output.read_text()), output)}
     assert on_card == {METRICS[key][0]: round(100 * value, 2) for key, value in saved["metrics"].items()
                        if key in METRICS and value is not None}
+
+
+def test_zero_shot_eval_rejects_an_image_listed_twice(lc25000_input, tiny_hub_folder, tmp_path, capsys):
+    image = "lung_image_sets/lung_n/lung_n1.jpeg"
+    write_rows(tmp_path / "lung.csv", ["Path", "label"], [[image, "lung_n"], [image, "lung_aca"]])
+    error = refused(capsys, evaluation, "--dataset", "lc25000_lung", "--model", tiny_hub_folder, "--data-root",
+                    lc25000_input, "--table", tmp_path / "lung.csv")
+    assert f"lung.csv, line 3: column 'Path' lists '{image}' again (first on line 2)" in error
 
 
 def test_zero_shot_eval_rejects_an_unknown_label(lc25000_input, tiny_hub_folder, tmp_path, capsys):

@@ -214,6 +214,7 @@ def test_bad_arguments_are_one_line(tiny_hub_folder, tmp_path, capsys, monkeypat
         ("Path,Label\nx.png,1\n", "missing column(s) 'Target'"),
         ("Path,Target\nx.png,abc\n", "line 2: column 'Target' is 'abc'; expected one of 0, 1."),
         ("Path,Target\n,1\n", "line 2: column 'Path' is empty; give the image's path."),
+        ("Path,Target\nx.png,1\ny.png,0\nx.png,0\n", "line 4: column 'Path' lists 'x.png' again (first on line 2)"),
     ],
 )
 def test_bad_tables_are_one_line(tiny_hub_folder, tmp_path, capsys, content, message):

@@ -110,7 +110,7 @@ def test_bad_arguments_are_refused_naming_the_fix(pipe, tmp_path):
         pipe(IMAGES[0], candidate_labels=LABELS, templates=["{}"], hypothesis_template="{}")
     with pytest.raises(InvalidArgumentError, match="needs exactly one"):
         pipe(IMAGES[0], candidate_labels=LABELS, templates=["no placeholder"])
-    with pytest.raises(InvalidArgumentError, match="non-empty list of class names"):
+    with pytest.raises(InvalidArgumentError, match="list of two or more class names"):
         pipe(IMAGES[0], candidate_labels="pneumonia")
     with pytest.raises(ImageLoadError, match="missing.png: file not found"):
         pipe(str(tmp_path / "missing.png"), candidate_labels=LABELS)

@@ -196,4 +196,8 @@ def test_output_is_checked_before_any_work(tiny_hub_folder, tmp_path, forward_ca
                         str(tmp_path / "results.json")])
     with pytest.raises(OutputPathError, match="also an input"):
         retrieval.main(["--table", str(table), "--model", str(tiny_hub_folder), "--output", str(table), "--overwrite"])
+    (tmp_path / "cache_file").write_text("not a folder")
+    with pytest.raises(OutputPathError, match="--cache-dir: .*cache_file is a file, not a folder"):
+        retrieval.main(["--table", str(table), "--model", str(tiny_hub_folder), "--cache-dir",
+                        str(tmp_path / "cache_file")])
     assert forward_calls == []

@@ -60,7 +60,8 @@ def test_templates_need_exactly_one_placeholder(model_and_processor, templates, 
 
 @pytest.mark.parametrize(
     ("labels", "message"),
-    [([], "non-empty list of class names"), ("pneumonia", "non-empty list of class names"),
+    [([], "list of two or more class names"), ("pneumonia", "list of two or more class names"),
+     (["pneumonia"], "list of two or more class names"),
      (["pneumonia", " "], "every label must be a non-empty string"), (["a", "a"], "repeated")],
 )
 def test_labels_are_a_list_of_distinct_names(model_and_processor, labels, message):
