@@ -42,9 +42,11 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_num_workers() -> int:
-    """Decoding workers beside the model: one per CPU left after the main process (none on a single CPU)."""
-    return min(8, available_cpus() - 1)
+def default_num_workers(device: torch.device | str) -> int:
+    """Decoding workers beside a model on `device`. Beside a GPU: one per CPU left after the main process, at most 8.
+    Beside a model on the CPU: none. Its matrix products already use every core, decoding costs about 5% of its time
+    per image, and a worker taking a core from them cost 15% end to end (`benchmarks/bench_pipeline.py`, 2 cores)."""
+    return 0 if torch.device(device).type == "cpu" else min(8, available_cpus() - 1)
 
 
 class ImageFiles(Dataset):
@@ -94,17 +96,19 @@ def embed_images(
     images: Sequence[ImageInput],
     image_processor,
     batch_size: int = 16,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     device: torch.device | str = "cpu",
     accelerator=None,
     show_progress: bool = False,
 ) -> Iterator[EmbeddedBatch]:
-    """`embed(pixel_values)` of every image, batch by batch in input order.
+    """`embed(pixel_values)` of every image, batch by batch in input order, decoded in `num_workers` DataLoader workers
+    (None: `default_num_workers(device)`).
 
     With an `accelerate.Accelerator` of several processes, each process embeds its shard of the batches and every
     process receives the gathered batches in input order.
     """
     device = torch.device(device)
+    num_workers = default_num_workers(device) if num_workers is None else num_workers
     loader = image_loader(images, image_processor, batch_size, num_workers, pin_memory=device.type == "cuda")
     if accelerator is not None and accelerator.num_processes > 1:
         loader = accelerator.prepare_data_loader(loader, device_placement=False)

@@ -25,7 +25,6 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .batch_inference import default_num_workers
 from .cli import EXIT_INPUTS_SKIPPED, run_cli
 from .errors import ImageLoadError
 from .explain import explain, plot_explanation, require_plotting
@@ -58,8 +57,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                        help="auto: bfloat16 on GPUs that support it, float32 otherwise.")
     group.add_argument("--batch-size", type=int, default=16)
-    group.add_argument("--num-workers", type=int, default=default_num_workers(),
-                       help="Processes decoding images beside the model (default: one per spare CPU, %(default)s).")
+    group.add_argument("--num-workers", type=int,
+                       help="Processes decoding images beside the model (default: one per spare CPU, at most 8, beside "
+                            "a GPU; none beside a model on the CPU, whose threads use every core).")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 from transformers.utils import logging
 
@@ -87,6 +88,20 @@ def load_publishable(source: str | Path | None):
     return load_trained_model(folder, MODEL_CLASSES.get(architectures[0], MODEL_CLASSES["AceLoraModel"]))
 
 
+def check_repo_ids(repo_id: str, space: str | None) -> None:
+    """Refuse, before any work, a repository or Space name the Hub would refuse at upload."""
+    for option, name in (("--repo-id", repo_id), ("--space", space)):
+        if name is None:
+            continue
+        try:
+            validate_repo_id(name)
+        except HFValidationError as error:
+            raise InvalidArgumentError(f"{option} {name!r}: not a Hub repository name ({error}); use owner/name, "
+                                       "e.g. me/ace-lora-mimic.") from None
+        if "/" not in name:
+            raise InvalidArgumentError(f"{option} {name!r}: name its owner too, e.g. me/{name}.")
+
+
 def check_example_image(example_image: str | Path | None) -> None:
     """Refuse, before any work, an --example-image that is not there or that cannot be drawn without matplotlib."""
     if example_image is not None:
@@ -125,6 +140,7 @@ def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path
     """Write everything the Hub repository of `model` holds into `staging` (empty, or replaced with `overwrite`):
     weights, code, processor, the model card and, for a zero-shot model, its command line and the card's explanation
     picture of `example_image` (see `card_picture_source`)."""
+    check_repo_ids(repo_id, space)
     released = model is None or str(model) == RELEASED
     evaluations = [result for path in results for result in evaluation_results(read_results(path), Path(path))]
     inputs = [Path(path) for path in (model, *results) if path is not None and Path(path).exists()]

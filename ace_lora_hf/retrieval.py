@@ -138,7 +138,7 @@ def pooled_embeddings(tower, features: AceLoraTokenFeatures) -> torch.Tensor:
 
 
 def embed_table_images(model: AceLoraModel, processor: AceLoraProcessor, images: Sequence[str], batch_size: int,
-                       num_workers: int, device: torch.device,
+                       num_workers: int | None, device: torch.device,
                        show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
     """`(image_index, [n, 2, D] embeddings, failures)` of `images`, decoded in `num_workers` DataLoader workers."""
     tower = model.vision_model
@@ -248,7 +248,7 @@ class EmbeddingCache:
 
 
 def table_embeddings(model: AceLoraModel, processor: AceLoraProcessor, images: Sequence[str], reports: Sequence[str],
-                     cache_dir: Path, batch_size: int, num_workers: int, device: torch.device,
+                     cache_dir: Path, batch_size: int, num_workers: int | None, device: torch.device,
                      show_progress: bool = False) -> tuple[TableEmbeddings, Path, bool]:
     """The embeddings of `images` and of the (distinct) `reports`: from the cache when it holds them for exactly these
     inputs and this model, else computed and kept there. Returns them, the cache file and whether it was reused."""

@@ -61,7 +61,8 @@ class ClassifiedBatch:
 class ZeroShotClassifier:
     """Classify images against free-text labels with an `AceLoraModel`.
 
-    Images are read and preprocessed in `num_workers` DataLoader processes while the model runs; with an
+    Images are read and preprocessed in `num_workers` DataLoader processes while the model runs (None: none beside
+    a model on the CPU, one per spare CPU beside a GPU; see `batch_inference.default_num_workers`); with an
     `accelerate.Accelerator` of several processes each takes its shard of the batches and the results come back
     gathered in input order. Merge LoRA before classifying many images (`model.merge_lora()`): same probabilities,
     no adapter cost.
@@ -80,7 +81,7 @@ class ZeroShotClassifier:
         processor: AceLoraProcessor,
         templates: Sequence[str] = CHEST_XRAY_TEMPLATES,
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         show_progress: bool = False,
         accelerator=None,
     ):

@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--e2e-images", type=int, default=128, help="Files of the end-to-end run (default: %(default)s).")
     parser.add_argument("--e2e-rounds", type=int, default=3, help="Rounds of the end-to-end run (default: %(default)s).")
     parser.add_argument("--batch-size", type=int, help="Model batch (default: 16, 256 on a GPU).")
-    parser.add_argument("--num-workers", type=int, default=default_num_workers())
+    parser.add_argument("--num-workers", type=int, help="Decoding workers (default: the classifier's own choice).")
     parser.add_argument("--timing-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -268,7 +268,8 @@ def main(argv=None) -> dict:
     dtypes = [torch.float32, torch.bfloat16]
     with tempfile.TemporaryDirectory() as folder:
         files = mixed_files(Path(folder), args.e2e_images, args.size)
-        pipeline = [pipeline_against_model(model_dir, files, args.device, dtype, batch_size, args.num_workers,
+        workers = default_num_workers(args.device) if args.num_workers is None else args.num_workers
+        pipeline = [pipeline_against_model(model_dir, files, args.device, dtype, batch_size, workers,
                                            args.e2e_rounds) for dtype in dtypes]
     merge = merged_against_unmerged(model_dir, args.device, batch_size, args.e2e_rounds * 3)
     allocator = allocator_tuned_against_default(model_dir, batch_size, args.e2e_rounds * 3) \

@@ -100,6 +100,19 @@ def test_card_links_the_demo_space_and_draws_the_image_given(tiny_hub_folder, tm
     assert "`monochrome1.dcm`" in card.text and (staging / "explanation.png").is_file()
 
 
+@pytest.mark.parametrize(("option", "name", "message"), [
+    ("--repo-id", "bad id//x", "not a Hub repository name"), ("--repo-id", "ace-lora", "name its owner too"),
+    ("--space", "me/demo space", "not a Hub repository name")])
+def test_a_repository_name_the_hub_would_refuse_is_refused_before_loading(option, name, message, tmp_path, capsys):
+    names = {"--repo-id": "me/mine", option: name}
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(publish.main, ["--model", str(tmp_path / "no_model"), "--staging", str(tmp_path / "repo"),
+                               *[item for pair in names.items() for item in pair]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and f"{option} {name!r}: {message}" in err
+    assert not (tmp_path / "repo").exists()
+
+
 def test_a_missing_example_image_is_refused_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(publish.main, ["--model", str(tmp_path / "no_model"), "--repo-id", "me/mine", "--staging",

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor
 
+from ace_lora_hf import batch_inference
 from ace_lora_hf.errors import ImageLoadError, InvalidArgumentError
 from ace_lora_hf.image_loading import load_image
 from ace_lora_hf.metrics import classification_metrics, multilabel_metrics
@@ -120,3 +121,10 @@ def test_metrics_reject_bad_input():
         classification_metrics([[0.8, 0.2], [0.7, 0.3]], [1, 2])
     with pytest.raises(ValueError, match="2 score rows for 3 targets"):
         classification_metrics([[0.8, 0.2], [0.7, 0.3]], [1, 0, 1])
+
+
+@pytest.mark.parametrize(("device", "cpus", "workers"), [("cpu", 2, 0), ("cpu", 16, 0), ("cuda", 1, 0), ("cuda", 2, 1),
+                                                         ("cuda", 16, 8)])
+def test_default_decoding_workers_leave_the_cpu_to_a_model_on_it(device, cpus, workers, monkeypatch):
+    monkeypatch.setattr(batch_inference, "available_cpus", lambda: cpus)
+    assert batch_inference.default_num_workers(device) == workers
