@@ -188,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = len(args.dataset)
     if len(set(args.dataset)) != count:
         raise InvalidArgumentError(f"--dataset: {args.dataset} names a dataset twice.")
+    if args.output and args.output.suffix.lower() != ".json":
+        raise InvalidArgumentError(f"--output {args.output}: the report is JSON; name a .json file.")
     plans = []  # everything is read and checked before the model loads
     for name, root, table in zip(args.dataset, _per_dataset(args.data_root, count), _per_dataset(args.table, count)):
         images, references = read_benchmark(BENCHMARKS[name], table or root / BENCHMARKS[name].table, root)

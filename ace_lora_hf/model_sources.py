@@ -177,7 +177,7 @@ def load_pretrained(model_class, folder: str | Path, option: str | None = None, 
                               "unpickled here; use a folder with model.safetensors.") from None
     except OSError as error:
         raise CheckpointError(f"{where}: cannot load its weights ({_shortened(error)}).") from None
-    _check_loading_info(loading_info, where)
+    _check_loading_info(loading_info, where, set(dict(model.named_children())))
     return model
 
 
@@ -192,7 +192,10 @@ def _load_processor(folder: str | Path, where: str, **kwargs):
                               "has a working one.") from None
 
 
-def _check_loading_info(loading_info: dict, where: str) -> None:
+def _check_loading_info(loading_info: dict, where: str, parts: set[str]) -> None:
+    """Refuse weights that do not fit: a tensor of another shape, an encoder tensor missing, or a tensor of one of the
+    model's own `parts` that the config does not call for (a tower's tensors are expected where a head keeps only
+    the vision tower)."""
     encoder_prefixes = ("vision_model.", "text_model.", "logit_scale")
     mismatched = sorted(loading_info["mismatched_keys"])
     if mismatched:
@@ -206,6 +209,11 @@ def _check_loading_info(loading_info: dict, where: str) -> None:
         raise CheckpointError(f"{where}: its weights lack {missing[0]}"
                               f"{f' and {len(missing) - 1} more tensors' if len(missing) > 1 else ''} that its "
                               "config.json calls for; download or convert the model again.")
+    extra = sorted(key for key in loading_info["unexpected_keys"] if key.split(".")[0] in parts)
+    if extra:
+        raise CheckpointError(f"{where}: its weights hold {extra[0]}"
+                              f"{f' and {len(extra) - 1} more tensors' if len(extra) > 1 else ''} that its "
+                              "config.json does not call for; use the config.json saved with these weights.")
 
 
 @contextmanager

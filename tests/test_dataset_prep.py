@@ -700,6 +700,13 @@ def test_zero_shot_eval_end_to_end(dataset, tiny_hub_folder, request, tmp_path):
                        if key in METRICS and value is not None}
 
 
+def test_zero_shot_eval_writes_its_report_only_as_json(lc25000_input, tiny_hub_folder, tmp_path, capsys):
+    error = refused(capsys, evaluation, "--dataset", "lc25000_lung", "--model", tiny_hub_folder, "--data-root",
+                    lc25000_input, "--output", tmp_path / "report.csv")
+    assert "--output" in error and "report.csv: the report is JSON; name a .json file" in error
+    assert not (tmp_path / "report.csv").exists()
+
+
 def test_zero_shot_eval_rejects_an_image_listed_twice(lc25000_input, tiny_hub_folder, tmp_path, capsys):
     image = "lung_image_sets/lung_n/lung_n1.jpeg"
     write_rows(tmp_path / "lung.csv", ["Path", "label"], [[image, "lung_n"], [image, "lung_aca"]])

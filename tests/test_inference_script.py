@@ -316,6 +316,9 @@ DAMAGES = {
         lambda folder: _edit_json(folder / "config.json", lambda c: c.update(dtype="float99")),
         "config.json: dtype='float99': not a torch dtype"),
     "pickled weights": (_pickled_weights, "its weights are a pickle with more than tensors in it"),
+    "a tensor the config does not call for": (
+        lambda folder: _edit_json(folder / "config.json", lambda c: c["vision_config"].update(use_hypergraph=False)),
+        "its weights hold vision_model.hypergraph."),
     "no tokenizer": (
         lambda folder: [(folder / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
         "cannot load its processor"),
