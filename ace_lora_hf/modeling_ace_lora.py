@@ -314,6 +314,12 @@ class AceLoraModelMixin:
         named = [*self.named_parameters(), *self.named_buffers()]
         return {id(tensor) for name, tensor in named if pattern.search(name)}
 
+    def post_init(self) -> None:
+        super().post_init()
+        # Built under a half default dtype (`from_config(dtype=...)`, `torch.set_default_dtype`), the float32 parts
+        # would start in that dtype: every construction path ends with them in float32.
+        self._restore_float32_parts()
+
     def _apply(self, fn, recurse: bool = True):
         target = fn(torch.zeros((), dtype=torch.float32))
         if target.dtype not in HALF_DTYPES:
@@ -832,7 +838,7 @@ class AceLoraModel(AceLoraPreTrainedModel):
         super().__init__(config)
         self.vision_model = AceLoraVisionModel._from_config(config.vision_config)
         self.text_model = AceLoraTextModel._from_config(config.text_config)
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value, dtype=torch.float32))
         self.post_init()
         # transformers' PEFT integration sees both towers' adapters as one adapter of this model.
         vision_targets = self.vision_model.lora_target_pattern("vision_model.")

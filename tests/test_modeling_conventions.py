@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel, AutoModelForSemanticSegmentation
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ace_lora_hf import AceLoraModel, AceLoraVisionModel
+from ace_lora_hf import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraModel, AceLoraVisionModel
 from ace_lora_hf.errors import InvalidArgumentError
 
 from conftest import perturb_lora
@@ -134,6 +134,26 @@ def test_half_precision_keeps_the_sensitive_parts_in_float32(tiny_model, tester,
         output = model(**inputs)
     assert output.image_embeds.dtype == output.text_embeds.dtype == torch.float32
     torch.testing.assert_close(output.logits_per_image.softmax(-1), expected, rtol=0, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model_class", [AceLoraModel, AceLoraForSegmentation, AceLoraForObjectDetection])
+def test_a_model_built_in_half_precision_has_its_float32_parts_in_float32(tester, model_class, dtype):
+    config = tester.get_config()
+    if model_class is AceLoraModel:
+        model = AutoModel.from_config(config, dtype=dtype)
+    else:
+        model = model_class._from_config(config, dtype=dtype)
+    float32_parts = model._float32_tensor_ids()
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    dtypes = {name: tensor.dtype for name, tensor in tensors.items()}
+    kept = {name for name, tensor in tensors.items() if id(tensor) in float32_parts and tensor.is_floating_point()}
+    assert {"vision_model.projection.weight" if model_class is AceLoraModel else "vision_model.embeddings.cls_token",
+            "vision_model.layers.0.attention.q_proj.lora_A.default.weight"} <= kept
+    assert {dtypes[name] for name in kept} == {torch.float32}
+    assert dtypes["vision_model.layers.0.mlp.fc1.weight"] == dtype
+    if model_class is AceLoraModel:
+        assert dtypes["logit_scale"] == torch.float32
 
 
 def test_a_half_precision_model_saves_and_reloads(tiny_model, tmp_path):
