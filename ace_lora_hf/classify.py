@@ -15,6 +15,7 @@ reported and skipped (exit status 3 at the end; --strict stops at the first one)
 """
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -103,25 +104,45 @@ def model_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class TablePrinter:
-    """The probability table on stdout, a row as each image is classified."""
+    """The probability table on stdout, a row as each image is classified.
+
+    Names longer than `LONG_NAME` are shown relative to the folder all images share, which the header names once: a
+    shown name still identifies its file, wherever the images lie.
+    """
+
+    LONG_NAME = 60
 
     def __init__(self, images: Sequence[str], labels: Sequence[str], enabled: bool):
         self.labels, self.enabled = labels, enabled
-        self.name_width = min(60, max(len("image"), *(len(image) for image in images)))
+        self.folder = shared_folder(images) if any(len(image) > self.LONG_NAME for image in images) else ""
+        heading = f"image (in {self.folder}{os.sep})" if self.folder else "image"
+        self.name_width = max(len(heading), *(len(self._name(image)) for image in images))
         self.widths = [max(len(label), 6) for label in labels]
-        self._print(["image".ljust(self.name_width), *(f"{l:>{w}}" for l, w in zip(labels, self.widths)), "prediction"])
+        self._print([heading.ljust(self.name_width), *(f"{l:>{w}}" for l, w in zip(labels, self.widths)),
+                     "prediction"])
+
+    def _name(self, image: str) -> str:
+        return os.path.relpath(image, self.folder) if self.folder else image
 
     def _print(self, cells: list[str]) -> None:
         if self.enabled:
             tqdm.write("  ".join(cells), file=sys.stdout)  # above the progress bar, which stays at the bottom
 
     def row(self, record: dict) -> None:
-        name = record["image"] if len(record["image"]) <= self.name_width else "…" + record["image"][1 - self.name_width:]
+        name = self._name(record["image"])
         if "error" in record:
             self._print([name.ljust(self.name_width), f"skipped: {record['error']}"])
             return
         cells = [f"{record['probabilities'][label]:>{width}.4f}" for label, width in zip(self.labels, self.widths)]
         self._print([name.ljust(self.name_width), *cells, record["prediction"]])
+
+
+def shared_folder(images: Sequence[str]) -> str:
+    """The deepest folder that holds every image ("" when they share none, e.g. relative and absolute paths)."""
+    try:
+        return os.path.commonpath([os.path.dirname(image) for image in images])
+    except ValueError:
+        return ""
 
 
 def batch_records(batch, images: list[str], labels: Sequence[str], targets: list[int] | None) -> list[dict]:

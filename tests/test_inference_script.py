@@ -94,6 +94,17 @@ def test_folders_are_searched_and_streamed_to_csv(tiny_hub_folder, tmp_path, cap
     assert not (tmp_path / "results.csv.partial").exists()
 
 
+def test_long_paths_print_names_that_identify_their_files(tiny_hub_folder, tmp_path, capsys):
+    deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 4)
+    for folder in ("left", "right"):  # the same file name twice: only the folder tells them apart
+        (deep / folder).mkdir(parents=True)
+        shutil.copy(IMAGES[0], deep / folder / "x.png")
+    out = run(capsys, "--model", tiny_hub_folder, "--images", deep)
+    header, *rows = out.splitlines()[:3]
+    assert header.startswith(f"image (in {deep}/)")
+    assert [row.split()[0] for row in rows] == ["left/x.png", "right/x.png"]
+
+
 def test_one_bad_file_is_reported_and_the_others_are_kept(tiny_hub_folder, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
