@@ -44,7 +44,7 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
-def gemm(dtype: torch.dtype, device: str = "cpu", size: int = GEMM_SIZE):
+def gemm(dtype: torch.dtype, device: str, size: int):
     """One size^3 matrix multiply (the roofline the towers are compared with) and its FLOP count."""
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
@@ -100,6 +100,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="Also write the results as JSON here.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5, help="Timed rounds per comparison (default: %(default)s).")
+    parser.add_argument("--gemm-size", type=int, default=GEMM_SIZE,
+                        help="Side of the square matrix product taken as the roofline (default: %(default)s; a "
+                             "bfloat16 product of that size takes minutes on CPUs without bfloat16 instructions).")
     return parser
 
 

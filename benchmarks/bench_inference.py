@@ -51,9 +51,9 @@ def ace_only_work(model, pixels: torch.Tensor, device: str):
     return timed(lambda: vision.pool(vision.project_backbone_outputs(outputs)), device)
 
 
-def image_encoding(model, device: str, batch_sizes, rounds: int) -> list[dict]:
+def image_encoding(model, device: str, batch_sizes, rounds: int, gemm_size: int) -> list[dict]:
     flops = vit_forward_flops(model.config)
-    multiply, gemm_flops = gemm(torch.float32, device)
+    multiply, gemm_flops = gemm(torch.float32, device, gemm_size)
     rows = []
     for batch_size in batch_sizes:
         pixels = random_pixels(model, batch_size, device)
@@ -110,12 +110,13 @@ def bf16_fidelity(fp32_model, bf16_model, device: str) -> dict:
             "max_abs_probability_difference": float((expected - actual).abs().max())}
 
 
-def reduced_precision(model_dir, device: str, batch_size: int, rounds: int) -> dict:
+def reduced_precision(model_dir, device: str, batch_size: int, rounds: int, gemm_size: int) -> dict:
     """A bfloat16 model against float32, both with merged LoRA, timed in turns with both GEMM rooflines."""
     fp32_model, bf16_model = load(model_dir, device), load(model_dir, device, bf16=True)
     fidelity = bf16_fidelity(fp32_model, bf16_model, device)
     pixels = random_pixels(fp32_model, batch_size, device)
-    (fp32_gemm, gemm_flops), (bf16_gemm, _) = gemm(torch.float32, device), gemm(torch.bfloat16, device)
+    fp32_gemm, gemm_flops = gemm(torch.float32, device, gemm_size)
+    bf16_gemm, _ = gemm(torch.bfloat16, device, gemm_size)
     times = interleaved_seconds({"gemm_fp32": fp32_gemm, "gemm_bf16": bf16_gemm,
                                  "fp32": timed(lambda: fp32_model.get_image_features(pixels), device),
                                  "bf16": timed(lambda: bf16_model.get_image_features(pixels), device)}, rounds)
@@ -169,13 +170,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     model_dir = resolve_model(args)
     model = load(model_dir, args.device)
-    encoding = image_encoding(model, args.device, args.batch_sizes, args.rounds)
+    encoding = image_encoding(model, args.device, args.batch_sizes, args.rounds, args.gemm_size)
     at_16 = next((row for row in encoding if row["batch"] == 16), encoding[-1])
     cache = class_embedding_cache(model, args.device, at_16["ace_s_per_image"], args.rounds)
     vit_gflop = vit_forward_flops(model.config) / 1e9
     del model
     bf16_batch = args.bf16_batch or (16 if args.device == "cpu" else 256)
-    bf16 = reduced_precision(model_dir, args.device, bf16_batch, args.rounds)
+    bf16 = reduced_precision(model_dir, args.device, bf16_batch, args.rounds, args.gemm_size)
     print_results(encoding, cache, bf16, vit_gflop)
     results = {"device": args.device, "image_encoding": encoding, "class_embedding_cache": cache, "bf16_towers": bf16}
     write_json(args.json, results)

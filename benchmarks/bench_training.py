@@ -79,9 +79,9 @@ class TrainingStep:
         synchronize(self.device)
 
 
-def step_times(model_dir: str, device: str, batch_size: int, rounds: int) -> dict[str, dict]:
+def step_times(model_dir: str, device: str, batch_size: int, rounds: int, gemm_size: int) -> dict[str, dict]:
     step = TrainingStep(model_dir, device, batch_size)
-    multiply, gemm_flops = gemm(torch.float32, device)
+    multiply, gemm_flops = gemm(torch.float32, device, gemm_size)
 
     def configured(settings):
         return lambda: step.configure(**settings)()
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     if args.memory_of:  # a child process measuring one configuration's peak memory
         print(json.dumps(peak_memory(model_dir, args.device, args.batch_size, args.memory_of)))
         return {}
-    results = step_times(model_dir, args.device, args.batch_size, args.rounds)
+    results = step_times(model_dir, args.device, args.batch_size, args.rounds, args.gemm_size)
     for name in CONFIGURATIONS:
         command = [sys.executable, __file__, "--model", model_dir, "--device", args.device,
                    "--batch-size", str(args.batch_size), "--memory-of", name]

@@ -13,7 +13,7 @@ from browser import browser_missing, chromium, classify_in_browser, running_app
 from conftest import REPO_ROOT, SAMPLES
 
 
-gr = pytest.importorskip("gradio", reason="the [app] extra (gradio) is not installed")
+gr = pytest.importorskip("gradio", reason="needs the [app] extra (gradio): pip install 'ace-lora-hf[app]'")
 from ace_lora_hf import app  # noqa: E402
 
 MONOCHROME1 = SAMPLES / "fake_monochrome1.dcm"
@@ -114,7 +114,7 @@ def test_the_space_builds_the_demo_from_the_environment(tiny_hub_folder, monkeyp
     assert len(examples) == 1 and len(examples[0].samples) == len(app.example_files()) == 4
 
 
-@pytest.mark.skipif(browser_missing() is not None, reason=f"browser test: {browser_missing()}")
+@pytest.mark.skipif(browser_missing() is not None, reason=f"needs a browser for the browser test: {browser_missing()}")
 def test_chromium_classifies_an_uploaded_monochrome1_dicom(tiny_hub_folder, expected, tmp_path):
     with running_app(tiny_hub_folder, tmp_path / "app.log") as url, chromium() as driver:
         message, shown = classify_in_browser(driver, url, MONOCHROME1)

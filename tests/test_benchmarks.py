@@ -17,7 +17,7 @@ def run_benchmark(script: str, tmp_path, *args) -> tuple[dict, str]:
 
 def test_inference_benchmark_measures_bf16_fidelity_on_the_reference_case(converted_dir, tmp_path):
     results, printed = run_benchmark("bench_inference.py", tmp_path, "--model", converted_dir, "--batch-sizes", 2,
-                                     "--bf16-batch", 2, "--rounds", 1)
+                                     "--bf16-batch", 2, "--rounds", 1, "--gemm-size", 512)
     bf16 = results["bf16_towers"]
     assert bf16["argmax_identical"] and bf16["max_abs_probability_difference"] <= 1e-2  # issue #7's bound
     assert bf16["batch"] == 2 and bf16["bf16_gemm_over_fp32_gemm"] > 0
@@ -30,7 +30,7 @@ def test_inference_benchmark_measures_bf16_fidelity_on_the_reference_case(conver
 
 def test_training_benchmark_times_and_measures_every_configuration(tiny_hub_folder, tmp_path):
     results, printed = run_benchmark("bench_training.py", tmp_path, "--model", tiny_hub_folder, "--batch-size", 2,
-                                     "--rounds", 1)
+                                     "--rounds", 1, "--gemm-size", 512)
     steps = results["steps"]
     assert list(steps) == ["float32", "float32 + checkpointing", "bf16 autocast", "bf16 autocast + checkpointing"]
     for step in steps.values():

@@ -119,7 +119,7 @@ def test_a_model_without_vision_hypergraph_has_no_links(tiny_hub_folder):
 
 @pytest.fixture(scope="module")
 def figure(explanation):
-    pytest.importorskip("matplotlib", reason="the [plot] extra (matplotlib) is not installed")
+    pytest.importorskip("matplotlib", reason="needs the [plot] extra (matplotlib): pip install 'ace-lora-hf[plot]'")
     return plot_explanation(explanation, title="fake_monochrome1.dcm")
 
 

@@ -22,7 +22,7 @@ from ace_lora_hf.errors import AdapterMismatchError, CheckpointError, OutputPath
 from ace_lora_hf.model_card import PUBLISHED_RESULTS, paper_results
 from ace_lora_hf.training import BaseModel, write_trained_weights
 
-from conftest import SAMPLES, AceLoraModelTester, perturb_lora, populate_hub_cache
+from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora, populate_hub_cache
 from test_loading import HUB_REPO_ID
 
 
@@ -294,6 +294,19 @@ def test_exported_lora_is_a_peft_adapter(tiny_model, tester, tmp_path):
     torch.manual_seed(0)
     wrapped = PeftModel.from_pretrained(AceLoraModel(tester.get_config()).eval(), str(tmp_path), adapter_name="released")
     torch.testing.assert_close(_lora_outputs(wrapped.base_model.model, inputs), expected)
+
+
+def test_the_readme_peft_snippet_runs_as_written(tiny_hub_folder, tmp_path):
+    """The README's PEFT-integration block, verbatim, in a fresh interpreter beside a folder named as it names one."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("### Adapters and PEFT"):]
+    snippet = section[section.index("```python\n") + len("```python\n"):section.index("```\n", 10)]
+    assert "active_adapters()" in snippet and "disable_adapters()" in snippet
+    shutil.copytree(tiny_hub_folder, tmp_path / "ace-lora")
+    finished = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.strip() == "['default']"
+    assert (tmp_path / "my-adapters" / "adapter_config.json").is_file()
 
 
 def test_adapter_state_is_visible_to_transformers_peft_integration(tiny_model):

@@ -23,11 +23,11 @@ from conftest import AceLoraModelTester as TinyAceLoraModelTester
 from transformers_test_sources import SourcesUnavailable, common_test_sources
 
 
-pytest.importorskip("parameterized", reason="transformers' common tests need parameterized (the dev extra)")
+pytest.importorskip("parameterized", reason="needs parameterized for transformers' common tests (the [test] extra)")
 try:
     sources = common_test_sources()
 except SourcesUnavailable as error:
-    pytest.skip(f"transformers' common tests are not available: {error}", allow_module_level=True)
+    pytest.skip(f"needs transformers' common test sources: {error}", allow_module_level=True)
 sys.path.insert(0, str(sources))
 with warnings.catch_warnings():
     # Upstream registers its marks (flash_attn_test, torch_compile_test, ...) in a conftest the sdist lacks.
