@@ -1,4 +1,4 @@
-"""The Hugging Face Space: the ACE-LoRA browser demo (`ace_lora_hf.app`) as Spaces run it, `python app.py`.
+"""The Hugging Face Space: the ACE-LoRA browser demo (`ace_lora_hf.cli.app`) as Spaces run it, `python app.py`.
 
 The model comes from the environment variable ACE_LORA_MODEL (a folder or Hub repository in ACE-LoRA's format); without
 it, the released model is built once from BiomedCLIP and the authors' adapters.
@@ -6,7 +6,7 @@ it, the released model is built once from BiomedCLIP and the authors' adapters.
 
 import os
 
-from ace_lora_hf.app import build_demo, load_demo_model, parse_args
+from ace_lora_hf.cli.app import build_demo, load_demo_model, parse_args
 
 
 model_options = ["--model", os.environ["ACE_LORA_MODEL"]] if os.environ.get("ACE_LORA_MODEL") else []

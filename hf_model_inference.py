@@ -7,7 +7,7 @@
 The same command is installed as `ace-lora-classify`; `--help` lists every option.
 """
 
-from ace_lora_hf.classify import cli, main
+from ace_lora_hf.cli.classify import cli, main
 
 
 __all__ = ["main"]

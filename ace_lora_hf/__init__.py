@@ -10,10 +10,10 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_ace_lora import AceLoraConfig, AceLoraTextConfig, AceLoraVisionConfig
-from .image_processing_ace_lora import AceLoraImageProcessor
-from .loss_ace_lora import binarize_labels, false_negative_mask, label_guided_infonce
-from .modeling_ace_lora import (
+from .models.ace_lora.configuration_ace_lora import AceLoraConfig, AceLoraTextConfig, AceLoraVisionConfig
+from .models.ace_lora.image_processing_ace_lora import AceLoraImageProcessor
+from .models.ace_lora.loss_ace_lora import binarize_labels, false_negative_mask, label_guided_infonce
+from .models.ace_lora.modeling_ace_lora import (
     AceHypergraph,
     AceLoraModel,
     AceLoraOutput,
@@ -22,9 +22,10 @@ from .modeling_ace_lora import (
     AceLoraTokenFeatures,
     AceLoraVisionModel,
 )
-from .modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraObjectDetectionOutput
-from .pipeline_ace_lora import AceLoraZeroShotImageClassificationPipeline, register_pipeline
-from .processing_ace_lora import AceLoraProcessor
+from .models.ace_lora.modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraObjectDetectionOutput
+from .models.ace_lora.pipeline_ace_lora import AceLoraZeroShotImageClassificationPipeline, register_pipeline
+from .models.ace_lora.processing_ace_lora import AceLoraProcessor
+from .sources.loading import released_model_folder
 
 
 for _config in (AceLoraConfig, AceLoraVisionConfig, AceLoraTextConfig):
@@ -47,6 +48,8 @@ AceLoraProcessor.register_for_auto_class("AutoProcessor")
 # pipeline("zero-shot-image-classification") builds ours (stock for other models); its save_pretrained writes
 # `custom_pipelines` and the pipeline code, so the saved folder serves it as remote code too.
 register_pipeline()
+# AceLoraModel.from_biomedclip (remote code cannot convert BiomedCLIP itself) builds the released model here.
+AceLoraModel.released_model_folder = staticmethod(released_model_folder)
 
 __all__ = [
     "AceHypergraph",

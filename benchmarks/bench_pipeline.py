@@ -36,10 +36,10 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation
 from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf import AceLoraImageProcessor
-from ace_lora_hf.batch_inference import default_num_workers
-from ace_lora_hf.image_loading import load_image
-from ace_lora_hf.malloc_tuning import keep_freed_memory_for_reuse
-from ace_lora_hf.zero_shot import ZeroShotClassifier
+from ace_lora_hf.models.ace_lora.batch_inference import default_num_workers
+from ace_lora_hf.models.ace_lora.image_loading import load_image
+from ace_lora_hf.inference.malloc_tuning import keep_freed_memory_for_reuse
+from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
 from _common import (base_parser, interleaved_seconds, median_ratio, print_table, resolve_model, synchronize,
                      write_json)
 from legacy_image_path import LegacyImageProcessor, legacy_load_image

@@ -1,7 +1,7 @@
 """The image path as it was before grayscale images stayed single-channel (commit 762a513), frozen as the reference
 that the current path is timed against (`bench_pipeline.py`) and compared with (`tests/test_image_exactness.py`).
 
-Only the pixel work is kept, for readable, valid files: `ace_lora_hf.image_loading.load_image` then
+Only the pixel work is kept, for readable, valid files: `ace_lora_hf.models.ace_lora.image_loading.load_image` then
 `AceLoraImageProcessor` as they were: every image became 8-bit RGB (deep data scaled in float64, DICOM LUTs applied to
 every pixel in float64) and went through transformers' `PilBackend` steps in RGB. Do not speed this file up.
 """

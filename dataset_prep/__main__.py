@@ -7,7 +7,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-from ace_lora_hf.cli import run_cli
+from ace_lora_hf.cli.common import run_cli
 
 
 PROGRAM = "ace-lora-prepare"

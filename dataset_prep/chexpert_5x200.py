@@ -12,7 +12,7 @@ exist under it.
 from collections.abc import Sequence
 from pathlib import Path
 
-from ace_lora_hf.cli import run_cli
+from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.errors import DataFormatError
 from dataset_prep._common import check_listed_once, locked_outputs, parser, read_rows, write_tables
 

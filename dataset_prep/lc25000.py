@@ -11,7 +11,7 @@ folder), every image of the release.
 from collections.abc import Sequence
 from pathlib import Path
 
-from ace_lora_hf.cli import run_cli
+from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.errors import DataFormatError
 from dataset_prep._common import locked_outputs, parser, require_dir, write_tables
 

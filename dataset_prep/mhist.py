@@ -11,7 +11,7 @@ official partition); the evaluation uses the test partition.
 from collections.abc import Sequence
 from pathlib import Path
 
-from ace_lora_hf.cli import run_cli
+from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.errors import DataFormatError
 from dataset_prep._common import check_listed_once, locked_outputs, parser, read_rows, write_tables
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ace_lora_hf.cli import run_cli
+from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.errors import DataFormatError
-from ace_lora_hf.tables import read_text
+from ace_lora_hf.data.tables import read_text
 from dataset_prep._common import check_consistent, locked_outputs, parser, read_rows, require_dir, write_tables
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ace_lora_hf.cli import run_cli
+from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.errors import DataFormatError
-from ace_lora_hf.tables import Row
+from ace_lora_hf.data.tables import Row
 from dataset_prep._common import (Table, check_consistent, check_test_split_has_both_targets, locked_outputs, parser,
                                   read_rows, require_dir, split_ids, write_tables)
 

@@ -21,10 +21,10 @@ import pydicom
 from PIL import Image
 from tqdm import tqdm
 
-from ace_lora_hf.cli import run_cli
+from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.errors import DataFormatError
-from ace_lora_hf.safe_outputs import atomic_folder
-from ace_lora_hf.tables import Row
+from ace_lora_hf.outputs.safe_outputs import atomic_folder
+from ace_lora_hf.data.tables import Row
 from dataset_prep._common import (Table, check_test_split_has_both_targets, locked_outputs, parser, read_rows,
                                   require_dir, split_ids, write_tables)
 

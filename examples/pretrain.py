@@ -8,7 +8,7 @@ epoch of linear warm-up, 40 epochs, batch 64 per device, seed 1, label-guided In
 each device using its own batch as negatives (`--global_negatives` gathers every device's batch instead); the epoch
 of the lowest loss is kept as best/.
 
-Outputs in --output_dir (see ace_lora_hf.training): checkpoints/step_N/ and best/ hold the trained weights (LoRA,
+Outputs in --output_dir (see ace_lora_hf.training.run): checkpoints/step_N/ and best/ hold the trained weights (LoRA,
 hypergraphs, logit scale: a few MB) and a reference to the --model they apply to; final/ is the complete model
 (save_pretrained), adapters/ the same adapters in PEFT's format. Resume with --resume_from_checkpoint latest. Every
 option can also come from --config FILE.yaml.
@@ -21,16 +21,16 @@ import torch
 from accelerate import Accelerator
 
 from ace_lora_hf import AceLoraModel
-from ace_lora_hf.adapters import save_adapters
-from ace_lora_hf.cli import run_cli
-from ace_lora_hf.data import (CHEXPERT_LABELS, ImageClassificationSet, ImageTextCollator, ImageTextColumns,
+from ace_lora_hf.sources.adapters import save_adapters
+from ace_lora_hf.cli.common import run_cli
+from ace_lora_hf.data.image_tables import (CHEXPERT_LABELS, ImageClassificationSet, ImageTextCollator, ImageTextColumns,
                               load_image_text_dataset, read_image_labels)
 from ace_lora_hf.errors import ConfigError
-from ace_lora_hf.loss_ace_lora import LabelGuidedInfoNCELoss
-from ace_lora_hf.metrics import classification_metrics
-from ace_lora_hf.training import (BaseModel, Selection, TrainingArgumentParser, TrainingRun, add_training_options,
+from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss
+from ace_lora_hf.evaluation.metrics import classification_metrics
+from ace_lora_hf.training.run import (BaseModel, Selection, TrainingArgumentParser, TrainingRun, add_training_options,
                                   build_accelerator, data_loader, file_sha256, load_trained_model, prepare_output_dir)
-from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
+from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
 
 def parse_args(argv=None):

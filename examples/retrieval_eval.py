@@ -10,7 +10,7 @@ The same command is installed as `ace-lora-retrieval`; `--help` lists the option
 how ranks, ties and duplicate reports are counted and where embeddings are kept between runs.
 """
 
-from ace_lora_hf.retrieval import cli
+from ace_lora_hf.evaluation.retrieval import cli
 
 
 if __name__ == "__main__":

@@ -43,10 +43,10 @@ def free_port() -> int:
 
 @contextmanager
 def running_app(model: Path, log: Path) -> Iterator[str]:
-    """`python -m ace_lora_hf.app --model MODEL` on a free port of 127.0.0.1; yields its address."""
+    """`python -m ace_lora_hf.cli.app --model MODEL` on a free port of 127.0.0.1; yields its address."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, "-m", "ace_lora_hf.app", "--model", str(model), "--port", str(port)]
+    command = [sys.executable, "-m", "ace_lora_hf.cli.app", "--model", str(model), "--port", str(port)]
     with log.open("w") as output:
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ace_lora_hf import AceLoraConfig, AceLoraModel
-from ace_lora_hf.convert import main as convert_main
+from ace_lora_hf.sources.convert import main as convert_main
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def biomedclip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def plain_model(biomedclip_dir) -> AceLoraModel:
     """BiomedCLIP stand-in with fresh (no-op) adapters."""
-    from ace_lora_hf.convert import convert_biomedclip
+    from ace_lora_hf.sources.convert import convert_biomedclip
 
     model, _ = convert_biomedclip(biomedclip_dir)
     return model

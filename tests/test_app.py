@@ -7,14 +7,14 @@ import pytest
 from PIL import Image
 
 from ace_lora_hf.errors import AceLoraError, ModelSourceError
-from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
+from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
 from browser import browser_missing, chromium, classify_in_browser, running_app
 from conftest import REPO_ROOT, SAMPLES
 
 
 gr = pytest.importorskip("gradio", reason="needs the [app] extra (gradio): pip install 'ace-lora-hf[app]'")
-from ace_lora_hf import app  # noqa: E402
+from ace_lora_hf.cli import app  # noqa: E402
 
 MONOCHROME1 = SAMPLES / "fake_monochrome1.dcm"
 LABELS = ("No Finding", "pneumonia")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from ace_lora_hf import AceLoraConfig
-from ace_lora_hf.biomedclip import biomedclip_config, biomedclip_state_dict
-from ace_lora_hf.convert import convert_biomedclip, convert_sources, resolve_sources
+from ace_lora_hf.sources.biomedclip import biomedclip_config, biomedclip_state_dict
+from ace_lora_hf.sources.convert import convert_biomedclip, convert_sources, resolve_sources
 from ace_lora_hf.errors import CheckpointError, ModelSourceError
-from ace_lora_hf.released_adapters import adapter_state_dict, read_adapter_checkpoint
+from ace_lora_hf.sources.released_adapters import adapter_state_dict, read_adapter_checkpoint
 
 from conftest import ACE_CHECKPOINT
 
@@ -53,7 +53,7 @@ def test_cli_refuses_to_overwrite_a_non_empty_folder(tmp_path):
     output.mkdir()
     (output / "notes.txt").write_text("mine")
     result = subprocess.run(
-        [sys.executable, "-m", "ace_lora_hf.convert", "--biomedclip", str(tmp_path), "--output", str(output)],
+        [sys.executable, "-m", "ace_lora_hf.sources.convert", "--biomedclip", str(tmp_path), "--output", str(output)],
         capture_output=True, text=True,
     )
     assert result.returncode == 2 and "--overwrite" in result.stderr and "Traceback" not in result.stderr

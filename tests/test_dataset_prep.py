@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ace_lora_hf import evaluation
-from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.evaluation import benchmarks as evaluation
+from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import DataFormatError, OutputPathError
-from ace_lora_hf.metrics import classification_metrics, multilabel_metrics
-from ace_lora_hf.model_card import METRICS, evaluation_results
-from ace_lora_hf.safe_outputs import folder_lock, json_safe
+from ace_lora_hf.evaluation.metrics import classification_metrics, multilabel_metrics
+from ace_lora_hf.publishing.model_card import METRICS, evaluation_results
+from ace_lora_hf.outputs.safe_outputs import folder_lock, json_safe
 
 from conftest import REPO_ROOT
 from dicom_fixtures import write_dicom

@@ -15,10 +15,10 @@ from transformers import AutoModelForObjectDetection, AutoModelForSemanticSegmen
 from transformers.image_transforms import center_to_corners_format
 
 from ace_lora_hf import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraImageProcessor, AceLoraModel
-from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
-from ace_lora_hf.finetuning import boxes_in_crop
-from ace_lora_hf.metrics import detection_map, dice_metrics
-from ace_lora_hf.modeling_ace_lora_heads import box_iou, generalized_iou_loss, non_maximum_suppression
+from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.training.finetuning import boxes_in_crop
+from ace_lora_hf.evaluation.metrics import detection_map, dice_metrics
+from ace_lora_hf.models.ace_lora.modeling_ace_lora_heads import box_iou, generalized_iou_loss, non_maximum_suppression
 
 from conftest import REPO_ROOT, AceLoraModelTester, perturb_lora
 
@@ -333,7 +333,7 @@ def test_bad_downstream_table_is_one_line_before_the_model_loads(task, column, v
 def test_evaluate_modules_match_the_metric_functions():
     import evaluate
 
-    from ace_lora_hf.evaluate_modules import metric_path
+    from ace_lora_hf.evaluation.evaluate_modules import metric_path
 
     predicted = [[[1, 1, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]]
     true = [[[1, 0, 0], [1, 0, 0]], [[0, 0, 0], [0, 0, 1]]]

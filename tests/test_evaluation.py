@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from ace_lora_hf import evaluation
-from ace_lora_hf.bootstrap import bootstrap_intervals
-from ace_lora_hf.cli import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
-from ace_lora_hf.metrics import classification_metrics
+from ace_lora_hf.evaluation import benchmarks as evaluation
+from ace_lora_hf.evaluation.bootstrap import bootstrap_intervals
+from ace_lora_hf.cli.common import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
+from ace_lora_hf.evaluation.metrics import classification_metrics
 
 from conftest import SAMPLES
 

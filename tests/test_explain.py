@@ -11,9 +11,9 @@ from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf import AceLoraImageProcessor, AceLoraModel
 from ace_lora_hf.errors import AceLoraError, InvalidArgumentError
-from ace_lora_hf.explain import ATTENTION_RANGE, explain, plot_explanation
-from ace_lora_hf.image_loading import load_image
-from ace_lora_hf.zero_shot import ZeroShotClassifier
+from ace_lora_hf.inference.explain import ATTENTION_RANGE, explain, plot_explanation
+from ace_lora_hf.models.ace_lora.image_loading import load_image
+from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
 
 from conftest import SAMPLES, AceLoraModelTester
 

@@ -1,4 +1,4 @@
-"""`python -m ace_lora_hf.export_onnx`: onnxruntime reproduces PyTorch's ACE embeddings at any batch size."""
+"""`python -m ace_lora_hf.publishing.export_onnx`: onnxruntime reproduces PyTorch's ACE embeddings at any batch size."""
 
 import importlib.util
 import json
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ace_lora_hf import AceLoraModel
-from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import InvalidArgumentError, MissingDependencyError, ModelSourceError, OutputPathError
-from ace_lora_hf.export_onnx import main
+from ace_lora_hf.publishing.export_onnx import main
 
 from conftest import AceLoraModelTester, perturb_lora
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ace_lora_hf.modeling_ace_lora import cls_attention_scores
+from ace_lora_hf.models.ace_lora.modeling_ace_lora import cls_attention_scores
 
 
 ATOL = 1e-5

@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom.uid import DigitalXRayImageStorageForPresentation
 
 from ace_lora_hf import AceLoraImageProcessor
-from ace_lora_hf.image_loading import load_image
+from ace_lora_hf.models.ace_lora.image_loading import load_image
 
 from conftest import REPO_ROOT, SAMPLES
 from dicom_fixtures import lut_item, write_dicom

@@ -10,7 +10,7 @@ from PIL import ExifTags, Image
 from pydicom.uid import BasicTextSRStorage, JPEGLSLossless
 
 from ace_lora_hf.errors import ImageLoadError
-from ace_lora_hf.image_loading import load_image
+from ace_lora_hf.models.ace_lora.image_loading import load_image
 
 from conftest import SAMPLES
 from dicom_fixtures import write_dicom

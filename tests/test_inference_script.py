@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ace_lora_hf.cli import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
-from ace_lora_hf.metrics import classification_metrics
-from ace_lora_hf.zero_shot import ZeroShotClassifier
+from ace_lora_hf.cli.common import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
+from ace_lora_hf.evaluation.metrics import classification_metrics
+from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
 
 from conftest import REPO_ROOT, SAMPLES
 

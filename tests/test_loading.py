@@ -91,7 +91,7 @@ def test_hub_repo_id_loads_offline_from_the_cache(saved_tiny, tmp_path):
     env = isolated_env(tmp_path, HF_HUB_OFFLINE="1")
     populate_hub_cache(folder, tmp_path / "hf_home" / "hub", HUB_REPO_ID)
     imported = run_python(IMPORTED_SCRIPT, HUB_REPO_ID, str(pixels), env=env)
-    assert imported["module"] == "ace_lora_hf.modeling_ace_lora"
+    assert imported["module"] == "ace_lora_hf.models.ace_lora.modeling_ace_lora"
     torch.testing.assert_close(torch.tensor(imported["embedding"]), expected)
     remote = run_python(REMOTE_CODE_SCRIPT, HUB_REPO_ID, str(pixels), env=env)
     assert remote["module"].startswith("transformers_modules.")

@@ -9,7 +9,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from ace_lora_hf import AceHypergraph, AceLoraConfig, AceLoraModel, AceLoraOutput
 from ace_lora_hf.errors import ConfigError, InvalidArgumentError
-from ace_lora_hf.modeling_ace_lora import AceLoraDropout
+from ace_lora_hf.models.ace_lora.modeling_ace_lora import AceLoraDropout
 
 from conftest import perturb_lora
 
@@ -332,7 +332,7 @@ def test_fast_dropout_has_the_distribution_and_gradient_of_dropout():
 
 
 def test_cpu_inference_chunks_do_not_change_outputs(tiny_model, tester, monkeypatch):
-    from ace_lora_hf import modeling_ace_lora
+    from ace_lora_hf.models.ace_lora import modeling_ace_lora
 
     config, inputs = tester.prepare_config_and_inputs()
     classes = torch.stack([inputs["input_ids"]] * 2, dim=1)

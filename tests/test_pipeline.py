@@ -13,8 +13,8 @@ from transformers.pipelines import ZeroShotImageClassificationPipeline
 
 from ace_lora_hf import AceLoraZeroShotImageClassificationPipeline
 from ace_lora_hf.errors import ImageLoadError, InvalidArgumentError
-from ace_lora_hf.image_loading import load_image
-from ace_lora_hf.zero_shot import ZeroShotClassifier
+from ace_lora_hf.models.ace_lora.image_loading import load_image
+from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
 
 from conftest import SAMPLES, write_test_vocab
 from test_loading import isolated_env, run_python

@@ -15,12 +15,12 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 from transformers import AutoModelForSemanticSegmentation
 
 from ace_lora_hf import AceLoraForSegmentation, AceLoraModel
-from ace_lora_hf import publish
-from ace_lora_hf.adapters import EXTRAS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, load_adapters, save_adapters
-from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.publishing import publish
+from ace_lora_hf.sources.adapters import EXTRAS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, load_adapters, save_adapters
+from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import AdapterMismatchError, CheckpointError, OutputPathError
-from ace_lora_hf.model_card import PUBLISHED_RESULTS, paper_results
-from ace_lora_hf.training import BaseModel, write_trained_weights
+from ace_lora_hf.publishing.model_card import PUBLISHED_RESULTS, paper_results
+from ace_lora_hf.training.run import BaseModel, write_trained_weights
 
 from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora, populate_hub_cache
 from test_loading import HUB_REPO_ID

@@ -5,7 +5,7 @@ import hashlib
 import torch
 from safetensors import safe_open
 
-from ace_lora_hf.released_adapters import SHIPPED_ADAPTERS, flatten, read_adapter_checkpoint
+from ace_lora_hf.sources.released_adapters import SHIPPED_ADAPTERS, flatten, read_adapter_checkpoint
 
 from conftest import ACE_CHECKPOINT
 

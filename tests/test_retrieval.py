@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor
 
-from ace_lora_hf import AceLoraTextModel, AceLoraVisionModel, retrieval
-from ace_lora_hf.cli import EXIT_INPUTS_SKIPPED
+from ace_lora_hf import AceLoraTextModel, AceLoraVisionModel
+from ace_lora_hf.evaluation import retrieval
+from ace_lora_hf.cli.common import EXIT_INPUTS_SKIPPED
 from ace_lora_hf.errors import DataFormatError, OutputPathError
-from ace_lora_hf.image_loading import load_image
-from ace_lora_hf.retrieval import (TableColumns, TableEmbeddings, evaluate, rank_metrics, read_pairs, retrieval_metrics,
+from ace_lora_hf.models.ace_lora.image_loading import load_image
+from ace_lora_hf.evaluation.retrieval import (TableColumns, TableEmbeddings, evaluate, rank_metrics, read_pairs, retrieval_metrics,
                                   retrieval_ranks, table_embeddings)
 
 from conftest import SAMPLES

@@ -5,9 +5,9 @@ import multiprocessing
 
 import pytest
 
-from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import DataFormatError, FolderInUseError, OutputPathError
-from ace_lora_hf.safe_outputs import (atomic_folder, check_output_file, check_output_folder, folder_lock,
+from ace_lora_hf.outputs.safe_outputs import (atomic_folder, check_output_file, check_output_folder, folder_lock,
                                       write_text_atomic)
 
 

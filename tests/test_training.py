@@ -23,15 +23,15 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf import AceLoraModel, AceLoraProcessor
-from ace_lora_hf import training
-from ace_lora_hf.cli import EXIT_USER_ERROR, run_cli
-from ace_lora_hf.data import ImageTextCollator, ImageTextColumns, load_image_text_dataset
+from ace_lora_hf.training import run as training
+from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.data.image_tables import ImageTextCollator, ImageTextColumns, load_image_text_dataset
 from ace_lora_hf.errors import DataFormatError, ImageLoadError, InvalidArgumentError, TrainingDivergedError
-from ace_lora_hf.loss_ace_lora import LabelGuidedInfoNCELoss, label_guided_infonce
-from ace_lora_hf.safe_outputs import write_json_atomic
-from ace_lora_hf.modeling_ace_lora import AceLoraOutput
-from ace_lora_hf.safe_outputs import folder_lock
-from ace_lora_hf.training import latest_checkpoint, load_trained_model, materialize_checkpoint
+from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss, label_guided_infonce
+from ace_lora_hf.outputs.safe_outputs import write_json_atomic
+from ace_lora_hf.models.ace_lora.modeling_ace_lora import AceLoraOutput
+from ace_lora_hf.outputs.safe_outputs import folder_lock
+from ace_lora_hf.training.run import latest_checkpoint, load_trained_model, materialize_checkpoint
 
 from conftest import REPO_ROOT, AceLoraModelTester, perturb_lora
 

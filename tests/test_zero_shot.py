@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor
 
-from ace_lora_hf import batch_inference
+from ace_lora_hf.models.ace_lora import batch_inference
 from ace_lora_hf.errors import ImageLoadError, InvalidArgumentError
-from ace_lora_hf.image_loading import load_image
-from ace_lora_hf.metrics import classification_metrics, multilabel_metrics
-from ace_lora_hf.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
+from ace_lora_hf.models.ace_lora.image_loading import load_image
+from ace_lora_hf.evaluation.metrics import classification_metrics, multilabel_metrics
+from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
 
 from conftest import SAMPLES
 

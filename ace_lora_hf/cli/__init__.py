@@ -1,0 +1,1 @@
+"""The command lines: one module of common options and the exit path, a thin module per command."""

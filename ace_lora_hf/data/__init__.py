@@ -1,0 +1,1 @@
+"""Reading tables and the datasets built from them."""

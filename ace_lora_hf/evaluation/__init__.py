@@ -1,0 +1,1 @@
+"""Metrics, bootstrap intervals, the zero-shot benchmarks and image-report retrieval."""

@@ -1,0 +1,167 @@
+"""Per-image results on disk: CSV and JSON Lines stream as each batch finishes, JSON is written once at the end.
+
+A streamed file grows under a temporary name (`NAME.partial`) and takes its name only when the run completes, so an
+interrupted run loses at most the batch in flight and `--resume` continues it; nothing is ever written over the
+finished file of an earlier run unless asked (`--overwrite`).
+"""
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ..errors import InvalidArgumentError, OutputPathError
+from .safe_outputs import write_text_atomic
+
+
+STREAMED_SUFFIXES = (".csv", ".jsonl")
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+class ResultsFile:
+    """The results of one run for `labels`, as CSV (`.csv`), JSON Lines (`.jsonl`) or one JSON document (`.json`).
+
+    Each record is `{"image", "probabilities": {label: p}, "prediction"[, "target"]}` or `{"image", "error"}`.
+    """
+
+    def __init__(self, path: Path, labels: Sequence[str], with_target: bool = False, resume: bool = False,
+                 overwrite: bool = False):
+        self.path, self.labels, self.with_target = path, list(labels), with_target
+        self.format = path.suffix.lower()
+        if self.format not in (*STREAMED_SUFFIXES, ".json"):
+            raise InvalidArgumentError(f"--output {path}: name a .csv, .jsonl or .json file.")
+        if resume and self.format == ".json":
+            raise InvalidArgumentError(f"--output {path}: --resume continues a .csv or .jsonl file, not .json.")
+        self.partial = partial_path(path)
+        if self.partial.exists() and not (resume or overwrite):
+            raise OutputPathError(f"{self.partial} holds an interrupted run; pass --resume to continue it or "
+                                  "--overwrite to start over.")
+        self.records: list[dict] = []
+        self.done: set[str] = set()
+        if resume:
+            self.records = [record for record in self._read_earlier() if "error" not in record]
+            self.done = {record["image"] for record in self.records}
+        self._file = None
+        if self.format in STREAMED_SUFFIXES:
+            self._start_partial()
+
+    # -------------------------------------------------------------------------------------------------- reading
+
+    def _read_earlier(self) -> list[dict]:
+        """The records an earlier run of this output wrote; a last line cut off by its interruption is dropped (that
+        image runs again), anything else that is not a record of these labels is refused."""
+        source = self.partial if self.partial.exists() else self.path
+        if not source.exists():
+            return []
+        try:
+            lines = source.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise self._unusable(source, "is not a UTF-8 text file") from None
+        parse = self._csv_records if self.format == ".csv" else self._jsonl_records
+        records = []
+        for number, record, cut_off in parse(source, lines):
+            if record is None:
+                if cut_off and number == len(lines):
+                    break
+                raise self._unusable(source, f"line {number} is not a result of these labels")
+            records.append(record)
+        return records
+
+    def _csv_records(self, source: Path, lines: list[str]) -> Iterator[tuple[int, dict | None, bool]]:
+        """(line number, record or None, whether the line looks cut off) of each row."""
+        rows = csv.reader(lines)
+        header = next(rows, None)
+        if header is not None and header != self._columns():
+            raise OutputPathError(f"--resume: {source} holds the results of other labels ({header}); choose another "
+                                  "--output or pass --overwrite to start over.")
+        for number, cells in enumerate(rows, start=2):
+            complete = len(cells) == len(header)
+            yield number, self._from_row(dict(zip(header, cells))) if complete else None, len(cells) < len(header)
+
+    def _jsonl_records(self, source: Path, lines: list[str]) -> Iterator[tuple[int, dict | None, bool]]:
+        """(line number, record or None, whether the line looks cut off) of each line."""
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                yield number, None, True
+                continue
+            yield number, record if self._is_record(record) else None, False
+
+    def _is_record(self, record) -> bool:
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            return False
+        if "error" in record:
+            return True
+        probabilities = record.get("probabilities")
+        return (isinstance(probabilities, dict) and set(probabilities) == set(self.labels)
+                and all(isinstance(value, (int, float)) for value in probabilities.values()))
+
+    @staticmethod
+    def _unusable(source: Path, problem: str) -> OutputPathError:
+        return OutputPathError(f"--resume: {source} {problem}; pass --overwrite to start over, or choose another "
+                               "--output.")
+
+    # -------------------------------------------------------------------------------------------------- writing
+
+    def _columns(self) -> list[str]:
+        return ["image", *self.labels, "prediction", *(["target"] if self.with_target else []), "error"]
+
+    def _row(self, record: dict) -> dict:
+        row = {"image": record["image"], "prediction": record.get("prediction", ""), "error": record.get("error", "")}
+        row.update({label: f"{p:.6f}" for label, p in record.get("probabilities", {}).items()})
+        if "target" in record:
+            row["target"] = record["target"]
+        return row
+
+    def _from_row(self, row: dict) -> dict | None:
+        """The record of a CSV row, or None where its cells are not one."""
+        if row["error"]:
+            return {"image": row["image"], "error": row["error"]}
+        try:
+            record = {"image": row["image"], "probabilities": {label: float(row[label]) for label in self.labels},
+                      "prediction": row["prediction"]}
+            if row.get("target", "") != "":
+                record["target"] = int(row["target"])
+        except ValueError:
+            return None
+        return record
+
+    def _start_partial(self) -> None:
+        """A fresh `.partial` holding the kept earlier records, opened for appending."""
+        staging = self.partial.with_name(self.partial.name + ".tmp")
+        with staging.open("w", encoding="utf-8", newline="") as file:
+            if self.format == ".csv":
+                csv.DictWriter(file, fieldnames=self._columns()).writeheader()
+            self._append(file, self.records)
+        os.replace(staging, self.partial)
+        self._file = self.partial.open("a", encoding="utf-8", newline="")
+
+    def _append(self, file, records: list[dict]) -> None:
+        if self.format == ".jsonl":
+            file.writelines(json.dumps(record) + "\n" for record in records)
+        else:
+            csv.DictWriter(file, fieldnames=self._columns()).writerows(self._row(record) for record in records)
+
+    def write(self, records: list[dict]) -> None:
+        """Add one batch's records (streamed formats reach the disk now)."""
+        self.records.extend(records)
+        if self._file is not None:
+            self._append(self._file, records)
+            self._file.flush()
+
+    def finish(self, summary: dict) -> Path:
+        """Give the file its name; the JSON document also carries `summary` (labels, metrics, skipped files ...)."""
+        if self._file is not None:
+            self._file.close()
+            os.replace(self.partial, self.path)
+        else:
+            write_text_atomic(self.path, json.dumps({**summary, "results": self.records}, indent=2, allow_nan=False))
+        return self.path
+
+
+__all__ = ["ResultsFile", "partial_path"]

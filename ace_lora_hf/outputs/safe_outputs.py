@@ -1,0 +1,167 @@
+"""Writing outputs without losing what a user has: checked paths, atomic files and folders, folder locks.
+
+- An output never replaces one of the job's inputs, even with `--overwrite`.
+- Files and folders are written under a temporary name in the same folder and renamed when complete, so an
+  interrupted job leaves either the old output or the new one, never half of one.
+- A folder that another running job writes to is refused (a lock file beside it).
+"""
+
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from ..errors import FolderInUseError, OutputPathError
+
+
+def _same_path(path: Path, other: Path) -> bool:
+    if path.exists() and other.exists():
+        return os.path.samefile(path, other)
+    return path.resolve() == other.resolve()
+
+
+def check_output_file(
+    path: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False, option: str = "--output"
+) -> Path:
+    """Validate an output file before any work: not a folder, not an input, not existing unless `overwrite`.
+
+    Creates the parent folder if needed, so that a missing folder is found now rather than after the work.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a folder; give a file name inside it.")
+    for source in inputs:
+        if _same_path(path, Path(source)):
+            raise OutputPathError(f"{option} {path} is also an input of this job; choose another file name "
+                                  "(--overwrite never replaces an input).")
+    if path.exists() and not overwrite:
+        raise OutputPathError(f"{option} {path} exists; pass --overwrite to replace it, or choose another name.")
+    ensure_folder(path.parent, option)
+    return path
+
+
+def ensure_folder(folder: str | Path, option: str = "--output") -> Path:
+    """`folder`, created if missing; an existing file of that name is refused."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{option}: {folder} is a file, not a folder; choose a folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def check_output_folder(
+    folder: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False, option: str = "--output"
+) -> Path:
+    """Validate a folder that a job will write as a whole: not a file, not an input, empty unless `overwrite`."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{option} {folder} is a file, not a folder; choose a folder.")
+    for source in inputs:
+        source = Path(source)
+        if _same_path(folder, source) or (source.exists() and folder.resolve() in source.resolve().parents):
+            raise OutputPathError(f"{option} {folder} holds an input of this job ({source}); choose another folder "
+                                  "(--overwrite never replaces an input).")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise OutputPathError(f"{option} {folder} is not empty; pass --overwrite to replace it, or choose another "
+                              "folder.")
+    ensure_folder(folder.parent, option)
+    return folder
+
+
+def _temporary_sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{kind}")
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator:
+    """Open a temporary file beside `path` for writing; it replaces `path` only when the block completes."""
+    path = Path(path)
+    staging = _temporary_sibling(path, "tmp")
+    try:
+        with open(staging, mode, **open_kwargs) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_file(path, encoding="utf-8") as file:
+        file.write(text)
+    return Path(path)
+
+
+def json_safe(value):
+    """`value` with every NaN or infinite float replaced by None, so that it serialises as valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json_atomic(path: str | Path, value) -> Path:
+    """`value` as indented, valid JSON (NaN and infinities written as null), atomically."""
+    return write_text_atomic(path, json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
+
+
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `target` that replaces `target` only when the block completes.
+
+    An earlier `target` is moved aside first and deleted only after the new one is in place. A failed block
+    leaves `target` as it was and removes the temporary folder.
+    """
+    target = Path(target)
+    staging = _temporary_sibling(target, "staging")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        replace_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Rename `source` to `target`, replacing a folder already there (moved aside first, deleted last)."""
+    retired = _temporary_sibling(target, "old") if target.exists() else None
+    if retired is not None:
+        target.rename(retired)
+    source.rename(target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextmanager
+def folder_lock(folder: str | Path, option: str = "--output") -> Iterator[Path]:
+    """Hold `folder` for this job: a second job asking for the same folder is refused at once.
+
+    The lock is a file beside the folder (`.NAME.lock`), so that replacing the folder does not drop the lock.
+    """
+    folder = Path(folder)
+    ensure_folder(folder.parent, option)
+    lock = FileLock(folder.parent / f".{folder.name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FolderInUseError(f"{option} {folder} is in use by another running job; wait for it to finish or "
+                               "choose another folder.") from None
+    try:
+        yield folder
+    finally:
+        lock.release()
+
+
+__all__ = ["atomic_file", "atomic_folder", "check_output_file", "check_output_folder", "ensure_folder",
+           "folder_lock", "json_safe", "replace_folder",
+           "write_json_atomic", "write_text_atomic"]

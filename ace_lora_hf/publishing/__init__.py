@@ -1,0 +1,1 @@
+"""Publishing: model cards, staged Hub repositories, ONNX export."""

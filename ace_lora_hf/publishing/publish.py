@@ -1,0 +1,213 @@
+"""Stage an ACE-LoRA model as a complete Hub repository (weights, code, processor, model card) and optionally upload it.
+
+    ace-lora-publish --model runs/ace/final --repo-id me/ace-lora-mimic --staging hub_repo/ \\
+        --results runs/ace/rsna_zero_shot.json [--push]
+    ace-lora-publish --model released --repo-id aydnarda/ACE-LoRA --staging hub_repo/
+
+--model is a model folder or Hub id (a run's final/), a run's checkpoint folder (best/: its base with its trained
+weights), or `released`: the authors' weights, built from BiomedCLIP, the only model whose card shows the paper's
+results. --results adds evaluations of the model published (a fine-tune's test_results.json, the --output of
+ace-lora-evaluate) to its card. A zero-shot model's card links the demo (--space, a Space running this package's
+app.py) and shows the model's explanation of --example-image (an X-ray from examples/images by default), which needs
+the [plot] extra. Without --push the staging folder is only written, to be inspected; with it, it is uploaded (needs
+`hf auth login`).
+"""
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoConfig
+from transformers.utils import logging
+
+from ..cli.app import DEFAULT_PRESET, EXAMPLES_FOLDER, PRESETS
+from ..cli.common import run_cli
+from ..errors import DataFormatError, InvalidArgumentError, ModelSourceError
+from ..inference.explain import explain, plot_explanation, require_plotting
+from .model_card import BIOMEDCLIP, evaluation_results, render_model_card
+from ..sources.loading import model_folder
+from ..sources.released_adapters import RELEASED
+from ..outputs.safe_outputs import atomic_folder, check_output_folder, folder_lock
+from ..training.run import MODEL_CLASSES, is_checkpoint, load_trained_model, read_checkpoint_record
+from ..models.ace_lora.zero_shot import ZeroShotClassifier
+
+
+logger = logging.get_logger(__name__)
+
+INFERENCE_SCRIPT_NAME = "hf_model_inference.py"
+EXPLANATION_NAME = "explanation.png"
+# The card's explanation: an NIH chest X-ray shipped in examples/images (present in a source checkout).
+DEFAULT_EXAMPLE_IMAGE = EXAMPLES_FOLDER / "nih_00000001_000.png"
+# The command line shipped with a zero-shot model: ace-lora-classify, defaulting to the repository it sits in.
+INFERENCE_SCRIPT = '''#!/usr/bin/env python
+"""Zero-shot classification of chest X-rays (PNG/JPEG/TIFF/DICOM) with {repo_id}; needs the ace-lora-hf package.
+
+    python hf_model_inference.py --images a.png b.dcm
+    python hf_model_inference.py --csv test.csv --image-root images/ --output results.csv
+
+The same command is installed with ace-lora-hf as `ace-lora-classify --model {repo_id}`; `--help` lists every option.
+"""
+
+import sys
+
+from ace_lora_hf.cli.classify import main
+from ace_lora_hf.cli.common import run_cli
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    if not any(argument == "--model" or argument.startswith("--model=") for argument in arguments):
+        arguments = ["--model", "{repo_id}", *arguments]
+    run_cli(main, arguments)
+'''
+
+
+def read_results(path: Path) -> dict:
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise DataFormatError(f"--results {path}: cannot read it ({error.strerror}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataFormatError(f"--results {path}: not a JSON file ({error}).") from None
+    if not isinstance(results, dict):
+        raise DataFormatError(f"--results {path}: expected a JSON object of results.")
+    return results
+
+
+def load_publishable(source: str | Path | None):
+    """`(model, processor)` of `source` as the class it was saved as (the zero-shot model or a head)."""
+    if source is not None and is_checkpoint(source):
+        record = read_checkpoint_record(Path(source))
+        return load_trained_model(source, MODEL_CLASSES[record["model_class"]])
+    folder = model_folder(source)
+    architectures = AutoConfig.from_pretrained(folder).architectures or ["AceLoraModel"]
+    return load_trained_model(folder, MODEL_CLASSES.get(architectures[0], MODEL_CLASSES["AceLoraModel"]))
+
+
+def check_repo_ids(repo_id: str, space: str | None) -> None:
+    """Refuse, before any work, a repository or Space name the Hub would refuse at upload."""
+    for option, name in (("--repo-id", repo_id), ("--space", space)):
+        if name is None:
+            continue
+        try:
+            validate_repo_id(name)
+        except HFValidationError as error:
+            raise InvalidArgumentError(f"{option} {name!r}: not a Hub repository name ({error}); use owner/name, "
+                                       "e.g. me/ace-lora-mimic.") from None
+        if "/" not in name:
+            raise InvalidArgumentError(f"{option} {name!r}: name its owner too, e.g. me/{name}.")
+
+
+def check_example_image(example_image: str | Path | None) -> None:
+    """Refuse, before any work, an --example-image that is not there or that cannot be drawn without matplotlib."""
+    if example_image is not None:
+        if not Path(example_image).is_file():
+            raise InvalidArgumentError(f"--example-image {example_image}: no such file; pass an image that exists.")
+        require_plotting()
+
+
+def card_picture_source(example_image: str | Path | None) -> Path | None:
+    """The image the zero-shot card's explanation is drawn for: `example_image`, else the default X-ray where this is a
+    source checkout with matplotlib installed (None, with a warning, otherwise)."""
+    if example_image is not None:
+        return Path(example_image)
+    try:
+        require_plotting()
+    except ImportError as error:
+        logger.warning("The card will show no explanation picture: %s", error)
+        return None
+    if not DEFAULT_EXAMPLE_IMAGE.is_file():
+        logger.warning("The card will show no explanation picture: pass --example-image (%s is not here).",
+                       DEFAULT_EXAMPLE_IMAGE)
+        return None
+    return DEFAULT_EXAMPLE_IMAGE
+
+
+def draw_card_explanation(model, processor, image: Path, target: Path) -> None:
+    """The model's explanation of `image` against the RSNA labels (No Finding, pneumonia), saved as `target`."""
+    labels, templates = PRESETS[DEFAULT_PRESET]
+    explanation = explain(ZeroShotClassifier(model, processor, templates), image, labels)
+    plot_explanation(explanation, title=image.name).savefig(target)
+
+
+def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path, results: Sequence[str | Path] = (),
+                     base_model: str = BIOMEDCLIP, overwrite: bool = False, space: str | None = None,
+                     example_image: str | Path | None = None) -> Path:
+    """Write everything the Hub repository of `model` holds into `staging` (empty, or replaced with `overwrite`):
+    weights, code, processor, the model card and, for a zero-shot model, its command line and the card's explanation
+    picture of `example_image` (see `card_picture_source`)."""
+    check_repo_ids(repo_id, space)
+    released = model is None or str(model) == RELEASED
+    evaluations = [result for path in results for result in evaluation_results(read_results(path), Path(path))]
+    inputs = [Path(path) for path in (model, *results) if path is not None and Path(path).exists()]
+    staging = check_output_folder(staging, inputs=inputs, overwrite=overwrite, option="--staging")
+    check_example_image(example_image)
+    with folder_lock(staging, "--staging"):
+        loaded, processor = load_publishable(model)
+        zero_shot = type(loaded).__name__ == "AceLoraModel"
+        picture = card_picture_source(example_image) if zero_shot else None
+        card = render_model_card(repo_id, type(loaded).__name__, evaluations, released, base_model, space,
+                                 EXPLANATION_NAME if picture else None, f"`{picture.name}`" if picture else "")
+        with atomic_folder(staging) as folder:
+            if picture:
+                draw_card_explanation(loaded, processor, picture, folder / EXPLANATION_NAME)
+            loaded.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            if zero_shot:
+                (folder / INFERENCE_SCRIPT_NAME).write_text(INFERENCE_SCRIPT.format(repo_id=repo_id), encoding="utf-8")
+            card.save(folder / "README.md")
+    return staging
+
+
+def upload(staging: Path, repo_id: str, private: bool) -> str:
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(folder_path=staging, repo_id=repo_id, commit_message="Upload ACE-LoRA").commit_url
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "no answer"
+        raise ModelSourceError(f"--repo-id {repo_id}: the Hub refused the upload ({status}); log in with "
+                               "hf auth login (a token that may write), or check the repository name.") from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ace-lora-publish", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=RELEASED,
+                        help="Model folder, Hub id, a run's checkpoint folder, or 'released' (default).")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. me/ace-lora-mimic.")
+    parser.add_argument("--staging", type=Path, required=True, help="Folder to assemble the repository in.")
+    parser.add_argument("--results", type=Path, nargs="+", default=[],
+                        help="Evaluation JSONs of this model for its card (test_results.json, ace-lora-evaluate --output).")
+    parser.add_argument("--base-model", default=BIOMEDCLIP, help="Base model named in the card's metadata.")
+    parser.add_argument("--space", help="Hub Space running the demo (app.py) to link from the card, e.g. me/ace-lora-demo.")
+    parser.add_argument("--example-image", type=Path,
+                        help="Image whose explanation the card shows (default: an NIH X-ray in examples/images).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --staging folder.")
+    parser.add_argument("--push", action="store_true", help="Upload the staged folder to the Hub.")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    staging = stage_repository(args.model, args.repo_id, args.staging, args.results, args.base_model, args.overwrite,
+                               args.space, args.example_image)
+    print(f"staged {args.repo_id} in {staging}: {', '.join(sorted(path.name for path in staging.iterdir()))}")
+    if args.push:
+        print(f"uploaded: {upload(staging, args.repo_id, args.private)}")
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+__all__ = ["cli", "load_publishable", "main", "stage_repository", "upload"]
+
+
+if __name__ == "__main__":
+    cli()

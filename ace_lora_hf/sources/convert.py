@@ -1,0 +1,135 @@
+"""Convert BiomedCLIP (open_clip format: a folder or a Hub repository) and the authors' ACE-LoRA adapters into an
+`AceLoraModel` folder (safetensors, config, processor and the model code).
+
+    ace-lora-convert --biomedclip microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 \\
+        --ace-checkpoint released --output ace-lora/
+    python -m ace_lora_hf.sources.convert --biomedclip DIR [--tokenizer DIR|ID] [--ace-checkpoint ACE_LoRA.pt] --output DIR
+
+`--ace-checkpoint released` applies the authors' adapters shipped with this package; a path reads an `ACE_LoRA.pt`
+(only tensors are read: `weights_only=True`). Without it the result is BiomedCLIP with fresh adapters: the starting
+point for training. The tokenizer comes from `--tokenizer` if given, else from the BiomedCLIP folder when it has one,
+else from the repository its `open_clip_config.json` names (`text_cfg.hf_tokenizer_name`).
+"""
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers.utils import logging
+
+from .biomedclip import (BIOMEDCLIP_FILES, biomedclip_config, biomedclip_image_processor, biomedclip_state_dict,
+                         load_tokenizer, tokenizer_folder)
+from ..cli.common import run_cli
+from ..errors import ModelSourceError
+from .hub import local_folder
+from ..models.ace_lora.modeling_ace_lora import AceLoraModel
+from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
+from .released_adapters import AdapterCheckpoint, adapter_state_dict, read_adapter_checkpoint
+from ..outputs.safe_outputs import atomic_folder, check_output_folder, folder_lock
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ConversionSources:
+    """Everything a conversion reads, resolved to local files (Hub repositories downloaded)."""
+
+    biomedclip: Path
+    tokenizer: Path
+    adapters: AdapterCheckpoint | None
+
+
+def resolve_sources(
+    biomedclip: str | Path,
+    adapters: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    revision: str | None = None,
+) -> ConversionSources:
+    """Download what is not local and read the adapters, so that a missing piece fails before any work."""
+    folder = local_folder(biomedclip, "--biomedclip", revision, allow_patterns=BIOMEDCLIP_FILES)
+    return ConversionSources(
+        biomedclip=folder,
+        tokenizer=tokenizer_folder(folder, tokenizer),
+        adapters=None if adapters is None else read_adapter_checkpoint(adapters),
+    )
+
+
+def convert_sources(sources: ConversionSources, **config_overrides) -> tuple[AceLoraModel, AceLoraProcessor]:
+    """An `AceLoraModel` (eval mode) and its processor from resolved sources; every tensor is checked."""
+    if sources.adapters is not None:
+        config_overrides = {**sources.adapters.config_updates(), **config_overrides}
+    config = biomedclip_config(sources.biomedclip, **config_overrides)
+    tokenizer = load_tokenizer(sources.tokenizer)
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ModelSourceError(f"{sources.tokenizer}: its {len(tokenizer)} tokens do not fit the text tower's "
+                               f"{config.text_config.vocab_size} embeddings; pass the tokenizer BiomedCLIP was "
+                               "trained with (--tokenizer).")
+    processor = AceLoraProcessor(biomedclip_image_processor(sources.biomedclip), tokenizer,
+                                 context_length=config.text_config.context_length)
+    model = AceLoraModel(config)
+    state = biomedclip_state_dict(sources.biomedclip, model)
+    if sources.adapters is not None:
+        state.update(adapter_state_dict(sources.adapters, config))
+    elif "logit_scale" in state:
+        config.logit_scale_init_value = float(state["logit_scale"])
+    model.load_state_dict(state, strict=False)
+    return model.eval(), processor
+
+
+def convert_biomedclip(
+    biomedclip: str | Path,
+    adapters: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    revision: str | None = None,
+    **config_overrides,
+) -> tuple[AceLoraModel, AceLoraProcessor]:
+    """Build an `AceLoraModel` and its processor from BiomedCLIP (a folder or Hub id) and, optionally, adapters
+    (`"released"` or an `ACE_LoRA.pt`). Without adapters LoRA is a no-op and the logit scale starts from BiomedCLIP's.
+    """
+    return convert_sources(resolve_sources(biomedclip, adapters, tokenizer, revision), **config_overrides)
+
+
+def save_model_folder(model: AceLoraModel, processor: AceLoraProcessor, target: Path) -> None:
+    """`save_pretrained` of model and processor into `target`, which appears only once both are written."""
+    with atomic_folder(target) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ace-lora-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--biomedclip", required=True, help="BiomedCLIP folder (open_clip format) or Hub repository.")
+    parser.add_argument("--revision", help="Branch, tag or commit of a --biomedclip Hub repository.")
+    parser.add_argument("--ace-checkpoint", help="'released' (shipped with the package) or an ACE_LoRA.pt (optional).")
+    parser.add_argument("--tokenizer", help="Tokenizer folder or Hub repository (default: see above).")
+    parser.add_argument("--output", type=Path, required=True, help="Folder to write (save_pretrained layout).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output (never an input).")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    local_inputs = [Path(source) for source in (args.biomedclip, args.tokenizer, args.ace_checkpoint)
+                    if source is not None and Path(source).exists()]
+    output = check_output_folder(args.output, inputs=local_inputs, overwrite=args.overwrite)
+    with folder_lock(output):
+        sources = resolve_sources(args.biomedclip, args.ace_checkpoint, args.tokenizer, args.revision)
+        model, processor = convert_sources(sources)
+        save_model_folder(model, processor, output)
+    adapters = "fresh adapters" if sources.adapters is None else f"adapters from {sources.adapters.path.name}"
+    print(f"Wrote ACE-LoRA ({adapters}, tokenizer from {sources.tokenizer}) to {output}")
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+__all__ = ["ConversionSources", "cli", "convert_biomedclip", "convert_sources", "main", "resolve_sources",
+           "save_model_folder"]
+
+
+if __name__ == "__main__":
+    cli()
