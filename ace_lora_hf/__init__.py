@@ -25,7 +25,8 @@ from .models.ace_lora.modeling_ace_lora import (
 from .models.ace_lora.modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraObjectDetectionOutput
 from .models.ace_lora.pipeline_ace_lora import AceLoraZeroShotImageClassificationPipeline, register_pipeline
 from .models.ace_lora.processing_ace_lora import AceLoraProcessor
-from .sources.loading import released_model_folder
+from .sources.folders import released_model_folder
+from .sources.load import LoadedModel, load
 
 
 for _config in (AceLoraConfig, AceLoraVisionConfig, AceLoraTextConfig):
@@ -68,7 +69,9 @@ __all__ = [
     "AceLoraVisionConfig",
     "AceLoraVisionModel",
     "AceLoraZeroShotImageClassificationPipeline",
+    "LoadedModel",
     "binarize_labels",
     "false_negative_mask",
     "label_guided_infonce",
+    "load",
 ]

@@ -28,8 +28,9 @@ from ace_lora_hf.data.image_tables import (CHEXPERT_LABELS, ImageClassificationS
 from ace_lora_hf.errors import ConfigError
 from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss
 from ace_lora_hf.evaluation.metrics import classification_metrics
-from ace_lora_hf.training.run import (BaseModel, Selection, TrainingArgumentParser, TrainingRun, add_training_options,
-                                  build_accelerator, data_loader, file_sha256, load_trained_model, prepare_output_dir)
+from ace_lora_hf.sources.checkpoints import BaseModel, load_trained_model
+from ace_lora_hf.training.run import (Selection, TrainingArgumentParser, TrainingRun, add_training_options,
+                                      build_accelerator, data_loader, file_sha256, prepare_output_dir)
 from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ace_lora_hf import AceLoraModel
 from ace_lora_hf.sources.convert import main as convert_main
 from ace_lora_hf.errors import ModelSourceError
-from ace_lora_hf.sources.loading import BIOMEDCLIP_REPO_ID, conversion_cache
+from ace_lora_hf.sources.folders import BIOMEDCLIP_REPO_ID, conversion_cache
 from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
 
 from conftest import REPO_ROOT, populate_hub_cache
@@ -91,7 +91,7 @@ def test_the_cached_conversion_is_what_an_explicit_local_conversion_writes(first
 
 
 def test_the_python_one_liner_reuses_the_cached_conversion(first_run, offline_hub, ace_model, monkeypatch):
-    from ace_lora_hf.sources import loading as model_sources
+    from ace_lora_hf.sources import folders as model_sources
 
     monkeypatch.setattr(model_sources, "convert_sources", lambda *args: pytest.fail("converted a second time"))
     model = AceLoraModel.from_biomedclip(BIOMEDCLIP_REPO_ID, adapters="released")
@@ -146,7 +146,7 @@ def test_a_tokenizer_larger_than_the_text_tower_is_refused(biomedclip_dir, tmp_p
 
 
 def test_a_hub_repo_in_another_format_says_what_it_is(offline_hub, tmp_path):
-    from ace_lora_hf.sources.loading import model_folder
+    from ace_lora_hf.sources.folders import model_folder
 
     upload = tmp_path / "upload"
     upload.mkdir()

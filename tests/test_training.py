@@ -31,7 +31,8 @@ from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss, la
 from ace_lora_hf.outputs.safe_outputs import write_json_atomic
 from ace_lora_hf.models.ace_lora.modeling_ace_lora import AceLoraOutput
 from ace_lora_hf.outputs.safe_outputs import folder_lock
-from ace_lora_hf.training.run import latest_checkpoint, load_trained_model, materialize_checkpoint
+from ace_lora_hf.sources import checkpoints
+from ace_lora_hf.sources.checkpoints import BaseModel, latest_checkpoint, load_trained_model, materialize_checkpoint
 
 from conftest import REPO_ROOT, AceLoraModelTester, perturb_lora
 
@@ -422,7 +423,7 @@ def test_checkpoints_and_best_hold_only_the_trained_weights(straight_run, tiny_h
     loaded, _ = load_trained_model(straight_run / "best", AceLoraModel)
     best = load_file(straight_run / "best" / "trainable.safetensors")
     assert all(torch.equal(param, best[name]) for name, param in loaded.named_parameters() if param.requires_grad)
-    assert training.BaseModel.of(loaded, straight_run / "best").source == str(tiny_hub_folder.resolve())
+    assert BaseModel.of(loaded, straight_run / "best").source == str(tiny_hub_folder.resolve())
     materialize_checkpoint(straight_run / "best", tmp_path / "full")
     full = AutoModel.from_pretrained(tmp_path / "full")
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), loaded.state_dict().values()))
@@ -586,7 +587,7 @@ def test_disk_full_while_saving_is_one_line_and_leaves_no_half_checkpoint(tiny_h
     def no_space(tensors, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(training, "_save_tensors", no_space)
+    monkeypatch.setattr(checkpoints, "save_tensors", no_space)  # the trained weights, written first
     code, err = run_cli_in_process(pretrain.main, pretrain_command(tiny_hub_folder, synthetic_data, tmp_path / "run",
                                                                    "--num_epochs", 1, "--max_train_steps", 2,
                                                                    "--checkpointing_steps", 2), capsys)
@@ -618,7 +619,7 @@ def test_non_finite_weights_are_never_saved(tiny_hub_folder, synthetic_data, tmp
     model, processor = load_trained_model(tiny_hub_folder, AceLoraModel)
     dataset = load_image_text_dataset(args.train_file, COLUMNS)
     loader = training.data_loader(dataset, args, shuffle=False, collate_fn=ImageTextCollator(processor))
-    run = training.TrainingRun(accelerator, args, model, processor, loader, base=training.BaseModel.of(model, "m"),
+    run = training.TrainingRun(accelerator, args, model, processor, loader, base=BaseModel.of(model, "m"),
                                selection=training.Selection("loss", higher_is_better=False))
     with torch.no_grad():
         run.unwrapped_model.vision_model.hypergraph.node_adapter.up.bias[0] = float("inf")

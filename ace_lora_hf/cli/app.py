@@ -20,7 +20,7 @@ from .classify import add_model_arguments, model_dtype
 from .common import run_cli
 from ..errors import AceLoraError, InvalidArgumentError
 from ..inference.explain import explain, plot_explanation
-from ..sources.loading import load_model_and_processor
+from ..sources.folders import load_model_and_processor
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel
 from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier

@@ -32,7 +32,7 @@ from ..inference.explain import explain, plot_explanation, require_plotting
 from ..inference.image_inputs import ImageInputs, collect_images, read_image_list, read_labelled_table
 from ..inference.malloc_tuning import keep_freed_memory_for_reuse
 from ..evaluation.metrics import classification_metrics
-from ..sources.loading import BIOMEDCLIP_REPO_ID, load_model_and_processor
+from ..sources.folders import BIOMEDCLIP_REPO_ID, load_model_and_processor
 from ..sources.released_adapters import RELEASED
 from ..outputs.result_files import ResultsFile
 from ..outputs.safe_outputs import check_output_file, ensure_folder, folder_lock

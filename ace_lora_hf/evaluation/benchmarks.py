@@ -29,7 +29,7 @@ from ..errors import DataFormatError, InvalidArgumentError
 from ..inference.malloc_tuning import keep_freed_memory_for_reuse
 from .metrics import classification_metrics, multilabel_metrics
 from ..publishing.model_card import PUBLISHED_RESULTS
-from ..sources.loading import load_model_and_processor
+from ..sources.folders import load_model_and_processor
 from ..outputs.safe_outputs import check_output_file, folder_lock, write_json_atomic
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
 

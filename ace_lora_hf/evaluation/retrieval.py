@@ -46,7 +46,7 @@ from ..cli.classify import add_model_arguments, model_dtype
 from ..cli.common import EXIT_INPUTS_SKIPPED, run_cli
 from ..errors import DataFormatError, ImageLoadError
 from ..inference.malloc_tuning import keep_freed_memory_for_reuse
-from ..sources.loading import load_model_and_processor
+from ..sources.folders import load_model_and_processor
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel, AceLoraTokenFeatures
 from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
 from ..outputs.safe_outputs import (

@@ -30,7 +30,7 @@ from transformers.utils import logging
 
 from ..cli.common import run_cli
 from ..errors import InvalidArgumentError, MissingDependencyError
-from ..sources.loading import load_pretrained, model_folder
+from ..sources.folders import load_pretrained, model_folder
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel
 from ..outputs.safe_outputs import atomic_folder, check_output_folder, folder_lock, write_text_atomic
 

@@ -29,10 +29,10 @@ from ..cli.common import run_cli
 from ..errors import DataFormatError, InvalidArgumentError, ModelSourceError
 from ..inference.explain import explain, plot_explanation, require_plotting
 from .model_card import BIOMEDCLIP, evaluation_results, render_model_card
-from ..sources.loading import model_folder
+from ..sources.folders import model_folder
 from ..sources.released_adapters import RELEASED
 from ..outputs.safe_outputs import atomic_folder, check_output_folder, folder_lock
-from ..training.run import MODEL_CLASSES, is_checkpoint, load_trained_model, read_checkpoint_record
+from ..sources.checkpoints import MODEL_CLASSES, is_checkpoint, load_trained_model, read_checkpoint_record
 from ..models.ace_lora.zero_shot import ZeroShotClassifier
 
 

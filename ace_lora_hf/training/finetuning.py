@@ -28,8 +28,9 @@ from ..models.ace_lora.image_loading import load_image
 from ..evaluation.metrics import detection_map, dice_metrics
 from ..models.ace_lora.modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, box_area
 from ..outputs.safe_outputs import json_safe, write_json_atomic
-from .run import (BaseModel, Selection, TrainingArgumentParser, TrainingRun, add_training_options,
-                       build_accelerator, data_loader, file_sha256, load_trained_model, prepare_output_dir)
+from ..sources.checkpoints import BaseModel, load_trained_model
+from .run import (Selection, TrainingArgumentParser, TrainingRun, add_training_options, build_accelerator, data_loader,
+                  file_sha256, prepare_output_dir)
 
 
 logger = logging.get_logger(__name__)
