@@ -151,9 +151,9 @@ def biomedclip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def plain_model(biomedclip_dir) -> AceLoraModel:
     """BiomedCLIP stand-in with fresh (no-op) adapters."""
-    from ace_lora_hf.sources.convert import convert_biomedclip
+    from ace_lora_hf.sources.convert import convert_sources, resolve_sources
 
-    model, _ = convert_biomedclip(biomedclip_dir)
+    model, _ = convert_sources(resolve_sources(biomedclip_dir, None, None, None))
     return model
 
 

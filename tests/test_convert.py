@@ -11,7 +11,7 @@ import torch
 
 from ace_lora_hf import AceLoraConfig
 from ace_lora_hf.sources.biomedclip import biomedclip_config, biomedclip_state_dict
-from ace_lora_hf.sources.convert import convert_biomedclip, convert_sources, resolve_sources
+from ace_lora_hf.sources.convert import convert_sources, resolve_sources
 from ace_lora_hf.errors import CheckpointError, ModelSourceError
 from ace_lora_hf.sources.released_adapters import adapter_state_dict, read_adapter_checkpoint
 
@@ -71,7 +71,7 @@ def test_bert_defaults_when_the_folder_has_no_bert_config(biomedclip_dir, tmp_pa
 
 def test_missing_open_clip_config(tmp_path):
     with pytest.raises(ModelSourceError, match="no open_clip_config.json"):
-        convert_biomedclip(tmp_path)
+        resolve_sources(tmp_path, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------- BiomedCLIP weights

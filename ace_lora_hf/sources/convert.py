@@ -78,19 +78,6 @@ def convert_sources(sources: ConversionSources, **config_overrides) -> tuple[Ace
     return model.eval(), processor
 
 
-def convert_biomedclip(
-    biomedclip: str | Path,
-    adapters: str | Path | None = None,
-    tokenizer: str | Path | None = None,
-    revision: str | None = None,
-    **config_overrides,
-) -> tuple[AceLoraModel, AceLoraProcessor]:
-    """Build an `AceLoraModel` and its processor from BiomedCLIP (a folder or Hub id) and, optionally, adapters
-    (`"released"` or an `ACE_LoRA.pt`). Without adapters LoRA is a no-op and the logit scale starts from BiomedCLIP's.
-    """
-    return convert_sources(resolve_sources(biomedclip, adapters, tokenizer, revision), **config_overrides)
-
-
 def save_model_folder(model: AceLoraModel, processor: AceLoraProcessor, target: Path) -> None:
     """`save_pretrained` of model and processor into `target`, which appears only once both are written."""
     with atomic_folder(target) as staging:
@@ -127,7 +114,7 @@ def cli() -> None:
     run_cli(main)
 
 
-__all__ = ["ConversionSources", "cli", "convert_biomedclip", "convert_sources", "main", "resolve_sources",
+__all__ = ["ConversionSources", "cli", "convert_sources", "main", "resolve_sources",
            "save_model_folder"]
 
 
