@@ -1,5 +1,6 @@
 """Outputs never replace inputs, are written atomically, and a folder in use by another job is refused."""
 
+import os
 import errno
 import multiprocessing
 
@@ -8,7 +9,7 @@ import pytest
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import DataFormatError, FolderInUseError, OutputPathError
 from ace_lora_hf.outputs.safe_outputs import (atomic_folder, check_output_file, check_output_folder, folder_lock,
-                                      write_text_atomic)
+                                              write_text_atomic)
 
 
 def test_output_file_is_never_an_input_even_with_overwrite(tmp_path):
@@ -111,3 +112,15 @@ def test_disk_full_is_one_line_and_bugs_keep_their_traceback(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda argv: 3)
     assert exit_info.value.code == 3
+
+
+def test_a_saved_model_folder_is_readable_by_the_users_group(tiny_model, tmp_path):
+    """transformers writes model.safetensors as 0600; a folder written by the package follows the umask."""
+    previous = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "model") as staging:
+            tiny_model.save_pretrained(staging)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "model").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes

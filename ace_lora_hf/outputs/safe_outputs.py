@@ -127,9 +127,20 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     staging.mkdir(parents=True)
     try:
         yield staging
+        _give_files_default_permissions(staging)
         replace_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _give_files_default_permissions(folder: Path) -> None:
+    """Files as a plain `open` would create them (0666 less the umask): transformers writes `model.safetensors`
+    through a private temporary file (0600), which would keep a shared model folder from its other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def replace_folder(source: Path, target: Path) -> None:
