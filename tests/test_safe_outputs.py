@@ -1,8 +1,8 @@
 """Outputs never replace inputs, are written atomically, and a folder in use by another job is refused."""
 
-import os
 import errno
 import multiprocessing
+import os
 
 import pytest
 
