@@ -1,4 +1,5 @@
-"""Label-guided InfoNCE: masking of false negatives and the label conventions of SPEC §7."""
+"""Label-guided InfoNCE: masking of false negatives and the label conventions (1 present; 0, -1 for uncertain and
+empty all absent)."""
 
 import math
 

@@ -170,8 +170,9 @@ class AceLoraTowerTestMixin(ModelTesterMixin):
     test_training_gradient_checkpointing_use_reentrant_false = skipped(TOWER_TRAINING_REASON)
     test_training_gradient_checkpointing_use_reentrant_true = skipped(TOWER_TRAINING_REASON)
     test_retain_grad_hidden_states_attentions = skipped(
-        "Not a CLIP skip: ACE-LoRA freezes every base weight (SPEC §2), so the embedding output hidden_states[0] needs "
-        "no gradient and cannot retain one; test_training.py checks the adapters' gradients"
+        "Not a CLIP skip: ACE-LoRA freezes every base weight (only LoRA and the hypergraph train), so the embedding "
+        "output hidden_states[0] needs no gradient and cannot retain one; test_training.py checks the adapters' "
+        "gradients"
     )
 
 

@@ -1,4 +1,5 @@
-"""The authors' ACE-LoRA adapters (SPEC §8): read from their `ACE_LoRA.pt`, or from the copy shipped in this package.
+"""The authors' ACE-LoRA adapters (trained on MIMIC-CXR, MIT licence): read from their `ACE_LoRA.pt`, or from the
+copy shipped in this package.
 
 Both hold the same tensors under the same names: the `.pt` file nests them (`weights/layer_0/q_proj/w_lora_A`), the
 shipped safetensors file flattens those names with `/` (`layer_0/q_proj/w_lora_A`) and keeps the metadata (rank,
@@ -110,7 +111,8 @@ def adapter_state_dict(checkpoint: AdapterCheckpoint, config: AceLoraConfig) -> 
         tower = config.vision_config if target.startswith("vision") else config.text_config
         if tower.use_hypergraph:
             dim, hidden = tower.projection_dim, tower.hypergraph_hidden_size
-            shapes = {"down.weight": (hidden, dim), "down.bias": (hidden,), "up.weight": (dim, hidden), "up.bias": (dim,)}
+            shapes = {"down.weight": (hidden, dim), "down.bias": (hidden,),
+                      "up.weight": (dim, hidden), "up.bias": (dim,)}
             for leaf, shape in shapes.items():
                 converted[f"{target}.{leaf}"] = reader.tensor(f"{source}/{leaf}", shape)
     converted["logit_scale"] = reader.tensor("logit_scale", ())
