@@ -22,7 +22,11 @@ from .models.ace_lora.modeling_ace_lora import (
     AceLoraTokenFeatures,
     AceLoraVisionModel,
 )
-from .models.ace_lora.modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraObjectDetectionOutput
+from .models.ace_lora.modeling_ace_lora_heads import (
+    AceLoraForObjectDetection,
+    AceLoraForSegmentation,
+    AceLoraObjectDetectionOutput,
+)
 from .models.ace_lora.pipeline_ace_lora import AceLoraZeroShotImageClassificationPipeline, register_pipeline
 from .models.ace_lora.processing_ace_lora import AceLoraProcessor
 from .sources.folders import released_model_folder

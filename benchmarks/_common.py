@@ -86,7 +86,7 @@ def stand_in_model_dir(cache: Path) -> Path:
                    check=True, capture_output=True)
     # A stand-in tokenizer: PubMedBERT's special tokens (ids 0-4) and single letters; timings do not depend on it.
     (biomedclip / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]))
-    subprocess.run([sys.executable, "-m", "ace_lora_hf.sources.convert", "--biomedclip", str(biomedclip), "--ace-checkpoint",
+    subprocess.run([sys.executable, "-m", "ace_lora_hf.convert", "--biomedclip", str(biomedclip), "--ace-checkpoint",
                     str(SHARED / "checkpoints" / "ACE_LoRA.pt"), "--output", str(converted), "--overwrite"],
                    check=True, capture_output=True)
     return converted

@@ -14,7 +14,8 @@ from sklearn.model_selection import train_test_split
 from ace_lora_hf.data import tables
 from ace_lora_hf.errors import DataFormatError, OutputPathError
 from ace_lora_hf.data.tables import Row, shown
-from ace_lora_hf.outputs.safe_outputs import atomic_file, check_output_file, check_output_folder, ensure_folder, folder_lock
+from ace_lora_hf.outputs.safe_outputs import (atomic_file, check_output_file, check_output_folder, ensure_folder,
+                                              folder_lock)
 
 
 Table = tuple[Sequence[Mapping[str, Any]], Sequence[str]]  # rows and column names of one prepared CSV

@@ -44,10 +44,10 @@ def read_table(
     column_advice: str = "",
     unique: str | None = None,
 ) -> pd.DataFrame:
-    """The rows of a CSV or JSON Lines table (`ace_lora_hf.data.tables`) as strings (an empty cell is `""`), checked to have
-    `columns`. With `split`, only the rows whose `split_column` holds it. A value of the `unique` column listed twice is
-    refused (an image counted twice skews every metric). The frame's index is each row's line in the file, for
-    messages."""
+    """The rows of a CSV or JSON Lines table (read by `ace_lora_hf.data.tables`) as strings (an empty cell is `""`),
+    checked to have `columns`. With `split`, only the rows whose `split_column` holds it. A value of the `unique`
+    column listed twice is refused (an image counted twice skews every metric). The frame's index is each row's line
+    in the file, for messages."""
     path = Path(path)
     if path.is_dir():
         raise DataFormatError(f"{option} {path}: a folder; give the table's file.")

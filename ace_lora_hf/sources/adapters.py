@@ -74,7 +74,8 @@ def save_adapters(model: AceLoraModel, directory: str | Path, overwrite: bool = 
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    data = save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, metadata={"format": "pt"})
+    data = save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()},
+                metadata={"format": "pt"})
     with atomic_file(path, "wb") as file:
         file.write(data)
 

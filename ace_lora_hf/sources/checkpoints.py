@@ -177,7 +177,8 @@ def read_json(path: Path):
 
 
 
-__all__ = ["BaseModel", "CHECKPOINT_RECORD", "MODEL_CLASSES", "frozen_fingerprint", "is_checkpoint", "latest_checkpoint",
-           "load_trained_model", "load_trained_weights", "materialize_checkpoint", "non_finite_parameters",
+__all__ = ["BaseModel", "CHECKPOINT_RECORD", "MODEL_CLASSES", "frozen_fingerprint", "is_checkpoint",
+           "latest_checkpoint", "load_trained_model", "load_trained_weights", "materialize_checkpoint",
+           "non_finite_parameters",
            "read_checkpoint_record", "read_json", "read_tensors", "save_tensors", "trainable_parameters",
            "write_trained_weights"]
