@@ -2,7 +2,6 @@
 are checked before the work and committed together after it, splits."""
 
 import argparse
-import csv
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from sklearn.model_selection import train_test_split
 
 from ace_lora_hf.data import tables
+from ace_lora_hf.data.csv_cells import write_header, write_rows
 from ace_lora_hf.errors import DataFormatError, OutputPathError
 from ace_lora_hf.data.tables import Row, shown
 from ace_lora_hf.outputs.safe_outputs import (atomic_file, check_output_file, check_output_folder, ensure_folder,
@@ -113,9 +113,8 @@ def write_tables(output: Path, tables: Mapping[str, Table]) -> None:
     with ExitStack() as commit:
         for name, (rows, columns) in tables.items():
             file = commit.enter_context(atomic_file(output / name, newline="", encoding="utf-8"))
-            writer = csv.DictWriter(file, fieldnames=list(columns))
-            writer.writeheader()
-            writer.writerows(rows)
+            write_header(file, columns)
+            write_rows(file, columns, rows)
             file.flush()  # a full disk fails here, before any of the tables is renamed into place
     for name, (rows, _) in tables.items():
         print(f"wrote {output / name} ({len(rows)} rows)")

@@ -124,3 +124,20 @@ def test_a_saved_model_folder_is_readable_by_the_users_group(tiny_model, tmp_pat
         os.umask(previous)
     modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "model").iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+
+
+def test_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path, monkeypatch):
+    from ace_lora_hf.outputs import safe_outputs
+    from ace_lora_hf.outputs.result_files import ResultsFile
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "results.csv.partial.tmp").symlink_to(victim)  # the name 0.1 used
+    results = ResultsFile(tmp_path / "results.csv", ["a", "b"])
+    results.write([{"image": "x.png", "probabilities": {"a": 0.5, "b": 0.5}, "prediction": "a"}])
+    results.finish({})
+    monkeypatch.setattr(safe_outputs.secrets, "token_hex", lambda _: "guessed")  # an attacker who guesses the name
+    (tmp_path / ".out.txt.guessed.tmp").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        write_text_atomic(tmp_path / "out.txt", "new")
+    assert victim.read_text() == "precious" and not (tmp_path / "out.txt").exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataFormatError
+from .csv_cells import restored
 
 
 LONGEST_SHOWN_VALUE = 60  # a cell quoted in an error is cut here, so that the error stays one readable line
@@ -53,7 +54,7 @@ def read_rows(path: Path, columns: Sequence[str], what: str, advice: str = "") -
     are skipped."""
     text = _decode(path, _read_bytes(path, what), is_table=True)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header = [name.strip() for name in _next_record(reader, path, 1) or []]
+    header = [restored(name.strip()) for name in _next_record(reader, path, 1) or []]
     if not header:
         raise DataFormatError(f"{path} is empty: expected {what} with columns {list(columns)}.")
     _check_header(path, header, columns, advice)
@@ -166,7 +167,8 @@ def _rows(reader, path: Path, header: list[str], columns: Sequence[str]) -> Iter
         if len(record) > len(header):
             raise DataFormatError(f"{path}, line {line}: {len(record)} cells but the header names {len(header)} "
                                   "columns; remove the extra cells or quote a value holding a comma.")
-        yield Row(path, line, {column: record[i] if i < len(record) else "" for column, i in positions.items()})
+        cells = {column: restored(record[i]) if i < len(record) else "" for column, i in positions.items()}
+        yield Row(path, line, cells)
 
 
 def shown(value: Any) -> str:

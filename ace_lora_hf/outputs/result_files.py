@@ -11,8 +11,9 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..data.csv_cells import restored, write_header, write_rows
 from ..errors import InvalidArgumentError, OutputPathError
-from .safe_outputs import write_text_atomic
+from .safe_outputs import atomic_file, write_text_atomic
 
 
 STREAMED_SUFFIXES = (".csv", ".jsonl")
@@ -73,7 +74,7 @@ class ResultsFile:
 
     def _csv_records(self, source: Path, lines: list[str]) -> Iterator[tuple[int, dict | None, bool]]:
         """(line number, record or None, whether the line looks cut off) of each row."""
-        rows = csv.reader(lines)
+        rows = ([restored(cell) for cell in cells] for cells in csv.reader(lines))
         header = next(rows, None)
         if header is not None and header != self._columns():
             raise OutputPathError(f"--resume: {source} holds the results of other labels ({header}); choose another "
@@ -133,19 +134,17 @@ class ResultsFile:
 
     def _start_partial(self) -> None:
         """A fresh `.partial` holding the kept earlier records, opened for appending."""
-        staging = self.partial.with_name(self.partial.name + ".tmp")
-        with staging.open("w", encoding="utf-8", newline="") as file:
+        with atomic_file(self.partial, encoding="utf-8", newline="") as file:
             if self.format == ".csv":
-                csv.DictWriter(file, fieldnames=self._columns()).writeheader()
+                write_header(file, self._columns())
             self._append(file, self.records)
-        os.replace(staging, self.partial)
         self._file = self.partial.open("a", encoding="utf-8", newline="")
 
     def _append(self, file, records: list[dict]) -> None:
         if self.format == ".jsonl":
             file.writelines(json.dumps(record) + "\n" for record in records)
         else:
-            csv.DictWriter(file, fieldnames=self._columns()).writerows(self._row(record) for record in records)
+            write_rows(file, self._columns(), map(self._row, records))
 
     def write(self, records: list[dict]) -> None:
         """Add one batch's records (streamed formats reach the disk now)."""

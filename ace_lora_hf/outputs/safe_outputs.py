@@ -9,8 +9,8 @@
 import json
 import math
 import os
+import secrets
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,16 +75,19 @@ def check_output_folder(
 
 
 def _temporary_sibling(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{kind}")
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.{kind}")
 
 
 @contextmanager
 def atomic_file(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator:
-    """Open a temporary file beside `path` for writing; it replaces `path` only when the block completes."""
+    """Open a temporary file beside `path` for writing; it replaces `path` only when the block completes.
+
+    The temporary name is random and created exclusively: a file or link planted beside `path` is never written
+    through."""
     path = Path(path)
     staging = _temporary_sibling(path, "tmp")
     try:
-        with open(staging, mode, **open_kwargs) as file:
+        with open(staging, mode.replace("w", "x"), **open_kwargs) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
