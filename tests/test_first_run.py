@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from huggingface_hub import constants
 from safetensors.torch import load_file
 
 from ace_lora_hf import AceLoraModel
-from ace_lora_hf.sources.convert import main as convert_main
+from ace_lora_hf.cli.convert import main as convert_main
 from ace_lora_hf.errors import ModelSourceError
 from ace_lora_hf.sources.folders import BIOMEDCLIP_REPO_ID, conversion_cache
 from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
