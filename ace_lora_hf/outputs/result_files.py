@@ -11,10 +11,14 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from transformers.utils import logging
+
 from ..data.csv_cells import restored, write_header, write_rows
 from ..errors import InvalidArgumentError, OutputPathError
-from .safe_outputs import atomic_file, write_text_atomic
+from .safe_outputs import atomic_file, write_json_atomic, write_text_atomic
 
+
+logger = logging.get_logger(__name__)
 
 STREAMED_SUFFIXES = (".csv", ".jsonl")
 
@@ -23,15 +27,24 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def provenance_path(path: Path) -> Path:
+    return path.with_name(path.name + ".meta.json")
+
+
 class ResultsFile:
     """The results of one run for `labels`, as CSV (`.csv`), JSON Lines (`.jsonl`) or one JSON document (`.json`).
 
     Each record is `{"image", "probabilities": {label: p}, "prediction"[, "target"]}` or `{"image", "error"}`.
+
+    `provenance` (JSON values: the model's fingerprint, labels, templates, a digest of the inputs, the options that
+    change numbers) is written beside the results as `NAME.meta.json`; the results file itself stays plain. `--resume`
+    continues only results of the same provenance, and keeps only the first row of each of `inputs`.
     """
 
     def __init__(self, path: Path, labels: Sequence[str], with_target: bool = False, resume: bool = False,
-                 overwrite: bool = False):
+                 overwrite: bool = False, provenance: dict | None = None, inputs: Sequence[str] | None = None):
         self.path, self.labels, self.with_target = path, list(labels), with_target
+        self.provenance = {"labels": self.labels, **(provenance or {})}
         self.format = path.suffix.lower()
         if self.format not in (*STREAMED_SUFFIXES, ".json"):
             raise InvalidArgumentError(f"--output {path}: name a .csv, .jsonl or .json file.")
@@ -44,20 +57,38 @@ class ResultsFile:
         self.records: list[dict] = []
         self.done: set[str] = set()
         if resume:
-            self.records = [record for record in self._read_earlier() if "error" not in record]
+            self.records = self._kept(self._read_earlier(), inputs)
             self.done = {record["image"] for record in self.records}
         self._file = None
+        write_json_atomic(provenance_path(path), self.provenance)
         if self.format in STREAMED_SUFFIXES:
             self._start_partial()
 
     # -------------------------------------------------------------------------------------------------- reading
 
+    @staticmethod
+    def _kept(records: list[dict], inputs: Sequence[str] | None) -> list[dict]:
+        """The earlier results worth keeping: no errors (they run again), one row per image, images of this run."""
+        wanted = None if inputs is None else set(inputs)
+        kept, seen = [], set()
+        for record in records:
+            image = record["image"]
+            if "error" not in record and image not in seen and (wanted is None or image in wanted):
+                kept.append(record)
+                seen.add(image)
+        if len(kept) < sum("error" not in record for record in records):
+            logger.warning("--resume: left out %d earlier row(s) repeated or of images not in this run",
+                           sum("error" not in record for record in records) - len(kept))
+        return kept
+
     def _read_earlier(self) -> list[dict]:
         """The records an earlier run of this output wrote; a last line cut off by its interruption is dropped (that
-        image runs again), anything else that is not a record of these labels is refused."""
+        image runs again), anything else that is not a record of these labels is refused, and so is a file whose
+        provenance differs from this run's."""
         source = self.partial if self.partial.exists() else self.path
         if not source.exists():
             return []
+        self._check_provenance(source)
         try:
             lines = source.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
@@ -101,6 +132,22 @@ class ResultsFile:
         probabilities = record.get("probabilities")
         return (isinstance(probabilities, dict) and set(probabilities) == set(self.labels)
                 and all(isinstance(value, (int, float)) for value in probabilities.values()))
+
+    def _check_provenance(self, source: Path) -> None:
+        recorded_path = provenance_path(self.path)
+        try:
+            recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise self._unusable(source, f"has no {recorded_path.name} saying what produced it (written by ace-lora-hf "
+                                         "0.1, or copied without it)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise self._unusable(source, f"has a damaged {recorded_path.name}") from None
+        if not isinstance(recorded, dict):
+            raise self._unusable(source, f"has a damaged {recorded_path.name}")
+        differing = sorted(key for key in recorded.keys() | self.provenance.keys()
+                           if recorded.get(key) != self.provenance.get(key))
+        if differing:
+            raise self._unusable(source, f"was produced with another {', '.join(differing)} than this run")
 
     @staticmethod
     def _unusable(source: Path, problem: str) -> OutputPathError:
@@ -163,4 +210,4 @@ class ResultsFile:
         return self.path
 
 
-__all__ = ["ResultsFile", "partial_path"]
+__all__ = ["ResultsFile", "partial_path", "provenance_path"]
