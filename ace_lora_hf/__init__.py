@@ -28,7 +28,9 @@ from .models.ace_lora.modeling_ace_lora_heads import (
     AceLoraObjectDetectionOutput,
 )
 from .models.ace_lora.pipeline_ace_lora import AceLoraZeroShotImageClassificationPipeline, register_pipeline
+from .models.ace_lora.image_loading import load_image
 from .models.ace_lora.processing_ace_lora import AceLoraProcessor
+from .models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
 from .sources.folders import released_model_folder
 from .sources.load import LoadedModel, load
 
@@ -57,6 +59,8 @@ register_pipeline()
 AceLoraModel.released_model_folder = staticmethod(released_model_folder)
 
 __all__ = [
+    "CHEST_XRAY_TEMPLATES",
+    "PATHOLOGY_TEMPLATES",
     "AceHypergraph",
     "AceLoraConfig",
     "AceLoraForObjectDetection",
@@ -74,8 +78,10 @@ __all__ = [
     "AceLoraVisionModel",
     "AceLoraZeroShotImageClassificationPipeline",
     "LoadedModel",
+    "ZeroShotClassifier",
     "binarize_labels",
     "false_negative_mask",
     "label_guided_infonce",
     "load",
+    "load_image",
 ]
