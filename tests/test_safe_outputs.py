@@ -141,3 +141,20 @@ def test_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path, m
     with pytest.raises(FileExistsError):
         write_text_atomic(tmp_path / "out.txt", "new")
     assert victim.read_text() == "precious" and not (tmp_path / "out.txt").exists()
+
+
+def test_a_folder_named_through_a_link_is_the_same_folder_in_use(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(tmp_path / "runs" / "ace", ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(FolderInUseError, match="in use by another running job"):
+            with folder_lock(tmp_path / "link" / "ace", "--output_dir"):
+                pass
+    finally:
+        release.set()
+        holder.join(30)

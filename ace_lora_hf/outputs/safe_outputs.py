@@ -160,11 +160,13 @@ def replace_folder(source: Path, target: Path) -> None:
 def folder_lock(folder: str | Path, option: str = "--output") -> Iterator[Path]:
     """Hold `folder` for this job: a second job asking for the same folder is refused at once.
 
-    The lock is a file beside the folder (`.NAME.lock`), so that replacing the folder does not drop the lock.
+    The lock is a file beside the folder (`.NAME.lock`), so that replacing the folder does not drop the lock. It is
+    keyed by the resolved path: the same folder named through a link, or as `a/../b`, is the same folder.
     """
     folder = Path(folder)
     ensure_folder(folder.parent, option)
-    lock = FileLock(folder.parent / f".{folder.name}.lock", timeout=0)
+    resolved = folder.resolve()
+    lock = FileLock(resolved.parent / f".{resolved.name}.lock", timeout=0)
     try:
         lock.acquire()
     except Timeout:
