@@ -3,6 +3,9 @@
 import errno
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -158,3 +161,22 @@ def test_a_folder_named_through_a_link_is_the_same_folder_in_use(tmp_path):
     finally:
         release.set()
         holder.join(30)
+
+
+def test_a_temporary_folder_left_by_a_killed_writer_is_removed_by_the_next(tmp_path):
+    script = ("import os, signal, sys\n"
+              "from ace_lora_hf.outputs.safe_outputs import atomic_folder\n"
+              "with atomic_folder(sys.argv[1]) as staging:\n"
+              "    (staging / 'weights').write_text('half')\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n")
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "best")], capture_output=True)
+    assert killed.returncode == -signal.SIGTERM
+    assert [path.name.endswith(".staging") for path in tmp_path.iterdir()] == [True]
+    with atomic_folder(tmp_path / "best") as staging:
+        (staging / "weights").write_text("whole")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / ".other.1234.staging").mkdir()  # another folder's: not ours to remove
+    with atomic_folder(tmp_path / "best"):
+        pass
+    assert (tmp_path / ".other.1234.staging").is_dir()

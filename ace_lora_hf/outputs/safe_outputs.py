@@ -6,6 +6,7 @@
 - A folder that another running job writes to is refused (a lock file beside it).
 """
 
+import glob
 import json
 import math
 import os
@@ -123,9 +124,12 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target` that replaces `target` only when the block completes.
 
     An earlier `target` is moved aside first and deleted only after the new one is in place. A failed block
-    leaves `target` as it was and removes the temporary folder.
+    leaves `target` as it was and removes the temporary folder. Temporary folders of `target` that a killed process
+    left behind (SIGTERM, power loss) are removed first: the caller holds `target`'s lock (`folder_lock`), so no
+    other process is writing them.
     """
     target = Path(target)
+    _remove_leftovers(target)
     staging = _temporary_sibling(target, "staging")
     staging.mkdir(parents=True)
     try:
@@ -134,6 +138,13 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         replace_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_leftovers(target: Path) -> None:
+    for kind in ("staging", "old"):
+        for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.{kind}"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
 
 
 def _give_files_default_permissions(folder: Path) -> None:
