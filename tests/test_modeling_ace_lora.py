@@ -9,9 +9,11 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from ace_lora_hf import AceHypergraph, AceLoraConfig, AceLoraModel, AceLoraOutput
 from ace_lora_hf.errors import ConfigError, InvalidArgumentError
-from ace_lora_hf.models.ace_lora.modeling_ace_lora import AceLoraDropout
+from ace_lora_hf.inference.fast_dropout import AceLoraDropout, use_fast_dropout
+from ace_lora_hf.models.ace_lora import batch_inference
 
 from conftest import perturb_lora
+from hypergraph_reference import incidence_matrix
 
 
 def test_default_config_is_the_released_model():
@@ -238,7 +240,7 @@ def _hypergraph_inputs(seed=0, batch=2, tokens=12, dim=16):
 def test_incidence_matrix_invariants():
     hypergraph = AceHypergraph(dim=16, hidden_size=8, top_k=3)
     tokens, cls_attention = _hypergraph_inputs()
-    incidence = hypergraph.incidence_matrix(tokens, cls_attention)
+    incidence = incidence_matrix(hypergraph, tokens, cls_attention)
     num_tokens = tokens.shape[1]
     assert torch.equal(incidence.diagonal(dim1=1, dim2=2), torch.ones(2, num_tokens))
     torch.testing.assert_close(incidence[:, 1:, 0], incidence[:, 0, 1:])  # column 0 mirrors row 0
@@ -251,7 +253,7 @@ def test_incidence_matrix_invariants():
     torch.testing.assert_close(cls_row.sum(-1), torch.ones(2))
     # Rows 1.. rank tokens by cosine similarity: scaling a token does not change the graph.
     scaled = tokens * torch.rand(2, num_tokens, 1).add(0.5)
-    torch.testing.assert_close(hypergraph.incidence_matrix(scaled, cls_attention), incidence)
+    torch.testing.assert_close(incidence_matrix(hypergraph, scaled, cls_attention), incidence)
 
 
 def test_cls_only_forward_equals_the_full_hypergraph():
@@ -259,7 +261,7 @@ def test_cls_only_forward_equals_the_full_hypergraph():
     hypergraph = AceHypergraph(dim=16, hidden_size=8, top_k=3)
     for seed in range(3):
         tokens, cls_attention = _hypergraph_inputs(seed)
-        incidence = hypergraph.incidence_matrix(tokens, cls_attention)
+        incidence = incidence_matrix(hypergraph, tokens, cls_attention)
         nodes = hypergraph.node_adapter(incidence.transpose(1, 2) @ hypergraph.edge_adapter(incidence @ tokens))
         expected = nn.functional.normalize(nodes[:, 0], dim=-1)
         torch.testing.assert_close(hypergraph(tokens, cls_attention), expected)
@@ -299,7 +301,7 @@ def test_activation_checkpointing_replays_dropout_masks(tester):
     gradients = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = perturb_lora(AceLoraModel(config)).train()
+        model = use_fast_dropout(perturb_lora(AceLoraModel(config))).train()
         if checkpointing:
             model.activation_checkpointing_enable()
         torch.manual_seed(1)
@@ -309,9 +311,13 @@ def test_activation_checkpointing_replays_dropout_masks(tester):
         torch.testing.assert_close(gradients[1][name], gradient, msg=name)
 
 
-def test_every_dropout_is_the_fast_dropout(tiny_model):
+def test_the_model_keeps_pytorchs_dropout_and_training_swaps_every_one_for_the_fast_one(tiny_model):
+    rates = [module.p for module in tiny_model.modules() if isinstance(module, nn.Dropout)]
+    assert {type(module) for module in tiny_model.modules() if isinstance(module, nn.Dropout)} == {nn.Dropout}
+    assert use_fast_dropout(tiny_model) is tiny_model
     dropouts = [module for module in tiny_model.modules() if isinstance(module, nn.Dropout)]
     assert all(type(module) is AceLoraDropout for module in dropouts)
+    assert [module.p for module in dropouts] == rates
     assert {layer.lora_dropout["default"].p for layer in tiny_model.lora_layers()} == {0.1}
     assert tiny_model.text_model.embeddings.dropout.p == 0.1
 
@@ -332,21 +338,28 @@ def test_fast_dropout_has_the_distribution_and_gradient_of_dropout():
 
 
 def test_cpu_inference_chunks_do_not_change_outputs(tiny_model, tester, monkeypatch):
-    from ace_lora_hf.models.ace_lora import modeling_ace_lora
-
-    config, inputs = tester.prepare_config_and_inputs()
+    _, inputs = tester.prepare_config_and_inputs()
     classes = torch.stack([inputs["input_ids"]] * 2, dim=1)
-    with torch.enable_grad():  # no chunking when gradients are recorded
-        expected = (tiny_model.get_image_features(inputs["pixel_values"]).pooler_output.detach(),
-                    tiny_model.get_class_embeddings(classes).pooler_output.detach())
-    monkeypatch.setattr(modeling_ace_lora, "CPU_CHUNK_TOKENS", 30)  # one image, one text per call
-    calls = []
-    hook = tiny_model.vision_model.embeddings.register_forward_hook(lambda *args: calls.append(1))
+    embed_images = lambda pixels: tiny_model.get_image_features(pixels).pooler_output  # noqa: E731
+    embed_classes = lambda ids: tiny_model.get_class_embeddings(ids).pooler_output  # noqa: E731
     with torch.no_grad():
-        torch.testing.assert_close(tiny_model.get_image_features(inputs["pixel_values"]).pooler_output, expected[0])
-        torch.testing.assert_close(tiny_model.get_class_embeddings(classes).pooler_output, expected[1])
-    hook.remove()
-    assert len(calls) == tester.batch_size
+        expected = embed_images(inputs["pixel_values"]), embed_classes(classes)
+    monkeypatch.setattr(batch_inference, "CPU_CHUNK_TOKENS", 30)  # one image, or one class's two prompts, per call
+    calls = []
+    hooks = [tower.embeddings.register_forward_hook(lambda module, args, output: calls.append(len(output)))
+             for tower in (tiny_model.vision_model, tiny_model.text_model)]
+    with torch.enable_grad():  # no chunking when gradients are recorded
+        batch_inference.in_cpu_chunks(embed_images, inputs["pixel_values"], tokens_per_sample=26)
+    assert calls == [tester.batch_size]
+    with torch.no_grad():
+        images = batch_inference.in_cpu_chunks(embed_images, inputs["pixel_values"], tokens_per_sample=26)
+        texts = batch_inference.in_cpu_chunks(embed_classes, classes,
+                                              tokens_per_sample=2 * tiny_model.config.text_config.context_length)
+    for hook in hooks:
+        hook.remove()
+    assert calls[1:] == [1] * tester.batch_size + [2] * len(classes)
+    torch.testing.assert_close(images, expected[0])
+    torch.testing.assert_close(texts, expected[1])
 
 
 def test_a_callers_autocast_reaches_the_towers_but_not_the_hypergraph(tiny_model, tester):

@@ -1,1 +1,1 @@
-"""Inference around the model: the images a command works on, explanations, memory tuning for the CPU."""
+"""Inference around the model: the images a command works on, explanations, CPU tuning (memory, fast dropout)."""

@@ -17,7 +17,7 @@ from PIL import Image
 from ..errors import InvalidArgumentError, MissingDependencyError
 from ..models.ace_lora.image_loading import load_image
 from ..models.ace_lora.batch_inference import ImageInput
-from ..models.ace_lora.modeling_ace_lora import AceHypergraph
+from ..models.ace_lora.hypergraph_ace_lora import AceHypergraph
 from ..models.ace_lora.zero_shot import ZeroShotClassifier
 
 

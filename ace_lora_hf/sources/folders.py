@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .convert import ConversionSources, convert_sources, resolve_sources, save_model_folder
 from ..models.ace_lora.configuration_ace_lora import AceLoraConfig
+from ..models.ace_lora.errors import FormatVersionError
 from ..errors import AceLoraError, CheckpointError, ConfigError, ModelSourceError
 from .hub import hub_file
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel
@@ -101,13 +102,15 @@ def model_folder(source: str | Path | None, option: str = "--model", revision: s
                                f"{_foreign_model_advice(source)}")
     try:
         AceLoraConfig.from_dict(config)  # every field checked now, before anything loads
-    except (ConfigError, StrictDataclassError) as error:
+    except (ConfigError, FormatVersionError, StrictDataclassError) as error:
         raise _config_error(error, f"{option} {source}") from None
     return str(source)
 
 
-def _config_error(error: Exception, where: str) -> ConfigError:
+def _config_error(error: Exception, where: str) -> AceLoraError:
     cause = error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ else error
+    if isinstance(cause, FormatVersionError):  # its message ("config.json: ...") names the fix: a newer ace-lora-hf
+        return FormatVersionError(f"{where}/{cause}")
     return ConfigError(f"{where}/config.json: {str(cause).rstrip('.')}; fix the value or convert the model again.")
 
 
@@ -165,7 +168,7 @@ def load_pretrained(model_class, folder: str | Path, option: str | None = None, 
         with _quiet_loading_report():
             model, loading_info = model_class.from_pretrained(folder, ignore_mismatched_sizes=True,
                                                               output_loading_info=True, **kwargs)
-    except (ConfigError, StrictDataclassError) as error:
+    except (ConfigError, FormatVersionError, StrictDataclassError) as error:
         raise _config_error(error, where) from None
     except AceLoraError:
         raise
@@ -178,6 +181,7 @@ def load_pretrained(model_class, folder: str | Path, option: str | None = None, 
     except OSError as error:
         raise CheckpointError(f"{where}: cannot load its weights ({_shortened(error)}).") from None
     _check_loading_info(loading_info, where, set(dict(model.named_children())))
+    _refuse_non_finite_weights(model, where)
     return model
 
 
@@ -214,6 +218,13 @@ def _check_loading_info(loading_info: dict, where: str, parts: set[str]) -> None
         raise CheckpointError(f"{where}: its weights hold {extra[0]}"
                               f"{f' and {len(extra) - 1} more tensors' if len(extra) > 1 else ''} that its "
                               "config.json does not call for; use the config.json saved with these weights.")
+
+
+def _refuse_non_finite_weights(model: torch.nn.Module, where: str) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{where}: weight {name} contains NaN or infinite values; the checkpoint is damaged "
+                                  "or comes from a diverged training run.")
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 file reported rather than fatal, and, under `accelerate launch`, each process on its shard with the results gathered
 back in input order."""
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from .image_loading import load_image
 
 
 ImageInput = str | Path | bytes | Image.Image
+# Tokens per model call in eager CPU inference (see `in_cpu_chunks`).
+CPU_CHUNK_TOKENS = 1024
 
 
 @dataclass
@@ -36,6 +39,28 @@ class EmbeddedBatch:
     indices: list[int]
     embeddings: torch.Tensor
     failures: list[tuple[int, str]]
+
+
+def cpu_chunks(batch_size: int, tokens_per_sample: int, device: torch.device) -> int:
+    """How many calls a batch takes: one, except in eager CPU inference (see `in_cpu_chunks`)."""
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if torch.is_grad_enabled() or device.type != "cpu" or tracing:
+        return 1
+    return math.ceil(batch_size * tokens_per_sample / max(CPU_CHUNK_TOKENS, tokens_per_sample))
+
+
+def in_cpu_chunks(embed: Callable[..., torch.Tensor], *inputs: torch.Tensor, tokens_per_sample: int) -> torch.Tensor:
+    """`embed(*inputs)` for a batch whose samples are embedded independently (images, or classes with their prompts),
+    run on the CPU without gradients in equal chunks of at most about `CPU_CHUNK_TOKENS` tokens and concatenated.
+
+    On the CPU the activations of a large batch exceed glibc's mmap threshold, so that every allocation page-faults;
+    chunks keep the matrix products near peak and the results equal. With gradients, on other devices, and in
+    compiled or exported graphs (whose batch size stays free) it is one call.
+    """
+    chunks = cpu_chunks(len(inputs[0]), tokens_per_sample, inputs[0].device)
+    if chunks == 1:
+        return embed(*inputs)
+    return torch.cat([embed(*parts) for parts in zip(*(tensor.tensor_split(chunks) for tensor in inputs))])
 
 
 def available_cpus() -> int:
@@ -143,4 +168,5 @@ def _gathered(accelerator, embedded: EmbeddedBatch, seen: set[int]) -> EmbeddedB
                          torch.stack([row for _, row in rows]) if rows else torch.empty(0), failures)
 
 
-__all__ = ["EmbeddedBatch", "ImageBatch", "ImageFiles", "default_num_workers", "embed_images", "image_loader"]
+__all__ = ["CPU_CHUNK_TOKENS", "EmbeddedBatch", "ImageBatch", "ImageFiles", "cpu_chunks", "default_num_workers",
+           "embed_images", "image_loader", "in_cpu_chunks"]

@@ -4,12 +4,13 @@
 """ACE-LoRA model configuration: one sub-configuration per tower and the composite model's."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig, PreTrainedConfig, ViTConfig
 
-from .errors import ConfigError
+from .errors import ConfigError, FormatVersionError
 
 
 LORA_PROJECTION_CHOICES = ("q", "k", "v")
@@ -30,6 +31,9 @@ TEXT_SHORTHANDS = {
     "text_projection_hidden_size": "projection_hidden_size",
     "text_attention_output_dropout": "attention_output_dropout",
 }
+# The on-disk format this code reads and writes (see `AceLoraModel`); config.json records it as
+# `ace_lora_format_version`, and a folder without it is format 1 (ace-lora-hf 0.1.0).
+FORMAT_VERSION = 1
 # LoRA settings that the two towers must share: the model has one LoRA configuration (one PEFT adapter).
 SHARED_LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora")
 
@@ -141,7 +145,8 @@ class AceLoraTextConfig(AceLoraTowerFields, BertConfig):
     model_type = "ace_lora_text_model"
     base_config_key = "text_config"
 
-    # The released training ran BERT's attention without dropout on the probabilities (SPEC §2).
+    # The released model was trained without dropout on BERT's attention probabilities (the authors' training code
+    # built PubMedBERT with attention_probs_dropout_prob=0), so its default is 0 here too.
     attention_probs_dropout_prob: float | int = 0.0
     projection_hidden_size: int = 640
     context_length: int = 256
@@ -177,13 +182,17 @@ class AceLoraConfig(PreTrainedConfig):
         projection_dim (`int`, *optional*, defaults to 512):
             Dimension of the shared image-text embedding space (both towers project to it).
         logit_scale_init_value (`float`, *optional*, defaults to 1/0.07):
-            Initial value of the learnable logit scale, stored on the exponentiated scale (BiomedCLIP's
-            `exp(logit_scale)`; the released checkpoint learned 78.3486).
+            Initial value of the learnable logit scale. The model's `logit_scale` holds the scale itself
+            (BiomedCLIP's `exp(logit_scale)`; the released checkpoint learned 78.3486), not its log as in CLIP: do
+            not call `.exp()` on it.
         head_feature_layers (`list[int]`, *optional*):
             ViT layers (1-based) whose patch tokens feed the segmentation decoder of `AceLoraForSegmentation`;
             by default the ends of the four quarters of the tower (3, 6, 9 and 12 for ViT-B).
         head_hidden_size (`int`, *optional*, defaults to 256):
             Channels of the downstream segmentation and detection heads.
+        ace_lora_format_version (`int`, *optional*, defaults to 1):
+            The on-disk format of the folder (tensor names and meanings, see [`AceLoraModel`]). Absent in folders of
+            ace-lora-hf 0.1.0, which are format 1; a folder of a newer format than this code reads is refused.
 
     Example:
 
@@ -203,8 +212,17 @@ class AceLoraConfig(PreTrainedConfig):
     logit_scale_init_value: float | int = 1 / 0.07
     head_feature_layers: list[int] | None = None
     head_hidden_size: int = 256
+    ace_lora_format_version: int = FORMAT_VERSION
+
+    # Set when this process serves the zero-shot pipeline from the installed package (`import ace_lora_hf` registers
+    # it): the config then drops the `custom_pipelines` record, which is for processes without the package and would
+    # make `pipeline()` demand trust_remote_code. Models write it again when saved.
+    pipeline_served_in_process: ClassVar[bool] = False
 
     def __post_init__(self, **kwargs):
+        self._check_format_version()
+        if self.pipeline_served_in_process:
+            kwargs.pop("custom_pipelines", None)
         # transformers looks a dtype name up on torch; a name that is none there is a mistake in config.json.
         if isinstance(self.dtype, str) and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ConfigError(f"dtype={self.dtype!r}: not a torch dtype; use float32, bfloat16 or float16.")
@@ -213,6 +231,15 @@ class AceLoraConfig(PreTrainedConfig):
         if self.head_feature_layers is None:
             layers = self.vision_config.num_hidden_layers
             self.head_feature_layers = sorted({max(1, layers * quarter // 4) for quarter in range(1, 5)})
+
+    def _check_format_version(self) -> None:
+        version = self.ace_lora_format_version
+        if version < 1:
+            raise ConfigError(f"config.json: ace_lora_format_version={version!r} is not a format version (1, 2, ...); "
+                              "use the config.json saved with the weights.")
+        if version > FORMAT_VERSION:
+            raise FormatVersionError(f"config.json: ace_lora_format_version={version} is newer than this ace-lora-hf "
+                                  f"reads (format {FORMAT_VERSION}); upgrade ace-lora-hf to load this folder.")
 
     def _tower_dicts(self, kwargs: dict) -> tuple:
         """The tower sub-configs with the top-level shorthands (consumed from `kwargs`) applied beneath them."""
@@ -266,4 +293,4 @@ class AceLoraConfig(PreTrainedConfig):
                               "(the heads normalise in 8 groups).")
 
 
-__all__ = ["AceLoraConfig", "AceLoraTextConfig", "AceLoraTowerFields", "AceLoraVisionConfig"]
+__all__ = ["FORMAT_VERSION", "AceLoraConfig", "AceLoraTextConfig", "AceLoraTowerFields", "AceLoraVisionConfig"]

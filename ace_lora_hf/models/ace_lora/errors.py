@@ -18,6 +18,10 @@ class CheckpointError(AceLoraError, ValueError):
     """A weights file or model folder that cannot be used: wrong format, truncated, wrong keys, non-finite values."""
 
 
+class FormatVersionError(CheckpointError):
+    """A model folder in a newer on-disk format (`ace_lora_format_version` in its config.json) than this code reads."""
+
+
 class ImageLoadError(AceLoraError, ValueError):
     """An image that cannot be read or used."""
 
@@ -35,6 +39,7 @@ __all__ = [
     "AceLoraError",
     "CheckpointError",
     "ConfigError",
+    "FormatVersionError",
     "ImageLoadError",
     "InvalidArgumentError",
 ]

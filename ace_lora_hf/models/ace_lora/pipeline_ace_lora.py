@@ -11,13 +11,13 @@ from transformers.pipelines import PIPELINE_REGISTRY, ZeroShotImageClassificatio
 from transformers.utils import logging
 
 from .configuration_ace_lora import AceLoraConfig
+from .hub_pipeline import TASK
 from .errors import InvalidArgumentError
 from .image_loading import load_image
 from .processing_ace_lora import AceLoraProcessor
-from .zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_templates
+from .zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_templates, image_embeddings
 
 
-TASK = "zero-shot-image-classification"
 # Images of a list go through the model this many at a time unless `batch_size` says otherwise (ZeroShotClassifier's
 # default): on the 2-core development CPU, 8 images in one batch ran 1.7-2.9x faster per image than one at a time.
 DEFAULT_BATCH_SIZE = 16
@@ -99,7 +99,7 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         if not self._serves_ace_lora:
             return super()._forward(model_inputs)
         classes = self.class_embeddings(candidate_labels, templates)
-        images = self.model.get_image_features(model_inputs["pixel_values"]).pooler_output
+        images = image_embeddings(self.model, model_inputs["pixel_values"])
         return {"logits": self.model.logit_scale.float() * images.float() @ classes.float().t()}
 
     def postprocess(self, model_outputs: dict[str, Any], candidate_labels: Sequence[str] | None = None):
@@ -123,7 +123,8 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
 def register_pipeline() -> None:
     """Make `pipeline("zero-shot-image-classification", ...)` build [`AceLoraZeroShotImageClassificationPipeline`]
     (the stock pipeline for every other model), and its `save_pretrained` record it in the config's
-    `custom_pipelines`, so that the saved folder serves it as remote code."""
+    `custom_pipelines`, so that the saved folder serves it as remote code. Configs loaded in this process then leave
+    that record out, so that `pipeline(task, model=FOLDER)` builds this class without trust_remote_code."""
     stock = PIPELINE_REGISTRY.supported_tasks[TASK]
     registry_logger = logging.get_logger("transformers.pipelines.base")
     level = registry_logger.level
@@ -139,6 +140,7 @@ def register_pipeline() -> None:
         )
     finally:
         registry_logger.setLevel(level)
+    AceLoraConfig.pipeline_served_in_process = True
 
 
 __all__ = ["AceLoraZeroShotImageClassificationPipeline", "register_pipeline"]

@@ -18,7 +18,9 @@ class AceLoraProcessor(ProcessorMixin):
     Example:
 
     ```python
-    >>> processor = AutoProcessor.from_pretrained("aydnarda/ACE-LoRA", trust_remote_code=True)
+    >>> from transformers import AutoProcessor
+
+    >>> processor = AutoProcessor.from_pretrained("path/to/ace-lora")  # a folder written by ace-lora-convert
     >>> inputs = processor(text=["a chest X-ray image of pneumonia."], images=image, return_tensors="pt")
     ```
     """

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .batch_inference import ImageInput, embed_images
+from .batch_inference import ImageInput, embed_images, in_cpu_chunks
 from .errors import ImageLoadError, InvalidArgumentError
 from .modeling_ace_lora import AceLoraModel
 from .processing_ace_lora import AceLoraProcessor
 
 
-# The two templates of the released zero-shot evaluation (SPEC §6).
+# The two templates of the released zero-shot evaluation (the authors' code averages these per class).
 CHEST_XRAY_TEMPLATES = ("a chest X-ray image of {}.", "Findings suggesting {}.")
 # For histopathology label sets (LC25000, MHIST); ours, in the same two-template form.
 PATHOLOGY_TEMPLATES = ("a histopathology image of {}.", "an H&E stained tissue section showing {}.")
@@ -47,6 +47,12 @@ def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
 def describe_image(image: ImageInput, index: int) -> str:
     """How messages name an input: its path, or its position for bytes and PIL images."""
     return str(image) if isinstance(image, (str, Path)) else f"image {index}"
+
+
+def image_embeddings(model: AceLoraModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`[N, D]` ACE image embeddings of a batch of pixels (in CPU chunks, see `in_cpu_chunks`)."""
+    return in_cpu_chunks(lambda pixels: model.get_image_features(pixels).pooler_output, pixel_values,
+                         tokens_per_sample=model.config.vision_config.num_tokens)
 
 
 @dataclass
@@ -108,10 +114,12 @@ class ZeroShotClassifier:
             prompts = [template.format(label) for label in labels for template in self.templates]
             tokens = self.processor(text=prompts, return_tensors="pt")
             shape = (len(labels), len(self.templates), -1)
-            self._class_embeddings[labels] = self.model.get_class_embeddings(
-                tokens["input_ids"].view(shape).to(self.device),
-                tokens["attention_mask"].view(shape).to(self.device),
-            ).pooler_output
+            input_ids, attention_mask = (tokens[key].view(shape).to(self.device)
+                                         for key in ("input_ids", "attention_mask"))
+            self._class_embeddings[labels] = in_cpu_chunks(
+                lambda ids, mask: self.model.get_class_embeddings(ids, mask).pooler_output,
+                input_ids, attention_mask, tokens_per_sample=input_ids.shape[1] * input_ids.shape[2],
+            )
         return self._class_embeddings[labels]
 
     def classify(self, images: Sequence[ImageInput], labels: Sequence[str]) -> Iterator[ClassifiedBatch]:
@@ -119,7 +127,7 @@ class ZeroShotClassifier:
         classes = self.class_embeddings(labels)
         scale = self.model.logit_scale.detach().float().cpu()
         batches = embed_images(
-            lambda pixels: self.model.get_image_features(pixels).pooler_output,
+            lambda pixels: image_embeddings(self.model, pixels),
             images, self.processor.image_processor, self.batch_size, self.num_workers, self.device,
             self.accelerator, self.show_progress,
         )
@@ -146,4 +154,4 @@ class ZeroShotClassifier:
 
 
 __all__ = ["CHEST_XRAY_TEMPLATES", "PATHOLOGY_TEMPLATES", "ClassifiedBatch", "ZeroShotClassifier", "checked_labels",
-           "checked_templates", "describe_image"]
+           "checked_templates", "describe_image", "image_embeddings"]
