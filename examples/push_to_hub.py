@@ -3,10 +3,10 @@
 
     python examples/push_to_hub.py --model runs/ace/final --repo-id me/ace-lora-mimic --staging hub_repo/ [--push]
 
-See ace_lora_hf.publishing.publish (or `ace-lora-publish --help`) for the options.
+See `ace-lora-publish --help` (ace_lora_hf.cli.publish) for the options.
 """
 
-from ace_lora_hf.publishing.publish import cli
+from ace_lora_hf.cli.publish import cli
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ ACE and the plain embeddings, on a prepared MIMIC-CXR-style table (image path, r
     python examples/retrieval_eval.py --table mimic/mimic_cxr.csv --split test --image-root mimic-cxr-jpg/2.1.0/ \\
         --output retrieval.json
 
-The same command is installed as `ace-lora-retrieval`; `--help` lists the options, and ace_lora_hf/retrieval.py says
+The same command is installed as `ace-lora-retrieval`; its `--help` lists the options and says
 how ranks, ties and duplicate reports are counted and where embeddings are kept between runs.
 """
 
-from ace_lora_hf.evaluation.retrieval import cli
+from ace_lora_hf.cli.retrieval import cli
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python examples/zero_shot_eval.py --dataset rsna --data-root rsna-pneumonia/ --output rsna_results.json
 """
 
-from ace_lora_hf.evaluation.benchmarks import cli
+from ace_lora_hf.cli.evaluate import cli
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ace_lora_hf import AceLoraConfig, AceLoraModel
-from ace_lora_hf.sources.convert import main as convert_main
+from ace_lora_hf.cli.convert import main as convert_main
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ from conftest import REPO_ROOT, SAMPLES
 
 gr = pytest.importorskip("gradio", reason="needs the [app] extra (gradio): pip install 'ace-lora-hf[app]'")
 from ace_lora_hf.cli import app  # noqa: E402
+from ace_lora_hf.inference import demo  # noqa: E402
 
 MONOCHROME1 = SAMPLES / "fake_monochrome1.dcm"
 LABELS = ("No Finding", "pneumonia")
@@ -27,8 +28,8 @@ def loaded(tiny_hub_folder):
 
 
 @pytest.fixture
-def demo_model(loaded) -> "app.ZeroShotDemo":
-    return app.ZeroShotDemo(*loaded)
+def demo_model(loaded) -> "demo.ZeroShotDemo":
+    return demo.ZeroShotDemo(*loaded[:2])
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +91,9 @@ def test_a_bad_file_is_named_in_the_message(demo_model, tmp_path, name, content,
 
 
 def test_presets_parse_and_fill_the_boxes():
-    for labels, templates in app.PRESETS.values():
-        assert app.parse_labels("\n".join(labels)) == labels
-        assert app.parse_templates("\n".join(templates)) == templates
+    for labels, templates in demo.PRESETS.values():
+        assert demo.parse_labels("\n".join(labels)) == labels
+        assert demo.parse_templates("\n".join(templates)) == templates
 
 
 def test_a_model_that_cannot_load_is_one_line_naming_it(tmp_path):
@@ -111,7 +112,7 @@ def test_the_space_builds_the_demo_from_the_environment(tiny_hub_folder, monkeyp
     space = runpy.run_path(str(REPO_ROOT / "app.py"))
     assert isinstance(space["demo"], gr.Blocks)
     examples = [block for block in space["demo"].blocks.values() if isinstance(block, gr.Dataset)]
-    assert len(examples) == 1 and len(examples[0].samples) == len(app.example_files()) == 4
+    assert len(examples) == 1 and len(examples[0].samples) == len(demo.example_files()) == 4
 
 
 @pytest.mark.skipif(browser_missing() is not None, reason=f"needs a browser for the browser test: {browser_missing()}")

@@ -53,7 +53,7 @@ def test_cli_refuses_to_overwrite_a_non_empty_folder(tmp_path):
     output.mkdir()
     (output / "notes.txt").write_text("mine")
     result = subprocess.run(
-        [sys.executable, "-m", "ace_lora_hf.sources.convert", "--biomedclip", str(tmp_path), "--output", str(output)],
+        [sys.executable, "-m", "ace_lora_hf.cli.convert", "--biomedclip", str(tmp_path), "--output", str(output)],
         capture_output=True, text=True,
     )
     assert result.returncode == 2 and "--overwrite" in result.stderr and "Traceback" not in result.stderr

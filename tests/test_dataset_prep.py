@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ace_lora_hf.cli import evaluate as evaluate_cli
 from ace_lora_hf.evaluation import benchmarks as evaluation
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import DataFormatError, OutputPathError
@@ -658,8 +659,8 @@ def _prepared(dataset, request, tmp_path):
     prepare = {
         "rsna": ("rsna_input", lambda i, o: rsna.prepare(i, o), "rsna_classification.csv"),
         "siim": ("siim_input", lambda i, o: siim.prepare(i[0], o), "siim_classification.csv"),
-        "nih14": ("nih_input", lambda i, o: chestxray14.prepare(i, o, 1.0), "chestxray14_test.csv"),
-        "chexpert5x200": ("chexpert_input", lambda i, o: chexpert_5x200.prepare(i / "chexpert_5x200.csv", o),
+        "chestxray14": ("nih_input", lambda i, o: chestxray14.prepare(i, o, 1.0), "chestxray14_test.csv"),
+        "chexpert_5x200": ("chexpert_input", lambda i, o: chexpert_5x200.prepare(i / "chexpert_5x200.csv", o),
                           "chexpert_5x200.csv"),
         "lc25000_lung": ("lc25000_input", lambda i, o: lc25000.prepare(i, o), "lc25000_lung.csv"),
         "lc25000_colon": ("lc25000_input", lambda i, o: lc25000.prepare(i, o), "lc25000_colon.csv"),
@@ -669,7 +670,7 @@ def _prepared(dataset, request, tmp_path):
     data = request.getfixturevalue(fixture)
     run(data, tmp_path)
     root = data[0] if dataset == "siim" else data
-    if dataset == "chexpert5x200":  # only the first ten images exist in the fixture
+    if dataset == "chexpert_5x200":  # only the first ten images exist in the fixture
         rows = read_csv(tmp_path / table)[:10]
         with (tmp_path / table).open("w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=["Path", "label"])
@@ -682,7 +683,7 @@ def _prepared(dataset, request, tmp_path):
 def test_zero_shot_eval_end_to_end(dataset, tiny_hub_folder, request, tmp_path):
     root, table = _prepared(dataset, request, tmp_path)
     output = tmp_path / "results.json"
-    status = evaluation.main(["--dataset", dataset, "--model", str(tiny_hub_folder), "--data-root", str(root),
+    status = evaluate_cli.main(["--dataset", dataset, "--model", str(tiny_hub_folder), "--data-root", str(root),
                               "--table", str(table), "--output", str(output), "--batch-size", "4", "--bootstrap", "20"])
     assert status == 0
     saved = json.loads(output.read_text())["datasets"][dataset]
@@ -692,7 +693,7 @@ def test_zero_shot_eval_end_to_end(dataset, tiny_hub_folder, request, tmp_path):
     references = evaluation.read_benchmark(benchmark, table, root)[1]
     expected = (multilabel_metrics if benchmark.target is None else classification_metrics)(probabilities, references)
     assert saved["metrics"] == json_safe(expected)  # an undefined AUC (NaN) is written as null
-    published = {"rsna": 87.19, "chexpert5x200": 49.8, "mhist": 57.27, "lc25000_lung": 84.03, "lc25000_colon": 90.39}
+    published = {"rsna": 87.19, "chexpert_5x200": 49.8, "mhist": 57.27, "lc25000_lung": 84.03, "lc25000_colon": 90.39}
     assert (saved["published"] or {}).get("value") == published.get(dataset)
     # The report, as written, is what ace-lora-publish --results puts on a model card (in percent).
     on_card = {r.metric_type: r.metric_value for r in evaluation_results(json.loads(output.read_text()), output)}

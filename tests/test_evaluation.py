@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from ace_lora_hf.cli import evaluate as evaluate_cli
 from ace_lora_hf.evaluation import benchmarks as evaluation
 from ace_lora_hf.evaluation.bootstrap import bootstrap_intervals
 from ace_lora_hf.cli.common import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
@@ -55,8 +56,8 @@ def test_several_datasets_in_one_call_with_intervals_and_the_paper_scale(two_pre
                                                                          tmp_path, capsys):
     output = tmp_path / "results.json"
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(evaluation.main, ["--dataset", "rsna", "--dataset", "siim", "--data-root", str(two_prepared_sets),
-                                  "--model", str(tiny_hub_folder), "--bootstrap", "30", "--output", str(output)])
+        run_cli(evaluate_cli.main, ["--dataset", "rsna", "--dataset", "siim", "--data-root", str(two_prepared_sets),
+                                    "--model", str(tiny_hub_folder), "--bootstrap", "30", "--output", str(output)])
     assert exit_info.value.code == EXIT_INPUTS_SKIPPED
     out = capsys.readouterr().out
     report = json.loads(output.read_text())
@@ -77,10 +78,11 @@ def test_several_datasets_in_one_call_with_intervals_and_the_paper_scale(two_pre
         (["--dataset", "rsna", "--dataset", "siim", "--data-root", "a", "--data-root", "b", "--data-root", "c"],
          "give one for all datasets or one per --dataset"),
         (["--dataset", "rsna", "--dataset", "rsna", "--data-root", "a"], "names a dataset twice"),
-        (["--dataset", "rsna", "--data-root", "missing"], "rsna_classification.csv not found"),
+        (["--dataset", "rsna", "--data-root", "missing"], "--data-root missing: no such folder"),
+        (["--dataset", "rsna", "--data-root", "."], "rsna_classification.csv not found"),
     ],
 )
 def test_bad_arguments_are_one_line(tiny_hub_folder, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(evaluation.main, [*argv, "--model", str(tiny_hub_folder)])
+        run_cli(evaluate_cli.main, [*argv, "--model", str(tiny_hub_folder)])
     assert exit_info.value.code == EXIT_USER_ERROR and message in capsys.readouterr().err

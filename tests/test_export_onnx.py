@@ -12,7 +12,7 @@ import torch
 from ace_lora_hf import AceLoraModel
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import InvalidArgumentError, MissingDependencyError, ModelSourceError, OutputPathError
-from ace_lora_hf.publishing.export_onnx import main
+from ace_lora_hf.cli.export_onnx import main
 
 from conftest import AceLoraModelTester, perturb_lora
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf import AceLoraTextModel, AceLoraVisionModel
+from ace_lora_hf.cli import retrieval as retrieval_cli
 from ace_lora_hf.evaluation import retrieval
 from ace_lora_hf.cli.common import EXIT_INPUTS_SKIPPED
 from ace_lora_hf.errors import DataFormatError, OutputPathError
@@ -125,7 +126,7 @@ REPORTS = ["Cardiomegaly.", "No acute process.", "Left effusion.", "No acute pro
 
 def run_retrieval(tiny_hub_folder, tmp_path, table, *extra) -> tuple[int, dict]:
     output = tmp_path / "results.json"
-    code = retrieval.main(["--table", str(table), "--image-root", str(SAMPLES), "--model", str(tiny_hub_folder),
+    code = retrieval_cli.main(["--table", str(table), "--image-root", str(SAMPLES), "--model", str(tiny_hub_folder),
                            "--cache-dir", str(tmp_path / "cache"), "--output", str(output), "--overwrite",
                            "--num-workers", "0", "--batch-size", "2", *extra])
     return code, json.loads(output.read_text())
@@ -193,12 +194,12 @@ def test_output_is_checked_before_any_work(tiny_hub_folder, tmp_path, forward_ca
     write_table(table, REPORTS)
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(OutputPathError, match="exists; pass --overwrite"):
-        retrieval.main(["--table", str(table), "--model", str(tiny_hub_folder), "--output",
+        retrieval_cli.main(["--table", str(table), "--model", str(tiny_hub_folder), "--output",
                         str(tmp_path / "results.json")])
     with pytest.raises(OutputPathError, match="also an input"):
-        retrieval.main(["--table", str(table), "--model", str(tiny_hub_folder), "--output", str(table), "--overwrite"])
+        retrieval_cli.main(["--table", str(table), "--model", str(tiny_hub_folder), "--output", str(table), "--overwrite"])
     (tmp_path / "cache_file").write_text("not a folder")
     with pytest.raises(OutputPathError, match="--cache-dir: .*cache_file is a file, not a folder"):
-        retrieval.main(["--table", str(table), "--model", str(tiny_hub_folder), "--cache-dir",
+        retrieval_cli.main(["--table", str(table), "--model", str(tiny_hub_folder), "--cache-dir",
                         str(tmp_path / "cache_file")])
     assert forward_calls == []

@@ -1,36 +1,21 @@
-"""Zero-shot evaluation of ACE-LoRA on the paper's benchmarks (tables written by dataset_prep/).
-
-    ace-lora-evaluate --dataset rsna --data-root rsna-pneumonia/ --output results.json
-    ace-lora-evaluate --dataset lc25000_lung --dataset lc25000_colon --data-root lung_colon_image_set/
-    python examples/zero_shot_eval.py --dataset mhist --data-root MHIST/ --model runs/ace/final
-
---data-root is the dataset's image root (the --input given to dataset_prep); --table defaults to the prepared
-table's name inside it. Give --dataset several times to evaluate several benchmarks with one model load, with one
---data-root (and --table) per dataset or one for all. Metrics as the authors define them: top-1 accuracy and ROC AUC
-for single-label sets (the positive class's AUC for binary ones, macro one-vs-rest otherwise), macro multi-label AUC
-for NIH-14; each with a seeded 95% bootstrap confidence interval over images (--bootstrap N resamples), and on the
-paper's 0-100 scale beside its published number. Unreadable images are reported and left out (exit status 3).
+"""Zero-shot evaluation of ACE-LoRA on the paper's benchmarks (tables written by dataset_prep/; the command is
+`ace-lora-evaluate`, `ace_lora_hf.cli.evaluate`). Metrics as the authors define them: top-1 accuracy and ROC AUC for
+single-label sets (the positive class's AUC for binary ones, macro one-vs-rest otherwise), macro multi-label AUC for
+ChestX-ray14; each with a seeded 95% bootstrap confidence interval over images, and on the paper's 0-100 scale beside
+its published number.
 """
 
-import argparse
-import time
-from collections.abc import Sequence
+
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from accelerate import Accelerator
 
 from .bootstrap import bootstrap_intervals
-from ..cli.classify import add_model_arguments, model_dtype
-from ..cli.common import EXIT_INPUTS_SKIPPED, run_cli
 from ..data.image_tables import numbered_rows, parse_number, read_table
-from ..errors import DataFormatError, InvalidArgumentError
-from ..inference.malloc_tuning import keep_freed_memory_for_reuse
+from ..errors import DataFormatError
 from .metrics import classification_metrics, multilabel_metrics
 from ..publishing.model_card import PUBLISHED_RESULTS
-from ..sources.folders import load_model_and_processor
-from ..outputs.safe_outputs import check_output_file, folder_lock, write_json_atomic
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
 
 
@@ -47,7 +32,7 @@ class Benchmark:
 NIH14 = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
          "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
 BENCHMARKS = {
-    "chexpert5x200": Benchmark(
+    "chexpert_5x200": Benchmark(
         "chexpert_5x200.csv",
         {name: name for name in ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")},
         published="CheXpert 5x200"),
@@ -55,7 +40,7 @@ BENCHMARKS = {
                       split="test", published="RSNA Pneumonia"),
     "siim": Benchmark("siim_classification.csv", {"0": "No Finding", "1": "pneumothorax"}, target="Target",
                       split="test"),
-    "nih14": Benchmark("chestxray14_test.csv", {name: name.replace("_", " ").lower() for name in NIH14}, target=None),
+    "chestxray14": Benchmark("chestxray14_test.csv", {name: name.replace("_", " ").lower() for name in NIH14}, target=None),
     "lc25000_lung": Benchmark(
         "lc25000_lung.csv",
         {"lung_aca": "lung adenocarcinoma", "lung_n": "benign lung tissue", "lung_scc": "lung squamous cell carcinoma"},
@@ -151,74 +136,4 @@ def print_result(name: str, result: dict) -> None:
         print(f"  skipped {entry['image']}: {entry['error']}")
 
 
-# -------------------------------------------------------------------------------------------------- command line
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ace-lora-evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", action="append", required=True, choices=sorted(BENCHMARKS),
-                        help="A benchmark (repeatable).")
-    parser.add_argument("--data-root", action="append", type=Path, required=True,
-                        help="The dataset's image root: one per --dataset, or one for all.")
-    parser.add_argument("--table", action="append", type=Path, help="Prepared table(s) (default: DATA_ROOT/<name>).")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples (default: %(default)s).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap (default: %(default)s).")
-    add_model_arguments(parser)
-    parser.add_argument("--output", type=Path, help="Write metrics and per-image probabilities as JSON.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (never an input).")
-    args = parser.parse_args(argv)
-    for option in ("data_root", "table"):
-        values = getattr(args, option)
-        if values is not None and len(values) not in (1, len(args.dataset)):
-            parser.error(f"--{option.replace('_', '-')}: give one for all datasets or one per --dataset "
-                         f"({len(args.dataset)}).")
-    if args.bootstrap < 1:
-        parser.error("--bootstrap: at least 1 resample.")
-    return args
-
-
-def _per_dataset(values: list | None, count: int) -> list:
-    return [None] * count if values is None else values * count if len(values) == 1 else values
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    keep_freed_memory_for_reuse()
-    count = len(args.dataset)
-    if len(set(args.dataset)) != count:
-        raise InvalidArgumentError(f"--dataset: {args.dataset} names a dataset twice.")
-    if args.output and args.output.suffix.lower() != ".json":
-        raise InvalidArgumentError(f"--output {args.output}: the report is JSON; name a .json file.")
-    plans = []  # everything is read and checked before the model loads
-    for name, root, table in zip(args.dataset, _per_dataset(args.data_root, count), _per_dataset(args.table, count)):
-        images, references = read_benchmark(BENCHMARKS[name], table or root / BENCHMARKS[name].table, root)
-        plans.append((name, images, references, table or root / BENCHMARKS[name].table))
-    if args.output:
-        check_output_file(args.output, [table for *_, table in plans], overwrite=args.overwrite)
-    accelerator = Accelerator(cpu=args.device == "cpu")
-    model, processor = load_model_and_processor(args.model, device=accelerator.device,
-                                                dtype=model_dtype(args.dtype, accelerator.device),
-                                                revision=args.revision, biomedclip=args.biomedclip,
-                                                adapters=args.adapters)
-    started, results = time.perf_counter(), {}
-    for name, images, references, _ in plans:
-        classifier = ZeroShotClassifier(model, processor, BENCHMARKS[name].templates, args.batch_size,
-                                        args.num_workers, show_progress=True, accelerator=accelerator)
-        results[name] = evaluate_benchmark(name, classifier, images, references, args.bootstrap, args.seed)
-        print_result(name, results[name])
-    report = {"model": args.model or f"released ({args.biomedclip} + {args.adapters})", "bootstrap": args.bootstrap,
-              "seed": args.seed, "seconds": time.perf_counter() - started, "datasets": results}
-    if args.output:
-        with folder_lock(args.output):
-            write_json_atomic(args.output, report)
-        print(f"\nwrote {args.output}")
-    return EXIT_INPUTS_SKIPPED if any(result["skipped"] for result in results.values()) else 0
-
-
-def cli() -> None:
-    run_cli(main)
-
-
-if __name__ == "__main__":
-    cli()
+__all__ = ["BENCHMARKS", "Benchmark", "evaluate_benchmark", "print_result", "published_result", "read_benchmark"]

@@ -1,35 +1,12 @@
-"""Image-report retrieval: rank the reports of a table for each of its images and the images for each report, and
-report Recall@1/5/10 and the median rank in both directions, for the ACE and the plain (`use_hgnn=False`) embeddings.
-
-    ace-lora-retrieval --table mimic/mimic_cxr.csv --split test --image-root mimic-cxr-jpg/2.1.0/ --output retrieval.json
-    python examples/retrieval_eval.py --table pairs.jsonl --model my-ace-lora/
-
-The table is a CSV or JSON Lines file (optionally .gz) with an image path and a report per row; the defaults are the
-columns of dataset_prep/mimic_cxr.py's mimic_cxr.csv (image, report, split). Image paths are relative to --image-root
-(default: the table's folder). An image that cannot be read is reported and its pair left out (exit status 3).
-
-Ground truth and ranks. With --match report-text (the default) a retrieved item is correct when its report text is the
-query's own, after collapsing whitespace: MIMIC-CXR repeats reports such as "No acute cardiopulmonary process." for
-many images, and no model can tell identical texts apart, so crediting only the pair's own copy would make their order
-a coin toss. Where every report is unique this is the standard instance-level ground truth; --match pair counts only
-the pair's own image or report (identical texts then tie, and a tie counts against the query). The rank of a query is
-1 + the number of wrong candidates scoring at least as high as its best-scoring correct one (ties go against the
-query, so a tie never flatters); Recall@K is the share of queries ranked K or better, the median rank is the median of
-the ranks (the mean of the middle two for an even count).
-
-Embeddings. One forward per batch gives both the ACE and the plain embedding (the tower's token features, pooled
-twice); each distinct report text is embedded once. They are kept in --cache-dir (default HF_HOME/ace-lora-hf/retrieval)
-as safetensors beside a JSON of what they were computed from: the model's fingerprint (weights, config, image
-preprocessing, tokenizer), the device, every image path with its size and modification time, and the report texts. A
-later run with the same inputs reuses them; any change computes them again.
+"""Image-report retrieval: the ranks of each image's reports and each report's images, Recall@K and the median rank,
+for the ACE and the plain (`use_hgnn=False`) embeddings, and the cache that keeps the embeddings between runs.
+`ace-lora-retrieval --help` (`ace_lora_hf.cli.retrieval`) says how ranks, ties and duplicate reports are counted.
 """
 
-import argparse
 import hashlib
 import json
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,19 +19,10 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..models.ace_lora.batch_inference import embed_images
-from ..cli.classify import add_model_arguments, model_dtype
-from ..cli.common import EXIT_INPUTS_SKIPPED, run_cli
-from ..errors import DataFormatError, ImageLoadError
-from ..inference.malloc_tuning import keep_freed_memory_for_reuse
-from ..sources.folders import load_model_and_processor
+from ..errors import DataFormatError
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel, AceLoraTokenFeatures
 from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
-from ..outputs.safe_outputs import (
-    atomic_file,
-    check_output_file,
-    ensure_folder,
-    write_text_atomic,
-)
+from ..outputs.safe_outputs import atomic_file, ensure_folder, write_text_atomic
 from ..data.tables import read_table_rows
 
 logger = logging.get_logger(__name__)
@@ -316,105 +284,5 @@ def evaluate(embeddings: TableEmbeddings, report_ids: torch.Tensor, match: str) 
             for which, name in enumerate(POOLINGS)}
 
 
-# ------------------------------------------------------------------------------------------------ command line
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", type=Path, required=True,
-                        help="CSV or JSON Lines table (optionally .gz) with an image path and a report per row.")
-    parser.add_argument("--image-root", type=Path, help="Folder the image paths are relative to (default: the table's).")
-    parser.add_argument("--image-column", default=TableColumns.image, help="Default: %(default)s.")
-    parser.add_argument("--report-column", default=TableColumns.report, help="Default: %(default)s.")
-    parser.add_argument("--split-column", default=TableColumns.split, help="Default: %(default)s.")
-    parser.add_argument("--split", help="Evaluate only the rows whose split column holds this (e.g. test).")
-    parser.add_argument("--match", choices=MATCHES, default=MATCHES[0],
-                        help="report-text: any report identical to the pair's own is correct (default); pair: only "
-                             "the pair's own.")
-    add_model_arguments(parser)
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                        help="Where embeddings are kept for later runs (default: %(default)s).")
-    parser.add_argument("--output", type=Path, help="Write the metrics (and the skipped images) to this JSON file.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace --output (never an input).")
-    return parser.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def run(args: argparse.Namespace, pairs: RetrievalPairs) -> dict:
-    """Embed (or reuse) and evaluate; returns the summary that is printed and written."""
-    started = time.perf_counter()
-    device = resolve_device(args.device)
-    model, processor = load_model_and_processor(args.model, device=device, dtype=model_dtype(args.dtype, device),
-                                                revision=args.revision, biomedclip=args.biomedclip,
-                                                adapters=args.adapters)
-    reports, report_ids = distinct_texts(pairs.reports)
-    embeddings, cache_file, reused = table_embeddings(model, processor, pairs.images, reports, args.cache_dir,
-                                                      args.batch_size, args.num_workers, device, show_progress=True)
-    if not len(embeddings.image_index):
-        raise ImageLoadError(str(args.table), f"none of its {len(pairs.images)} images could be read (the first: "
-                                              f"{embeddings.failures[0][1]}); check --image-root")
-    return {
-        "table": str(args.table), "split": args.split,
-        "model": args.model or f"released ({args.biomedclip} + {args.adapters})",
-        "match": args.match, "pairs": len(embeddings.image_index),
-        "distinct_reports": len(report_ids[embeddings.image_index].unique()),
-        "metrics": evaluate(embeddings, report_ids, args.match),
-        "skipped": [{"line": pairs.lines[index], "image": pairs.images[index], "error": reason}
-                    for index, reason in embeddings.failures],
-        "embeddings": {"file": str(cache_file), "reused": reused},
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def print_summary(summary: dict) -> None:
-    match = "any identical report text" if summary["match"] == "report-text" else "the pair's own"
-    print(f"\n{summary['pairs']} image-report pairs, {summary['distinct_reports']} distinct reports; correct: {match}")
-    cells = [f"R@{k}" for k in RECALL_AT] + ["median"]
-    width = 8 * len(cells)
-    print(f"{'':10}{'image -> report':^{width}}  {'report -> image':^{width}}")
-    print(f"{'':10}" + "".join(f"{cell:>8}" for cell in cells) + "  " + "".join(f"{cell:>8}" for cell in cells))
-    for name, directions in summary["metrics"].items():
-        row = []
-        for metrics in directions.values():
-            row += [f"{100 * metrics[f'recall@{k}']:7.1f}%" for k in RECALL_AT] + [f"{metrics['median_rank']:8g}"]
-        print(f"{name:10}" + "".join(row[: len(cells)]) + "  " + "".join(row[len(cells) :]))
-    if summary["skipped"]:
-        print(f"skipped {len(summary['skipped'])} image(s), their pairs left out:")
-        for entry in summary["skipped"]:
-            print(f"  line {entry['line']}: {entry['image']}: {entry['error']}")
-    verb = "reused from" if summary["embeddings"]["reused"] else "computed and kept in"
-    print(f"embeddings {verb} {summary['embeddings']['file']}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    keep_freed_memory_for_reuse()
-    pairs = read_pairs(args.table, args.image_root, TableColumns(args.image_column, args.report_column,
-                                                                 args.split_column), args.split)
-    if args.output:
-        check_output_file(args.output, [args.table], overwrite=args.overwrite)
-    ensure_folder(args.cache_dir, "--cache-dir")
-    summary = run(args, pairs)
-    print_summary(summary)
-    if args.output:
-        write_text_atomic(args.output, json.dumps(summary, indent=2))
-        print(f"wrote {args.output}")
-    return EXIT_INPUTS_SKIPPED if summary["skipped"] else 0
-
-
-def cli() -> None:
-    """The `ace-lora-retrieval` console script."""
-    run_cli(main)
-
-
-__all__ = ["RetrievalPairs", "TableColumns", "TableEmbeddings", "cli", "evaluate", "main", "rank_metrics",
-           "read_pairs", "retrieval_ranks", "table_embeddings"]
-
-
-if __name__ == "__main__":
-    cli()
+__all__ = ["MATCHES", "RECALL_AT", "RetrievalPairs", "TableColumns", "TableEmbeddings", "default_cache_dir",
+           "distinct_texts", "evaluate", "rank_metrics", "read_pairs", "retrieval_ranks", "table_embeddings"]

@@ -1,8 +1,5 @@
-"""Export the ACE image and text embeddings of an ACE-LoRA model folder to ONNX.
-
-    ace-lora-export-onnx --model MODEL_DIR --output OUT_DIR [--opset N] [--overwrite]
-
-Writes into OUT_DIR:
+"""Export the ACE image and text embeddings of an ACE-LoRA model to ONNX (the command is `ace-lora-export-onnx`,
+`ace_lora_hf.cli.export_onnx`). `export_model` writes into a folder:
 - `vision.onnx`: `pixel_values` float32 `[batch, 3, H, W]` (as `AceLoraImageProcessor` makes them) ->
   `image_embeds` float32 `[batch, projection_dim]`.
 - `text.onnx`: `input_ids` and `attention_mask` int64 `[batch, context_length]` (padded to the model's text context,
@@ -15,11 +12,10 @@ merged into the base weights before the export. Needs `pip install 'ace-lora-hf[
 onnxruntime).
 """
 
-import argparse
 import importlib
 import json
 import logging as std_logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,11 +24,9 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..cli.common import run_cli
 from ..errors import InvalidArgumentError, MissingDependencyError
-from ..sources.folders import load_pretrained, model_folder
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel
-from ..outputs.safe_outputs import atomic_folder, check_output_folder, folder_lock, write_text_atomic
+from ..outputs.safe_outputs import write_text_atomic
 
 
 logger = logging.get_logger(__name__)
@@ -137,14 +131,6 @@ class TextEmbedding(EmbeddingPath):
 # -------------------------------------------------------------------------------------------------- the steps
 
 
-def load_model_for_export(source: str | Path) -> AceLoraModel:
-    """The model of `source` (a folder or Hub repository in ACE-LoRA's format) in float32, in eval mode, with LoRA
-    merged into its base weights."""
-    model = load_pretrained(AceLoraModel, model_folder(source, "--model"), "--model", dtype=torch.float32).eval()
-    model.merge_lora()
-    return model
-
-
 def check_opset(opset: int | None) -> None:
     """Refuse an opset the exporter cannot write (it would fall back to its own) or onnx does not know."""
     import onnx
@@ -232,42 +218,5 @@ def export_model(model: AceLoraModel, folder: Path, opset: int | None = None) ->
     return description
 
 
-# ------------------------------------------------------------------------------------------------ command line
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ace-lora-export-onnx", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="ACE-LoRA model folder (save_pretrained layout) or Hub id.")
-    parser.add_argument("--output", type=Path, required=True, help="Folder to write the ONNX files into.")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's own).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = _parse_args(argv)
-    require_onnx_packages()
-    check_opset(args.opset)
-    with folder_lock(args.output.resolve()):
-        check_output_folder(args.output, [Path(args.model)], args.overwrite)
-        model = load_model_for_export(args.model)
-        with atomic_folder(args.output) as staging:
-            description = export_model(model, staging, args.opset)
-    for key in ("vision", "text"):
-        entry = description[key]
-        print(f"wrote {args.output / entry['file']} (opset {entry['opset']}; onnxruntime vs PyTorch: "
-              f"max |diff| {entry['max_abs_difference']:.1e})")
-    print(f"wrote {args.output / DESCRIPTION_FILE}")
-
-
-def cli() -> None:
-    run_cli(main)
-
-
-if __name__ == "__main__":
-    cli()
-
-
 __all__ = ["EmbeddingPath", "ImageEmbedding", "TextEmbedding", "export_embedding", "export_model",
-           "load_model_for_export", "max_abs_difference", "require_onnx_packages", "run_onnx"]
+           "max_abs_difference", "require_onnx_packages", "run_onnx"]

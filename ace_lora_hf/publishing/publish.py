@@ -1,19 +1,6 @@
-"""Stage an ACE-LoRA model as a complete Hub repository (weights, code, processor, model card) and optionally upload it.
+"""Stage an ACE-LoRA model as a complete Hub repository (weights, code, processor, model card) and upload it: the
+library of `ace-lora-publish` (`ace_lora_hf.cli.publish`, whose help says what each option does)."""
 
-    ace-lora-publish --model runs/ace/final --repo-id me/ace-lora-mimic --staging hub_repo/ \\
-        --results runs/ace/rsna_zero_shot.json [--push]
-    ace-lora-publish --model released --repo-id aydnarda/ACE-LoRA --staging hub_repo/
-
---model is a model folder or Hub id (a run's final/), a run's checkpoint folder (best/: its base with its trained
-weights), or `released`: the authors' weights, built from BiomedCLIP, the only model whose card shows the paper's
-results. --results adds evaluations of the model published (a fine-tune's test_results.json, the --output of
-ace-lora-evaluate) to its card. A zero-shot model's card links the demo (--space, a Space running this package's
-app.py) and shows the model's explanation of --example-image (an X-ray from examples/images by default), which needs
-the [plot] extra. Without --push the staging folder is only written, to be inspected; with it, it is uploaded (needs
-`hf auth login`).
-"""
-
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,15 +11,15 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from ..cli.app import DEFAULT_PRESET, EXAMPLES_FOLDER, PRESETS
-from ..cli.common import run_cli
 from ..errors import DataFormatError, InvalidArgumentError, ModelSourceError
+from ..inference.demo import DEFAULT_PRESET, EXAMPLES_FOLDER, PRESETS
 from ..inference.explain import explain, plot_explanation, require_plotting
 from .model_card import BIOMEDCLIP, evaluation_results, render_model_card
 from ..sources.folders import model_folder
 from ..sources.released_adapters import RELEASED
 from ..outputs.safe_outputs import atomic_folder, check_output_folder, folder_lock
-from ..sources.checkpoints import MODEL_CLASSES, is_checkpoint, load_trained_model, read_checkpoint_record
+from ..sources.checkpoints import MODEL_CLASSES
+from ..sources.load import load, resolve_source
 from ..models.ace_lora.zero_shot import ZeroShotClassifier
 
 
@@ -78,14 +65,17 @@ def read_results(path: Path) -> dict:
     return results
 
 
-def load_publishable(source: str | Path | None):
-    """`(model, processor)` of `source` as the class it was saved as (the zero-shot model or a head)."""
-    if source is not None and is_checkpoint(source):
-        record = read_checkpoint_record(Path(source))
-        return load_trained_model(source, MODEL_CLASSES[record["model_class"]])
-    folder = model_folder(source)
-    architectures = AutoConfig.from_pretrained(folder).architectures or ["AceLoraModel"]
-    return load_trained_model(folder, MODEL_CLASSES.get(architectures[0], MODEL_CLASSES["AceLoraModel"]))
+def load_publishable(source: str | Path | None, revision: str | None = None, **released: str):
+    """`(model, processor)` of `source` (anything `ace_lora_hf.load` takes; `released` are the released model's
+    sources) as the class it was saved as (the zero-shot model or a head), LoRA kept apart from the base weights."""
+    resolved = resolve_source(source)
+    model_class = None  # a checkpoint names its own
+    if resolved.kind != "checkpoint":
+        folder = model_folder(resolved.location, revision=revision, **released)
+        architectures = AutoConfig.from_pretrained(folder).architectures or ["AceLoraModel"]
+        model_class = MODEL_CLASSES.get(architectures[0], MODEL_CLASSES["AceLoraModel"])
+    model, processor, _ = load(source, model_class=model_class, revision=revision, for_inference=False, **released)
+    return model, processor
 
 
 def check_repo_ids(repo_id: str, space: str | None) -> None:
@@ -136,10 +126,11 @@ def draw_card_explanation(model, processor, image: Path, target: Path) -> None:
 
 def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path, results: Sequence[str | Path] = (),
                      base_model: str = BIOMEDCLIP, overwrite: bool = False, space: str | None = None,
-                     example_image: str | Path | None = None) -> Path:
+                     example_image: str | Path | None = None, **released_sources: str) -> Path:
     """Write everything the Hub repository of `model` holds into `staging` (empty, or replaced with `overwrite`):
     weights, code, processor, the model card and, for a zero-shot model, its command line and the card's explanation
-    picture of `example_image` (see `card_picture_source`)."""
+    picture of `example_image` (see `card_picture_source`). `released_sources`: the released model's sources
+    (`biomedclip`, `adapters`, `tokenizer`) and the `revision` of a Hub --model."""
     check_repo_ids(repo_id, space)
     released = model is None or str(model) == RELEASED
     evaluations = [result for path in results for result in evaluation_results(read_results(path), Path(path))]
@@ -147,7 +138,7 @@ def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path
     staging = check_output_folder(staging, inputs=inputs, overwrite=overwrite, option="--staging")
     check_example_image(example_image)
     with folder_lock(staging, "--staging"):
-        loaded, processor = load_publishable(model)
+        loaded, processor = load_publishable(model, **released_sources)
         zero_shot = type(loaded).__name__ == "AceLoraModel"
         picture = card_picture_source(example_image) if zero_shot else None
         card = render_model_card(repo_id, type(loaded).__name__, evaluations, released, base_model, space,
@@ -174,40 +165,4 @@ def upload(staging: Path, repo_id: str, private: bool) -> str:
                                "hf auth login (a token that may write), or check the repository name.") from None
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ace-lora-publish", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=RELEASED,
-                        help="Model folder, Hub id, a run's checkpoint folder, or 'released' (default).")
-    parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. me/ace-lora-mimic.")
-    parser.add_argument("--staging", type=Path, required=True, help="Folder to assemble the repository in.")
-    parser.add_argument("--results", type=Path, nargs="+", default=[],
-                        help="Evaluation JSONs of this model for its card (test_results.json, ace-lora-evaluate --output).")
-    parser.add_argument("--base-model", default=BIOMEDCLIP, help="Base model named in the card's metadata.")
-    parser.add_argument("--space", help="Hub Space running the demo (app.py) to link from the card, e.g. me/ace-lora-demo.")
-    parser.add_argument("--example-image", type=Path,
-                        help="Image whose explanation the card shows (default: an NIH X-ray in examples/images).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --staging folder.")
-    parser.add_argument("--push", action="store_true", help="Upload the staged folder to the Hub.")
-    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    staging = stage_repository(args.model, args.repo_id, args.staging, args.results, args.base_model, args.overwrite,
-                               args.space, args.example_image)
-    print(f"staged {args.repo_id} in {staging}: {', '.join(sorted(path.name for path in staging.iterdir()))}")
-    if args.push:
-        print(f"uploaded: {upload(staging, args.repo_id, args.private)}")
-
-
-def cli() -> None:
-    run_cli(main)
-
-
-__all__ = ["cli", "load_publishable", "main", "stage_repository", "upload"]
-
-
-if __name__ == "__main__":
-    cli()
+__all__ = ["load_publishable", "stage_repository", "upload"]

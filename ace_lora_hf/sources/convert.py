@@ -1,18 +1,13 @@
 """Convert BiomedCLIP (open_clip format: a folder or a Hub repository) and the authors' ACE-LoRA adapters into an
-`AceLoraModel` folder (safetensors, config, processor and the model code).
+`AceLoraModel` folder (safetensors, config, processor and the model code); the command is `ace-lora-convert`
+(`ace_lora_hf.cli.convert`).
 
-    ace-lora-convert --biomedclip microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 \\
-        --ace-checkpoint released --output ace-lora/
-    python -m ace_lora_hf.sources.convert --biomedclip DIR [--tokenizer DIR|ID] [--ace-checkpoint ACE_LoRA.pt] --output DIR
-
-`--ace-checkpoint released` applies the authors' adapters shipped with this package; a path reads an `ACE_LoRA.pt`
-(only tensors are read: `weights_only=True`). Without it the result is BiomedCLIP with fresh adapters: the starting
-point for training. The tokenizer comes from `--tokenizer` if given, else from the BiomedCLIP folder when it has one,
-else from the repository its `open_clip_config.json` names (`text_cfg.hf_tokenizer_name`).
+The adapters are "released" (shipped with this package) or an `ACE_LoRA.pt` (only tensors are read:
+`weights_only=True`); without them the result is BiomedCLIP with fresh adapters, the starting point for training. The
+tokenizer comes from the one given, else from the BiomedCLIP folder when it has one, else from the repository its
+`open_clip_config.json` names (`text_cfg.hf_tokenizer_name`).
 """
 
-import argparse
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +15,12 @@ from transformers.utils import logging
 
 from .biomedclip import (BIOMEDCLIP_FILES, biomedclip_config, biomedclip_image_processor, biomedclip_state_dict,
                          load_tokenizer, tokenizer_folder)
-from ..cli.common import run_cli
 from ..errors import ModelSourceError
 from .hub import local_folder
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel
 from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
 from .released_adapters import AdapterCheckpoint, adapter_state_dict, read_adapter_checkpoint
-from ..outputs.safe_outputs import atomic_folder, check_output_folder, folder_lock
+from ..outputs.safe_outputs import atomic_folder
 
 
 logger = logging.get_logger(__name__)
@@ -85,38 +79,4 @@ def save_model_folder(model: AceLoraModel, processor: AceLoraProcessor, target: 
         processor.save_pretrained(staging)
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ace-lora-convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--biomedclip", required=True, help="BiomedCLIP folder (open_clip format) or Hub repository.")
-    parser.add_argument("--revision", help="Branch, tag or commit of a --biomedclip Hub repository.")
-    parser.add_argument("--ace-checkpoint", help="'released' (shipped with the package) or an ACE_LoRA.pt (optional).")
-    parser.add_argument("--tokenizer", help="Tokenizer folder or Hub repository (default: see above).")
-    parser.add_argument("--output", type=Path, required=True, help="Folder to write (save_pretrained layout).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output (never an input).")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = _parse_args(argv)
-    local_inputs = [Path(source) for source in (args.biomedclip, args.tokenizer, args.ace_checkpoint)
-                    if source is not None and Path(source).exists()]
-    output = check_output_folder(args.output, inputs=local_inputs, overwrite=args.overwrite)
-    with folder_lock(output):
-        sources = resolve_sources(args.biomedclip, args.ace_checkpoint, args.tokenizer, args.revision)
-        model, processor = convert_sources(sources)
-        save_model_folder(model, processor, output)
-    adapters = "fresh adapters" if sources.adapters is None else f"adapters from {sources.adapters.path.name}"
-    print(f"Wrote ACE-LoRA ({adapters}, tokenizer from {sources.tokenizer}) to {output}")
-
-
-def cli() -> None:
-    run_cli(main)
-
-
-__all__ = ["ConversionSources", "cli", "convert_sources", "main", "resolve_sources",
-           "save_model_folder"]
-
-
-if __name__ == "__main__":
-    cli()
+__all__ = ["ConversionSources", "convert_sources", "resolve_sources", "save_model_folder"]

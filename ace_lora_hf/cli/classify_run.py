@@ -1,0 +1,197 @@
+"""What `ace-lora-classify` runs once its options are parsed: the table, the result files and the summary."""
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .common import EXIT_INPUTS_SKIPPED
+from .options import check_model_source, check_paths_exist, load_model, make_accelerator, model_dtype, model_summary
+from ..errors import ImageLoadError
+from ..evaluation.metrics import classification_metrics
+from ..inference.explain import explain, plot_explanation, require_plotting
+from ..inference.image_inputs import ImageInputs, collect_images, read_image_list, read_labelled_table
+from ..inference.malloc_tuning import keep_freed_memory_for_reuse
+from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_labels, checked_templates
+from ..outputs.result_files import ResultsFile
+from ..outputs.safe_outputs import check_output_file, ensure_folder, folder_lock
+
+
+def read_inputs(args: argparse.Namespace) -> ImageInputs:
+    """The images (and targets) to classify; a path typed on the command line that is not there is an error."""
+    check_paths_exist([args.csv, args.image_list, args.image_root], "--csv/--image-list/--image-root")
+    if args.csv:
+        return read_labelled_table(args.csv, args.image_root)
+    if args.image_list:
+        return ImageInputs(read_image_list(args.image_list, args.image_root), sources=[args.image_list])
+    check_paths_exist(args.images, "--images", "image file or folder")
+    return ImageInputs(collect_images(args.images, args.pattern))
+
+
+class TablePrinter:
+    """The probability table on stdout, a row as each image is classified.
+
+    Names longer than `LONG_NAME` are shown relative to the folder all images share, which the header names once: a
+    shown name still identifies its file, wherever the images lie.
+    """
+
+    LONG_NAME = 60
+
+    def __init__(self, images: Sequence[str], labels: Sequence[str], enabled: bool):
+        self.labels, self.enabled = labels, enabled
+        self.folder = shared_folder(images) if any(len(image) > self.LONG_NAME for image in images) else ""
+        heading = f"image (in {self.folder}{os.sep})" if self.folder else "image"
+        self.name_width = max(len(heading), *(len(self._name(image)) for image in images))
+        self.widths = [max(len(label), 6) for label in labels]
+        self._print([heading.ljust(self.name_width), *(f"{l:>{w}}" for l, w in zip(labels, self.widths)),
+                     "prediction"])
+
+    def _name(self, image: str) -> str:
+        return os.path.relpath(image, self.folder) if self.folder else image
+
+    def _print(self, cells: list[str]) -> None:
+        if self.enabled:
+            tqdm.write("  ".join(cells), file=sys.stdout)  # above the progress bar, which stays at the bottom
+
+    def row(self, record: dict) -> None:
+        name = self._name(record["image"])
+        if "error" in record:
+            self._print([name.ljust(self.name_width), f"skipped: {record['error']}"])
+            return
+        cells = [f"{record['probabilities'][label]:>{width}.4f}" for label, width in zip(self.labels, self.widths)]
+        self._print([name.ljust(self.name_width), *cells, record["prediction"]])
+
+
+def shared_folder(images: Sequence[str]) -> str:
+    """The deepest folder that holds every image ("" when they share none, e.g. relative and absolute paths)."""
+    try:
+        return os.path.commonpath([os.path.dirname(image) for image in images])
+    except ValueError:
+        return ""
+
+
+def batch_records(batch, images: list[str], labels: Sequence[str], targets: list[int] | None) -> list[dict]:
+    """One record per classified or skipped image of the batch, in input order."""
+    records = [(index, {"image": images[index], "error": reason}) for index, reason in batch.failures]
+    for index, probabilities in zip(batch.indices, batch.probabilities.tolist()):
+        record = {"image": images[index], "probabilities": dict(zip(labels, probabilities)),
+                  "prediction": labels[max(range(len(labels)), key=probabilities.__getitem__)]}
+        if targets is not None:
+            record["target"] = targets[index]
+        records.append((index, record))
+    return [record for _, record in sorted(records, key=lambda pair: pair[0])]
+
+
+def _check_outputs(args: argparse.Namespace, inputs: ImageInputs) -> None:
+    """Every output path is checked before the model loads: not an input, not a folder, no silent replacement."""
+    every_input = [*inputs.images, *(inputs.sources or [])]
+    if args.output:
+        check_output_file(args.output, every_input, overwrite=args.overwrite or args.resume)
+    if args.explain:
+        require_plotting()
+        ensure_folder(args.explain, "--explain")
+        for target in explanation_targets(args.explain, inputs.images).values():
+            check_output_file(target, every_input, overwrite=args.overwrite, option="--explain")
+
+
+def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: ResultsFile | None, accelerator) -> dict:
+    """Classify the images not already in `results`; returns the run's summary."""
+    labels = list(checked_labels(args.labels))
+    templates = checked_templates(args.templates)
+    done = results.done if results is not None else set()
+    todo = [index for index, image in enumerate(inputs.images) if image not in done]
+    images = [inputs.images[index] for index in todo]
+    targets = None if inputs.targets is None else [inputs.targets[index] for index in todo]
+    device = accelerator.device
+    model, processor, _ = load_model(args, device, model_dtype(args.dtype, device))
+    classifier = ZeroShotClassifier(model, processor, templates, args.batch_size, args.num_workers,
+                                    show_progress=accelerator.is_main_process, accelerator=accelerator)
+    printer = TablePrinter(inputs.images, labels, enabled=accelerator.is_main_process and not args.quiet)
+    started, records = time.perf_counter(), list(results.records if results is not None else [])
+    for batch in classifier.classify(images, labels):
+        new = batch_records(batch, images, labels, targets)
+        if args.strict and batch.failures:
+            raise ImageLoadError(images[batch.failures[0][0]], batch.failures[0][1])
+        for record in new:
+            printer.row(record)
+        if results is not None and accelerator.is_main_process:
+            results.write(new)
+        records += new
+    if args.explain and accelerator.is_main_process:
+        write_explanations(classifier, [r["image"] for r in records if "error" not in r], labels,
+                           explanation_targets(args.explain, inputs.images))
+    return summarise(args, labels, templates, records, time.perf_counter() - started, len(images))
+
+
+def summarise(args, labels: list[str], templates, records: list[dict], seconds: float, attempted: int) -> dict:
+    classified = [record for record in records if "error" not in record]
+    summary = {"model": model_summary(args), "labels": labels,
+               "templates": list(templates), "classified": len(classified),
+               "skipped": [{"image": r["image"], "error": r["error"]} for r in records if "error" in r]}
+    if classified and "target" in classified[0]:
+        summary["metrics"] = classification_metrics([[r["probabilities"][label] for label in labels]
+                                                     for r in classified], [r["target"] for r in classified])
+    summary["seconds"], summary["images_per_second"] = seconds, attempted / seconds if seconds else 0.0
+    return summary
+
+
+def explanation_targets(folder: Path, images: Sequence[str]) -> dict[str, Path]:
+    """`<stem>_explain.png` per image in `folder`, numbered where two images share a stem."""
+    targets, used = {}, set()
+    for image in images:
+        stem, number = Path(image).stem, 1
+        while (name := f"{stem}{f'_{number}' if number > 1 else ''}_explain.png") in used:
+            number += 1
+        used.add(name)
+        targets[image] = folder / name
+    return targets
+
+
+def write_explanations(classifier: ZeroShotClassifier, images: list[str], labels: list[str],
+                       targets: dict[str, Path]) -> None:
+    for image in images:
+        plot_explanation(explain(classifier, image, labels), title=Path(image).name).savefig(targets[image])
+        print(f"wrote {targets[image]}")
+
+
+def report(summary: dict, results: ResultsFile | None) -> None:
+    skipped = summary["skipped"]
+    print(f"classified {summary['classified']} image(s), {summary['images_per_second']:.2f} images/s"
+          + (f"; skipped {len(skipped)}:" if skipped else ""))
+    for entry in skipped:
+        print(f"  {entry['image']}: {entry['error']}")
+    if "metrics" in summary:
+        metrics = summary["metrics"]
+        print(f"accuracy {metrics['accuracy']:.4f}  AUC ({summary['labels'][1]}) {metrics['auc']:.4f}")
+    if results is not None:
+        print(f"wrote {results.path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Classify what `args` name; the exit status."""
+    keep_freed_memory_for_reuse()
+    labels = checked_labels(args.labels)
+    args.templates = list(args.templates or CHEST_XRAY_TEMPLATES)
+    checked_templates(args.templates)
+    inputs = read_inputs(args)
+    check_model_source(args)
+    accelerator = make_accelerator(args.device)
+    main_process = accelerator.is_main_process
+    if main_process:
+        _check_outputs(args, inputs)
+    lock = folder_lock(args.output) if args.output and main_process else nullcontext()
+    with lock:
+        results = None
+        if args.output and main_process:
+            results = ResultsFile(args.output, labels, inputs.targets is not None, args.resume, args.overwrite)
+        summary = classify_all(args, inputs, results, accelerator)
+        if main_process:
+            if results is not None:
+                results.finish(summary)
+            report(summary, results)
+    return EXIT_INPUTS_SKIPPED if summary["skipped"] else 0

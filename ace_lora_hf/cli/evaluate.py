@@ -1,0 +1,125 @@
+"""Zero-shot evaluation of ACE-LoRA on the paper's benchmarks (tables written by `ace-lora-prepare`).
+
+    ace-lora-evaluate --dataset rsna --data-root rsna-pneumonia/ --output results.json
+    ace-lora-evaluate --dataset lc25000_lung --dataset lc25000_colon --data-root lung_colon_image_set/
+    python examples/zero_shot_eval.py --dataset mhist --data-root MHIST/ --model runs/ace/
+
+Datasets carry the names `ace-lora-prepare` gives them (chexpert5x200 and nih14, the names of 0.1, are accepted too).
+--data-root is the dataset's image root (the --input given to ace-lora-prepare); --table defaults to the prepared
+table's name inside it. Give --dataset several times to evaluate several benchmarks with one model load, with one
+--data-root (and --table) per dataset or one for all. Metrics as the authors define them: top-1 accuracy and ROC AUC
+for single-label sets (the positive class's AUC for binary ones, macro one-vs-rest otherwise), macro multi-label AUC
+for ChestX-ray14; each with a seeded 95% bootstrap confidence interval over images (--bootstrap N resamples), and on
+the paper's 0-100 scale beside its published number. Unreadable images are reported and left out (exit status 3).
+"""
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from .common import EXIT_INPUTS_SKIPPED, run_cli
+from .options import (add_batch_options, add_device_options, add_model_options, add_option, add_output_options,
+                      check_paths_exist, command_parser, model_summary)
+from ..errors import InvalidArgumentError
+
+
+# The names of ace_lora_hf.evaluation.benchmarks.BENCHMARKS (kept here so that --help needs no torch).
+DATASETS = ("chestxray14", "chexpert_5x200", "lc25000_colon", "lc25000_lung", "mhist", "rsna", "siim")
+DATASET_ALIASES = {"chexpert5x200": "chexpert_5x200", "nih14": "chestxray14"}  # the names of 0.1
+
+
+def dataset_name(text: str) -> str:
+    name = DATASET_ALIASES.get(text, text)
+    if name not in DATASETS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a benchmark; choose from {', '.join(DATASETS)}")
+    return name
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = command_parser("ace-lora-evaluate", __doc__)
+    add_option(parser, "--dataset", action="append", required=True, type=dataset_name,
+               metavar="{" + ",".join(DATASETS) + "}", help="A benchmark (repeatable).")
+    add_option(parser, "--data-root", action="append", type=Path, required=True,
+               help="The dataset's image root: one per --dataset, or one for all.")
+    add_option(parser, "--table", action="append", type=Path, help="Prepared table(s) (default: DATA_ROOT/<name>).")
+    add_option(parser, "--bootstrap", type=int, default=1000, help="Bootstrap resamples (default: %(default)s).")
+    add_option(parser, "--seed", type=int, default=0, help="Seed of the bootstrap (default: %(default)s).")
+    add_model_options(parser)
+    add_device_options(parser)
+    add_batch_options(parser)
+    add_output_options(parser, "Write metrics and per-image probabilities as JSON.")
+    args = parser.parse_args(argv)
+    for option in ("data_root", "table"):
+        values = getattr(args, option)
+        if values is not None and len(values) not in (1, len(args.dataset)):
+            parser.error(f"--{option.replace('_', '-')}: give one for all datasets or one per --dataset "
+                         f"({len(args.dataset)}).")
+    if args.bootstrap < 1:
+        parser.error("--bootstrap: at least 1 resample.")
+    return args
+
+
+def _per_dataset(values: list | None, count: int) -> list:
+    return [None] * count if values is None else values * count if len(values) == 1 else values
+
+
+def read_plans(args: argparse.Namespace) -> list[tuple[str, list[str], list, Path]]:
+    """Every benchmark's images and references (and table), read and checked before the model loads."""
+    from ..evaluation.benchmarks import BENCHMARKS, read_benchmark
+
+    count = len(args.dataset)
+    if len(set(args.dataset)) != count:
+        raise InvalidArgumentError(f"--dataset: {args.dataset} names a dataset twice.")
+    check_paths_exist(args.data_root, "--data-root", "folder")
+    check_paths_exist(args.table or [], "--table", "file")
+    plans = []
+    for name, root, table in zip(args.dataset, _per_dataset(args.data_root, count), _per_dataset(args.table, count)):
+        table = table or root / BENCHMARKS[name].table
+        plans.append((name, *read_benchmark(BENCHMARKS[name], table, root), table))
+    return plans
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import time
+
+    from .options import check_model_source, load_model, make_accelerator, model_dtype
+    from ..evaluation.benchmarks import BENCHMARKS, evaluate_benchmark, print_result
+    from ..inference.malloc_tuning import keep_freed_memory_for_reuse
+    from ..models.ace_lora.zero_shot import ZeroShotClassifier
+    from ..outputs.safe_outputs import check_output_file, folder_lock, write_json_atomic
+
+    keep_freed_memory_for_reuse()
+    if args.output and args.output.suffix.lower() != ".json":
+        raise InvalidArgumentError(f"--output {args.output}: the report is JSON; name a .json file.")
+    plans = read_plans(args)
+    if args.output:
+        check_output_file(args.output, [table for *_, table in plans], overwrite=args.overwrite)
+    check_model_source(args)
+    accelerator = make_accelerator(args.device)
+    model, processor, _ = load_model(args, accelerator.device, model_dtype(args.dtype, accelerator.device))
+    started, results = time.perf_counter(), {}
+    for name, images, references, _ in plans:
+        classifier = ZeroShotClassifier(model, processor, BENCHMARKS[name].templates, args.batch_size,
+                                        args.num_workers, show_progress=True, accelerator=accelerator)
+        results[name] = evaluate_benchmark(name, classifier, images, references, args.bootstrap, args.seed)
+        print_result(name, results[name])
+    report = {"model": model_summary(args), "bootstrap": args.bootstrap, "seed": args.seed,
+              "seconds": time.perf_counter() - started, "datasets": results}
+    if args.output:
+        with folder_lock(args.output):
+            write_json_atomic(args.output, report)
+        print(f"\nwrote {args.output}")
+    return EXIT_INPUTS_SKIPPED if any(result["skipped"] for result in results.values()) else 0
+
+
+def cli() -> None:
+    """The `ace-lora-evaluate` console script."""
+    run_cli(main)
+
+
+__all__ = ["DATASETS", "DATASET_ALIASES", "cli", "main", "parse_args"]
+
+
+if __name__ == "__main__":
+    cli()
