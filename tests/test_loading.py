@@ -9,11 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+import ace_lora_hf
+from ace_lora_hf import AceLoraConfig
+from ace_lora_hf.errors import CheckpointError
+from ace_lora_hf.models.ace_lora.configuration_ace_lora import FORMAT_VERSION
+from ace_lora_hf.models.ace_lora.errors import FormatVersionError
+from ace_lora_hf.sources.folders import load_pretrained
 
 from conftest import populate_hub_cache
 
 
 HUB_REPO_ID = "aydnarda/ACE-LoRA"
+FIXTURE_0_1 = Path(__file__).parent / "fixtures" / "ace_lora_0_1" / "model"
 
 # Runs in a fresh interpreter that never imports ace_lora_hf; prints the class module and an embedding.
 REMOTE_CODE_SCRIPT = """
@@ -105,3 +115,39 @@ def test_converted_full_model_loads_as_remote_code(converted_dir, ace_model, ref
     assert result["trainable"] == 969_217
     embedding = torch.tensor(result["embedding"])
     torch.testing.assert_close(embedding, torch.from_numpy(reference["img_ace_emb"][:1]), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ format versions
+
+
+def test_saved_folders_record_their_format_version(saved_tiny):
+    folder, _, _ = saved_tiny
+    assert json.loads((folder / "config.json").read_text())["ace_lora_format_version"] == FORMAT_VERSION == 1
+
+
+def test_a_folder_without_a_format_version_is_format_1():
+    config = json.loads((FIXTURE_0_1 / "config.json").read_text())
+    assert "ace_lora_format_version" not in config
+    assert AceLoraConfig.from_dict(config).ace_lora_format_version == 1
+
+
+@pytest.mark.parametrize("loader", ["load", "AutoModel"])
+def test_a_newer_format_is_refused_in_one_line_naming_the_file_and_the_fix(saved_tiny, loader):
+    folder, _, _ = saved_tiny
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "ace_lora_format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(FormatVersionError) as refused:
+        ace_lora_hf.load(folder) if loader == "load" else AutoModel.from_pretrained(folder)
+    message = str(refused.value)
+    assert "\n" not in message and "upgrade ace-lora-hf" in message
+    assert f"ace_lora_format_version={FORMAT_VERSION + 1}" in message
+    assert message.startswith(f"--model {folder}/config.json:" if loader == "load" else "config.json:")
+
+
+def test_non_finite_weights_are_refused_when_loading_naming_the_tensor(saved_tiny):
+    folder, _, _ = saved_tiny
+    weights = load_file(folder / "model.safetensors")
+    weights["logit_scale"] = torch.tensor(float("nan"))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"weight logit_scale contains NaN or infinite values"):
+        load_pretrained(AutoModel, folder)

@@ -13,6 +13,7 @@ from transformers.pipelines import ZeroShotImageClassificationPipeline
 
 from ace_lora_hf import AceLoraZeroShotImageClassificationPipeline
 from ace_lora_hf.errors import ImageLoadError, InvalidArgumentError
+from ace_lora_hf.models.ace_lora import batch_inference
 from ace_lora_hf.models.ace_lora.image_loading import load_image
 from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
 
@@ -56,6 +57,9 @@ def as_probabilities(results: list[list[dict]], labels: list[str]) -> torch.Tens
 
 def test_scores_equal_the_classifiers_with_the_papers_two_templates(pipe, model_and_processor, tiny_hub_folder):
     expected = ZeroShotClassifier(*model_and_processor)(IMAGES, LABELS)
+    # The folder records the pipeline for the Hub route; in this process the package serves it without
+    # trust_remote_code.
+    assert TASK in json.loads((tiny_hub_folder / "config.json").read_text())["custom_pipelines"]
     by_path = pipeline(TASK, model=str(tiny_hub_folder))
     assert type(pipe) is type(by_path) is AceLoraZeroShotImageClassificationPipeline
     for results in (pipe(IMAGES, candidate_labels=LABELS), by_path(IMAGES, candidate_labels=LABELS, batch_size=3)):
@@ -72,6 +76,7 @@ def test_stock_output_format(pipe):
 
 
 def test_class_prompts_are_encoded_once_per_labels_and_templates(pipe, monkeypatch):
+    monkeypatch.setattr(batch_inference, "CPU_CHUNK_TOKENS", 10**6)  # one model call per label set
     calls = []
     encode = pipe.model.get_class_embeddings
     monkeypatch.setattr(pipe.model, "get_class_embeddings", lambda *a, **k: calls.append(a[0].shape) or encode(*a, **k))
@@ -140,6 +145,40 @@ def test_other_models_get_the_stock_pipeline(tmp_path):
     assert ours([image, image], **call) == stock([image, image], **call)
 
 
+def remote_pipeline_probabilities(folder, tmp_path) -> torch.Tensor:
+    """`pipeline(TASK, model=folder, trust_remote_code=True)` on a PNG and a DICOM, where the package cannot be
+    imported: the probabilities of LABELS, after checking that the folder's own pipeline code served them."""
+    remote = run_python(REMOTE_PIPELINE_SCRIPT, str(folder), json.dumps(IMAGES[:2]), json.dumps(LABELS),
+                        env=isolated_env(tmp_path))
+    assert remote["module"].startswith("transformers_modules.")
+    assert remote["module"].endswith(".pipeline_ace_lora")
+    return as_probabilities(remote["result"], LABELS)
+
+
+def assert_self_contained_code(folder) -> None:
+    assert {"pipeline_ace_lora.py", "zero_shot.py", "image_loading.py"} <= {path.name for path in folder.glob("*.py")}
+    for code_file in folder.glob("*.py"):
+        packages = set(get_imports(code_file)) - set(sys.stdlib_module_names)
+        assert packages <= REMOTE_CODE_PACKAGES, f"{code_file.name} imports {packages - REMOTE_CODE_PACKAGES}"
+
+
+def test_a_saved_model_folder_serves_the_pipeline_as_remote_code(tiny_hub_folder, model_and_processor, tmp_path):
+    """A folder as ace-lora-convert and ace-lora-publish write it (model and processor `save_pretrained`)."""
+    config = json.loads((tiny_hub_folder / "config.json").read_text())
+    assert config["custom_pipelines"][TASK]["impl"] == "pipeline_ace_lora.AceLoraZeroShotImageClassificationPipeline"
+    assert_self_contained_code(tiny_hub_folder)
+    expected = ZeroShotClassifier(*model_and_processor)(IMAGES[:2], LABELS)
+    torch.testing.assert_close(remote_pipeline_probabilities(tiny_hub_folder, tmp_path), expected, rtol=0, atol=1e-5)
+
+
+def test_saving_leaves_the_models_config_as_it_was(model_and_processor, tmp_path):
+    model, _ = model_and_processor
+    assert not hasattr(model.config, "custom_pipelines")  # loaded in this process: the package serves the task
+    model.save_pretrained(tmp_path / "saved")
+    assert not hasattr(model.config, "custom_pipelines")
+    assert TASK in json.loads((tmp_path / "saved" / "config.json").read_text())["custom_pipelines"]
+
+
 def test_saved_pipeline_serves_as_remote_code(tiny_hub_folder, tmp_path):
     model = AutoModel.from_pretrained(tiny_hub_folder).eval()  # its own config: the pipeline records itself there
     processor = AutoProcessor.from_pretrained(tiny_hub_folder)
@@ -148,13 +187,6 @@ def test_saved_pipeline_serves_as_remote_code(tiny_hub_folder, tmp_path):
     pipe.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["custom_pipelines"][TASK]["impl"] == "pipeline_ace_lora.AceLoraZeroShotImageClassificationPipeline"
-    assert {"pipeline_ace_lora.py", "zero_shot.py", "image_loading.py"} <= {path.name for path in folder.glob("*.py")}
-    for code_file in folder.glob("*.py"):
-        packages = set(get_imports(code_file)) - set(sys.stdlib_module_names)
-        assert packages <= REMOTE_CODE_PACKAGES, f"{code_file.name} imports {packages - REMOTE_CODE_PACKAGES}"
-    images = IMAGES[:2]  # a PNG and a DICOM
-    remote = run_python(REMOTE_PIPELINE_SCRIPT, str(folder), json.dumps(images), json.dumps(LABELS),
-                        env=isolated_env(tmp_path))
-    assert remote["module"].startswith("transformers_modules.")
-    expected = as_probabilities(pipe(images, candidate_labels=LABELS), LABELS)
-    torch.testing.assert_close(as_probabilities(remote["result"], LABELS), expected, rtol=0, atol=1e-6)
+    assert_self_contained_code(folder)
+    expected = as_probabilities(pipe(IMAGES[:2], candidate_labels=LABELS), LABELS)
+    torch.testing.assert_close(remote_pipeline_probabilities(folder, tmp_path), expected, rtol=0, atol=1e-5)
