@@ -24,7 +24,8 @@ from ..outputs.safe_outputs import check_output_file, ensure_folder, folder_lock
 
 def read_inputs(args: argparse.Namespace) -> ImageInputs:
     """The images (and targets) to classify; a path typed on the command line that is not there is an error."""
-    check_paths_exist([args.csv, args.image_list, args.image_root], "--csv/--image-list/--image-root")
+    for option, path in (("--csv", args.csv), ("--image-list", args.image_list), ("--image-root", args.image_root)):
+        check_paths_exist([path], option)
     if args.csv:
         return read_labelled_table(args.csv, args.image_root)
     if args.image_list:
