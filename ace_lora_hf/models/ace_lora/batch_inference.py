@@ -148,7 +148,9 @@ def embed_images(
 
 
 @torch.no_grad()
-def _embed_batch(embed: Callable[[torch.Tensor], torch.Tensor], batch: ImageBatch, device: torch.device) -> EmbeddedBatch:
+def _embed_batch(
+    embed: Callable[[torch.Tensor], torch.Tensor], batch: ImageBatch, device: torch.device
+) -> EmbeddedBatch:
     if batch.pixel_values is None:
         return EmbeddedBatch([], torch.empty(0), batch.failures)
     embeddings = embed(batch.pixel_values.to(device, non_blocking=True)).float().cpu()

@@ -14,7 +14,9 @@ from .errors import ConfigError, FormatVersionError
 
 
 LORA_PROJECTION_CHOICES = ("q", "k", "v")
-HYPERGRAPH_TOWER_CHOICES = {"both": (True, True), "vision": (True, False), "text": (False, True), "none": (False, False)}
+HYPERGRAPH_TOWER_CHOICES = {
+    "both": (True, True), "vision": (True, False), "text": (False, True), "none": (False, False)
+}
 # Top-level keys of configs written by ace-lora-hf 0.1 (and accepted as conveniences): which tower fields they set.
 TOWER_SHORTHANDS = {
     "lora_rank": ("vision_config", "text_config"),
@@ -259,7 +261,8 @@ class AceLoraConfig(PreTrainedConfig):
                 raise ConfigError(f"hypergraph_towers={towers!r}: choose one of {', '.join(HYPERGRAPH_TOWER_CHOICES)}.")
             vision, text = HYPERGRAPH_TOWER_CHOICES[towers]
             defaults["vision_config"]["use_hypergraph"], defaults["text_config"]["use_hypergraph"] = vision, text
-        return tuple(self._with_defaults(getattr(self, name), defaults[name]) for name in ("vision_config", "text_config"))
+        names = ("vision_config", "text_config")
+        return tuple(self._with_defaults(getattr(self, name), defaults[name]) for name in names)
 
     @staticmethod
     def _with_defaults(tower, defaults: dict):

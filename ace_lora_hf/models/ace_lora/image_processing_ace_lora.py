@@ -36,7 +36,7 @@ class AceLoraImageProcessor(PilBackend):
 
     Identical to open_clip's torchvision pipeline, including where an odd margin is split by the center crop.
 
-    Grayscale (mode "L") images, as X-rays come from `ace_lora_hf.models.ace_lora.image_loading.load_image`, are resized and cropped
+    Grayscale (mode "L") images, as X-rays come from `image_loading.load_image`, are resized and cropped
     in their one channel and become RGB afterwards: the pixel values of their RGB conversion for less than half the
     resizing work. With `do_convert_rgb=False` they stay single-channel, as every image keeps its channels.
     """

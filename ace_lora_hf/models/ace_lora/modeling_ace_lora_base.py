@@ -52,7 +52,8 @@ class AceLoraTokenFeatures(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 def cls_attention_scores(cls_query: torch.Tensor, key: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Scaled dot products of the CLS query `[B, 1, hidden]` with every key `[B, N, hidden]`, per head: `[B, heads, N]`."""
+    """Scaled dot products of the CLS query `[B, 1, hidden]` with every key `[B, N, hidden]`, per head:
+    `[B, heads, N]`."""
     batch_size, num_tokens, hidden_size = key.shape
     head_dim = hidden_size // num_heads
     cls_query = cls_query.view(batch_size, num_heads, 1, head_dim)

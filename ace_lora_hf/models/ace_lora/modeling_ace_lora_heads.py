@@ -79,7 +79,9 @@ class AceLoraForSegmentation(AceLoraHeadModel):
         self.post_init()
         self.mark_trainable_parameters()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> SemanticSegmenterOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
+    ) -> SemanticSegmenterOutput:
         with torch.no_grad():
             features = self.feature_maps(pixel_values, list(self.config.head_feature_layers))
         decoded = self.fuse[-1](self.lateral[-1](features[-1]))

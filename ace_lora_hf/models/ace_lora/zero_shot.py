@@ -22,7 +22,8 @@ PATHOLOGY_TEMPLATES = ("a histopathology image of {}.", "an H&E stained tissue s
 def checked_templates(templates: Sequence[str]) -> tuple[str, ...]:
     """Templates as a tuple; each must hold exactly one `{}` where the label goes."""
     if isinstance(templates, str) or not templates:
-        raise InvalidArgumentError(f"templates={templates!r}: give a non-empty list of templates, each with one '{{}}'.")
+        raise InvalidArgumentError(f"templates={templates!r}: give a non-empty list of templates, each with one "
+                                   "'{}'.")
     for template in templates:
         if not isinstance(template, str) or template.count("{}") != 1 or template.replace("{}", "").count("{") \
                 or template.replace("{}", "").count("}"):
