@@ -5,8 +5,8 @@
         --fraction 0.01
 
 The epoch with the best validation mAP (the RSNA challenge's, IoU 0.4 to 0.75) is kept (best/) and reported on the
-test split (test_results.json). See ace_lora_hf.training.finetuning for the protocol and ace_lora_hf.training.run for the outputs
-and resuming; every option can also come from --config FILE.yaml.
+test split (test_results.json). See ace_lora_hf.training.finetuning for the protocol and ace_lora_hf.training.loop
+for the outputs and resuming; every option can also come from --config FILE.yaml.
 """
 
 from ace_lora_hf.cli.common import run_cli

@@ -5,8 +5,9 @@
         --fraction 0.01
 
 The epoch with the best Dice over the pneumothorax-positive validation images is kept (best/) and reported on the test
-split (test_results.json: Dice over the positive images and pooled Dice). See ace_lora_hf.training.finetuning for the protocol
-and ace_lora_hf.training.run for the outputs and resuming; every option can also come from --config FILE.yaml.
+split (test_results.json: Dice over the positive images and pooled Dice). See ace_lora_hf.training.finetuning for the
+protocol and ace_lora_hf.training.loop for the outputs and resuming; every option can also come from --config
+FILE.yaml.
 """
 
 from ace_lora_hf.cli.common import run_cli

@@ -6,12 +6,13 @@
 The defaults are the released recipe (SPEC §7): AdamW lr 1e-3, weight decay 1e-2, cosine schedule with one
 epoch of linear warm-up, 40 epochs, batch 64 per device, seed 1, label-guided InfoNCE on the 14 CheXpert labels,
 each device using its own batch as negatives (`--global_negatives` gathers every device's batch instead); the epoch
-of the lowest loss is kept as best/.
+of the lowest loss is kept as best/ (or the step where --max_train_steps stopped the run, if its loss is lower).
 
-Outputs in --output_dir (see ace_lora_hf.training.run): checkpoints/step_N/ and best/ hold the trained weights (LoRA,
+Outputs in --output_dir (see ace_lora_hf.training.loop): checkpoints/step_N/ and best/ hold the trained weights (LoRA,
 hypergraphs, logit scale: a few MB) and a reference to the --model they apply to; final/ is the complete model
 (save_pretrained), adapters/ the same adapters in PEFT's format. Resume with --resume_from_checkpoint latest. Every
-option can also come from --config FILE.yaml.
+option can also come from --config FILE.yaml. `python -m ace_lora_hf.training.launch` takes accelerate launch's
+options and, unlike it, exits with the script's status (2 and one line for a user error).
 """
 
 import logging
@@ -21,17 +22,20 @@ import torch
 from accelerate import Accelerator
 
 from ace_lora_hf import AceLoraModel
-from ace_lora_hf.sources.adapters import save_adapters
 from ace_lora_hf.cli.common import run_cli
-from ace_lora_hf.data.image_tables import (CHEXPERT_LABELS, ImageClassificationSet, ImageTextCollator, ImageTextColumns,
-                              load_image_text_dataset, read_image_labels)
+from ace_lora_hf.data.image_tables import (CHEXPERT_LABELS, ImageClassificationSet, ImageTextCollator,
+                                          ImageTextColumns, load_image_text_dataset, read_image_labels)
 from ace_lora_hf.errors import ConfigError
-from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss
 from ace_lora_hf.evaluation.metrics import classification_metrics
-from ace_lora_hf.sources.checkpoints import BaseModel, load_trained_model
-from ace_lora_hf.training.run import (Selection, TrainingArgumentParser, TrainingRun, add_training_options,
-                                      build_accelerator, data_loader, file_sha256, prepare_output_dir)
+from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss
 from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
+from ace_lora_hf.sources.adapters import save_adapters
+from ace_lora_hf.sources.checkpoints import BaseModel, load_trained_model
+from ace_lora_hf.training.accelerator import build_accelerator, data_loader, file_sha256
+from ace_lora_hf.training.loop import TrainingRun
+from ace_lora_hf.training.options import TrainingArgumentParser, add_training_options
+from ace_lora_hf.training.run_folder import prepare_output_dir
+from ace_lora_hf.training.selection import Selection
 
 
 def parse_args(argv=None):
@@ -110,7 +114,7 @@ def main(argv=None) -> None:
             return loss_function(model(**batch), run.unwrapped_model.logit_scale, labels)
 
         def evaluate(epoch: int) -> dict:
-            if not validation_loader or (epoch + 1) % args.eval_every_epochs:
+            if not validation_loader or ((epoch + 1) % args.eval_every_epochs and not run.stopped):
                 return {}
             metrics = zero_shot_metrics(accelerator, run.model, processor, validation_loader, args.validation_labels)
             return {f"validation_{name}": value for name, value in metrics.items()}

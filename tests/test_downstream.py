@@ -16,7 +16,7 @@ from transformers.image_transforms import center_to_corners_format
 
 from ace_lora_hf import AceLoraForObjectDetection, AceLoraForSegmentation, AceLoraImageProcessor, AceLoraModel
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
-from ace_lora_hf.training.finetuning import boxes_in_crop
+from ace_lora_hf.training.finetuning import SEGMENTATION, boxes_in_crop, finetuning_parser
 from ace_lora_hf.evaluation.metrics import detection_map, dice_metrics
 from ace_lora_hf.models.ace_lora.modeling_ace_lora_heads import box_iou, generalized_iou_loss, non_maximum_suppression
 
@@ -303,6 +303,20 @@ def test_save_full_best_makes_a_loadable_head_folder(tiny_hub_folder, downstream
     final = AutoModelForObjectDetection.from_pretrained(run / "final")
     assert type(model) is AceLoraForObjectDetection and model.config.num_labels == 1
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), final.state_dict().values()))
+
+
+def test_finetune_options_take_the_dash_spelling_and_help_lists_each_once(capsys):
+    required = ["--model", "m", "--data_root", "d", "--output_dir", "o"]
+    underscores = finetuning_parser(SEGMENTATION, None).parse([*required, "--mask_root", "masks", "--max_train_steps",
+                                                               "4", "--evaluate_only"])
+    dashes = finetuning_parser(SEGMENTATION, None).parse([*required, "--mask-root", "masks", "--max-train-steps", "4",
+                                                          "--evaluate-only"])
+    assert vars(dashes) == vars(underscores) and (dashes.max_train_steps, dashes.evaluate_only) == (4, True)
+    with pytest.raises(SystemExit) as exit_info:
+        SCRIPTS["segmentation"].main(["--help"])
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and help_text.count("--mask_root MASK_ROOT") == 2  # usage and the option's own
+    assert re.findall(r"--\w+-[\w-]+", help_text) == ["--output-dir"]  # the epilog's example of the dash spelling
 
 
 @pytest.mark.parametrize(("task", "column", "value", "message"), [

@@ -23,16 +23,19 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf import AceLoraModel, AceLoraProcessor
-from ace_lora_hf.training import run as training
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.data.image_tables import ImageTextCollator, ImageTextColumns, load_image_text_dataset
 from ace_lora_hf.errors import DataFormatError, ImageLoadError, InvalidArgumentError, TrainingDivergedError
+from ace_lora_hf.models.ace_lora.batch_inference import default_num_workers
 from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss, label_guided_infonce
-from ace_lora_hf.outputs.safe_outputs import write_json_atomic
 from ace_lora_hf.models.ace_lora.modeling_ace_lora import AceLoraOutput
-from ace_lora_hf.outputs.safe_outputs import folder_lock
+from ace_lora_hf.outputs.safe_outputs import folder_lock, write_json_atomic
 from ace_lora_hf.sources import checkpoints
 from ace_lora_hf.sources.checkpoints import BaseModel, latest_checkpoint, load_trained_model, materialize_checkpoint
+from ace_lora_hf.training import options
+from ace_lora_hf.training.accelerator import build_accelerator, data_loader
+from ace_lora_hf.training.loop import TrainingRun
+from ace_lora_hf.training.selection import Selection
 
 from conftest import REPO_ROOT, AceLoraModelTester, perturb_lora
 
@@ -129,7 +132,8 @@ def _bad_tables():
          r"missing column\(s\) 'Pneumonia'; found \['image', 'report', 'No Finding'\]"),
         ("empty", "", "empty.csv is empty: expected the --train_file table"),
         ("latin1", (header + "images/000.png,épanchement,1,\n").encode("latin-1"), "not UTF-8 text"),
-        ("extra_field", header + good + "images/001.png,no finding,1,,surplus\n", "line 3: 5 cells but the header names 4 columns"),
+        ("extra_field", header + good + "images/001.png,no finding,1,,surplus\n",
+         "line 3: 5 cells but the header names 4 columns"),
         ("label_yes", header + good + "images/001.png,pneumonia,,yes\n",
          r"line 3: column 'Pneumonia' is 'yes'; expected one of 1, 0, -1 or empty"),
         ("empty_report", header + "images/000.png,,1,\n", "line 2: empty report in column 'report'"),
@@ -285,6 +289,7 @@ def test_help_lists_every_flag_once(capsys):
     assert exit_info.value.code == 0
     assert "--model MODEL, --model MODEL" not in help_text and ", --output-dir" not in help_text
     assert help_text.count("--output_dir OUTPUT_DIR") == 2  # the usage line and the option's own
+    assert re.findall(r"--\w+-[\w-]+", help_text) == ["--output-dir"]  # the epilog's example of the dash spelling
     for flag in ("--resume_from_checkpoint", "--report_to", "--mixed_precision", "--gradient_accumulation_steps",
                  "--gradient_checkpointing", "--global_negatives", "--checkpointing_steps", "--validation_file",
                  "--config", "--force_resume", "--max_non_finite_steps", "--save_full_best"):
@@ -292,16 +297,31 @@ def test_help_lists_every_flag_once(capsys):
 
 
 def test_a_tracker_that_is_not_installed_fails_at_once(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(training.TRACKERS, "tensorboard", lambda: False)
+    monkeypatch.setitem(options.TRACKERS, "tensorboard", lambda: False)
     code, err = run_cli_in_process(pretrain.main, ["--model", "m", "--train_file", str(tmp_path / "t.csv"),
                                                    "--output_dir", str(tmp_path), "--report_to", "tensorboard"], capsys)
     assert code == EXIT_USER_ERROR and "pip install 'ace-lora-hf[tensorboard]'" in err
 
 
-@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 1), (3, 2), (16, 4)])
-def test_default_workers_leave_a_core_to_the_training_process(cores, workers, monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert training.default_num_workers() == workers
+def test_num_workers_defaults_to_the_batch_loaders_choice_for_the_run_device(tmp_path):
+    required = ["--model", "m", "--train_file", "t.csv", "--output_dir", str(tmp_path), "--cpu"]
+    args = pretrain.parse_args(required)
+    assert args.num_workers is None
+    accelerator = build_accelerator(args)
+    assert args.num_workers == default_num_workers(accelerator.device) == 0  # the model on the CPU uses every core
+    AcceleratorState._reset_state(True)
+    args = pretrain.parse_args([*required, "--num_workers", "3"])
+    build_accelerator(args)
+    assert args.num_workers == 3
+
+
+def test_options_take_the_dash_spelling_too():
+    underscores = pretrain.parse_args(["--model", "m", "--train_file", "t.csv", "--output_dir", "o",
+                                       "--max_train_steps", "5", "--label_columns", "A", "B", "--save_full_best"])
+    dashes = pretrain.parse_args(["--model", "m", "--train-file", "t.csv", "--output-dir", "o",
+                                  "--max-train-steps", "5", "--label-columns", "A", "B", "--save-full-best"])
+    assert vars(dashes) == vars(underscores)
+    assert (dashes.max_train_steps, dashes.label_columns, dashes.save_full_best) == (5, ["A", "B"], True)
 
 
 # ---------------------------------------------------------------------------------------------- pretrain.py
@@ -451,6 +471,46 @@ def test_killed_run_resumes_to_the_same_weights(straight_run, tiny_hub_folder, s
     history = json.loads((interrupted / "training_history.json").read_text())
     assert [e["step"] for e in history] == [e["step"] for e in straight] == [6, 12, 18]
     assert [e["loss"] for e in history] == [e["loss"] for e in straight]
+
+
+def test_a_run_stopped_inside_an_epoch_records_and_evaluates_the_stop(tiny_hub_folder, synthetic_data, tmp_path,
+                                                                      capsys):
+    output = tmp_path / "run"
+    # Epochs of six steps: one whole, then a stop two steps into the second, evaluated although --eval_every_epochs
+    # would skip that epoch.
+    run_pretrain(pretrain_command(tiny_hub_folder, synthetic_data, output, "--num_epochs", 3, "--max_train_steps", 8,
+                                  "--validation_file", synthetic_data / "validation.csv", "--eval_every_epochs", 3))
+    out = capsys.readouterr().out
+    history = json.loads((output / "training_history.json").read_text())
+    assert [(r["epoch"], r["step"], r.get("stopped_by")) for r in history] == [(0, 6, None), (1, 8, "max_train_steps")]
+    assert "validation_auc" not in history[0] and 0.0 <= history[1]["validation_accuracy"] <= 1.0
+    best = min(history, key=lambda record: record["loss"])
+    saved = json.loads((output / "best" / "ace_lora_checkpoint.json").read_text())
+    assert (saved["epoch"], saved["step"], saved["loss"]) == (best["epoch"], best["step"], best["loss"])
+    assert history[-1]["best"] == {"epoch": best["epoch"], "step": best["step"]}
+    said = [line for line in out.splitlines() if line.startswith("best/ holds")]
+    assert len(said) == 1 and f"epoch {best['epoch']}" in said[0] and f"step {best['step']}" in said[0]
+    assert ("--max_train_steps stopped the run" in said[0]) == (best["step"] == 8)
+    # final/ is the model at the stop, a complete folder; the stop's checkpoint resumes it.
+    final = dict(AutoModel.from_pretrained(output / "final").named_parameters())
+    at_stop = load_file(output / "checkpoints" / "step_8" / "trainable.safetensors")
+    assert at_stop and all(torch.equal(final[name], tensor) for name, tensor in at_stop.items())
+    assert isinstance(load_trained_model(output / "best", AceLoraModel)[0], AceLoraModel)
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_as_if_it_had_not_stopped(straight_run, tiny_hub_folder, synthetic_data,
+                                                                        tmp_path):
+    stopped = tmp_path / "stopped"
+    run_pretrain(pretrain_command(tiny_hub_folder, synthetic_data, stopped, *STRAIGHT, "--max_train_steps", 9))
+    assert [record["step"] for record in json.loads((stopped / "training_history.json").read_text())] == [6, 9]
+    run_pretrain(pretrain_command(tiny_hub_folder, synthetic_data, stopped, *STRAIGHT, "--resume_from_checkpoint",
+                                  "latest"))
+    expected, actual = trainable_weights(straight_run / "final"), trainable_weights(stopped / "final")
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+    # The stop's record was a report of the stopped run, not part of its state: the history and best/ are the
+    # uninterrupted run's.
+    for name in ("training_history.json", "best/ace_lora_checkpoint.json"):
+        assert json.loads((stopped / name).read_text()) == json.loads((straight_run / name).read_text())
 
 
 def _copy_checkpoint(straight_run, tmp_path, step=14):
@@ -615,12 +675,12 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tiny_hub_folder, syn
 
 def test_non_finite_weights_are_never_saved(tiny_hub_folder, synthetic_data, tmp_path):
     args = pretrain.parse_args(pretrain_command(tiny_hub_folder, synthetic_data, tmp_path / "run"))
-    accelerator = training.build_accelerator(args)
+    accelerator = build_accelerator(args)
     model, processor = load_trained_model(tiny_hub_folder, AceLoraModel)
     dataset = load_image_text_dataset(args.train_file, COLUMNS)
-    loader = training.data_loader(dataset, args, shuffle=False, collate_fn=ImageTextCollator(processor))
-    run = training.TrainingRun(accelerator, args, model, processor, loader, base=BaseModel.of(model, "m"),
-                               selection=training.Selection("loss", higher_is_better=False))
+    loader = data_loader(dataset, args, shuffle=False, collate_fn=ImageTextCollator(processor))
+    run = TrainingRun(accelerator, args, model, processor, loader, base=BaseModel.of(model, "m"),
+                      selection=Selection("loss", higher_is_better=False))
     with torch.no_grad():
         run.unwrapped_model.vision_model.hypergraph.node_adapter.up.bias[0] = float("inf")
     for save in (run.save_checkpoint, lambda: run._save_trained(tmp_path / "run" / "best"), run._save_final):
@@ -652,10 +712,15 @@ def test_batches_whose_images_all_fail_are_skipped_and_counted(tiny_hub_folder, 
     assert json.loads((tmp_path / "run" / "training_history.json").read_text())[0]["step"] == 24
 
 
+def accelerate_launch(*options, launcher="accelerate.commands.launch"):
+    """`accelerate launch OPTIONS` (or another `launcher` module taking its options), none left to warn about."""
+    return (sys.executable, "-m", launcher, *options, "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1")
+
+
 def test_two_processes_with_accelerate_launch(tiny_hub_folder, synthetic_data, tmp_path):
     # accelerate's own --cpu flag runs a single process; torchrun-style processes with Accelerator(cpu=True) use gloo.
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    launcher = accelerate_launch("--multi_gpu", "--num_processes", "2")
     output = tmp_path / "ddp"
     command = [*launcher, str(PRETRAIN), *pretrain_command(tiny_hub_folder, synthetic_data, output, "--num_epochs", 1,
                                                            "--global_negatives", "--cpu")]
@@ -666,6 +731,25 @@ def test_two_processes_with_accelerate_launch(tiny_hub_folder, synthetic_data, t
     assert AutoModel.from_pretrained(output / "final") is not None
     random_states = load_file(output / "checkpoints" / "step_3" / "random_states.safetensors")
     assert {key.split(".")[0] for key in random_states} == {"process_0", "process_1"}
+
+
+LAUNCHER = accelerate_launch("--cpu", "--num_processes", "1", launcher="ace_lora_hf.training.launch")
+
+
+def test_a_user_error_under_the_launcher_is_one_line_and_exit_2(tmp_path):
+    table = tmp_path / "missing.csv"
+    result = subprocess.run([*LAUNCHER, str(PRETRAIN), "--model", "m", "--train_file", str(table), "--output_dir",
+                             str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert errors == [f"pretrain.py: error: {table} not found: expected the --train_file table."]
+
+
+def test_a_bug_under_the_launcher_keeps_its_traceback(tmp_path):
+    (tmp_path / "buggy.py").write_text("raise RuntimeError('a bug, not the user')\n")
+    result = subprocess.run([*LAUNCHER, str(tmp_path / "buggy.py")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and result.stderr.rstrip().endswith("RuntimeError: a bug, not the user")
 
 
 def test_an_interrupted_save_is_never_the_latest_checkpoint(tmp_path):

@@ -24,13 +24,16 @@ from transformers.utils import logging
 
 from ..data.image_tables import missing_file, numbered_rows, read_table
 from ..errors import DataFormatError, InvalidArgumentError
-from ..models.ace_lora.image_loading import load_image
 from ..evaluation.metrics import detection_map, dice_metrics
+from ..models.ace_lora.image_loading import load_image
 from ..models.ace_lora.modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, box_area
 from ..outputs.safe_outputs import json_safe, write_json_atomic
 from ..sources.checkpoints import BaseModel, load_trained_model
-from .run import (Selection, TrainingArgumentParser, TrainingRun, add_training_options, build_accelerator, data_loader,
-                  file_sha256, prepare_output_dir)
+from .accelerator import build_accelerator, data_loader, file_sha256
+from .loop import TrainingRun
+from .options import TrainingArgumentParser, add_training_options
+from .run_folder import prepare_output_dir
+from .selection import Selection
 
 
 logger = logging.get_logger(__name__)
