@@ -49,10 +49,11 @@ DATASETS = {
     "LC25000 (lung)": ("lc25000", "lung"),
     "LC25000 (colon)": ("lc25000", "colon"),
 }
-# `ace-lora-evaluate --dataset` names -> benchmark names.
-ZERO_SHOT_BENCHMARKS = {"rsna": "RSNA Pneumonia", "chexpert5x200": "CheXpert 5x200", "siim": "SIIM-ACR Pneumothorax",
-                        "nih14": "ChestX-ray14", "mhist": "MHIST", "lc25000_lung": "LC25000 (lung)",
-                        "lc25000_colon": "LC25000 (colon)"}
+# `ace-lora-evaluate --dataset` names -> benchmark names (chexpert5x200 and nih14: what reports of 0.1 name them).
+ZERO_SHOT_BENCHMARKS = {"rsna": "RSNA Pneumonia", "chexpert_5x200": "CheXpert 5x200", "siim": "SIIM-ACR Pneumothorax",
+                        "chestxray14": "ChestX-ray14", "mhist": "MHIST", "lc25000_lung": "LC25000 (lung)",
+                        "lc25000_colon": "LC25000 (colon)", "chexpert5x200": "CheXpert 5x200",
+                        "nih14": "ChestX-ray14"}
 # Metric keys of the evaluation JSONs -> (model-index metric type, config, name on the card).
 METRICS = {
     "accuracy": ("accuracy", None, "accuracy"),
@@ -142,15 +143,19 @@ to chest X-rays with rank-stabilised LoRA (r = 4) on the attention of both tower
 ```python
 {{ usage }}```
 {% if zero_shot %}
-The ace-lora-hf package (pip install from its repository) adds DICOM loading, batched zero-shot classification and the
-command line in this repository's `hf_model_inference.py` (`python hf_model_inference.py --images a.dcm b.png`).
+The repository also serves its own zero-shot pipeline, DICOM included (with pydicom installed):
+`pipeline("zero-shot-image-classification", model="{{ repo_id }}", trust_remote_code=True)`.
+
+The ace-lora-hf package is not on PyPI: install it from a checkout of its source repository with
+`pip install -e '.[app]'` (run in the checkout). It adds batched zero-shot classification of folders and tables and
+the command line in this repository's `hf_model_inference.py` (`python hf_model_inference.py --images a.dcm b.png`).
 
 ## Try it
 
 {% if space %}In the browser: [the demo Space](https://huggingface.co/spaces/{{ space }}); upload a PNG, JPEG or DICOM
 image, edit the labels and see the probabilities with the explanation below.
 
-{% endif %}On your machine: `pip install 'ace-lora-hf[app]'`, run `ace-lora-app --model {{ repo_id }}` and open
+{% endif %}On your machine, with ace-lora-hf installed as above: run `ace-lora-app --model {{ repo_id }}` and open
 http://127.0.0.1:7860.
 {% endif %}{% if explanation %}
 ## What the model looks at
