@@ -12,18 +12,22 @@ import torch
 from PIL import Image
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
-from transformers import AutoModelForSemanticSegmentation
+from transformers import AutoModel, AutoModelForSemanticSegmentation, AutoProcessor
 
 from ace_lora_hf import AceLoraForSegmentation, AceLoraModel
+from ace_lora_hf.cli import publish as publish_cli
 from ace_lora_hf.publishing import publish
+from ace_lora_hf.sources import load as sources_load
 from ace_lora_hf.sources.adapters import EXTRAS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, load_adapters, save_adapters
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import AdapterMismatchError, CheckpointError, OutputPathError
+from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
 from ace_lora_hf.publishing.model_card import PUBLISHED_RESULTS, paper_results
 from ace_lora_hf.sources.checkpoints import BaseModel, write_trained_weights
 
 from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora, populate_hub_cache
-from test_loading import HUB_REPO_ID
+from test_loading import HUB_REPO_ID, isolated_env, run_python
+from test_pipeline import IMAGES, LABELS, REMOTE_PIPELINE_SCRIPT, as_probabilities
 
 
 def _released_is(folder):
@@ -38,6 +42,7 @@ def staged(tiny_hub_folder, tmp_path_factory):
     """The released model's repository, as `ace-lora-publish --model released` stages it."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(publish, "model_folder", _released_is(tiny_hub_folder))
+        patch.setattr(sources_load, "released_model_folder", lambda *args, **kwargs: tiny_hub_folder)
         return publish.stage_repository("released", HUB_REPO_ID, tmp_path_factory.mktemp("staging") / "repo")
 
 
@@ -81,6 +86,18 @@ def test_staged_repository_is_complete(staged):
     }
 
 
+def test_staged_repository_serves_the_ace_lora_pipeline_without_the_package(staged, tiny_hub_folder, tmp_path):
+    """`pipeline(task, model=REPO, trust_remote_code=True)` from a Hub download, offline, where ace_lora_hf cannot be
+    imported: the repository's own pipeline, with the scores of ZeroShotClassifier on a PNG and a DICOM."""
+    populate_hub_cache(staged, tmp_path / "hf_home" / "hub", HUB_REPO_ID)
+    remote = run_python(REMOTE_PIPELINE_SCRIPT, HUB_REPO_ID, json.dumps(IMAGES[:2]), json.dumps(LABELS),
+                        env=isolated_env(tmp_path, HF_HUB_OFFLINE="1"))
+    assert remote["module"].startswith("transformers_modules.") and remote["module"].endswith(".pipeline_ace_lora")
+    model, processor = AutoModel.from_pretrained(tiny_hub_folder).eval(), AutoProcessor.from_pretrained(tiny_hub_folder)
+    expected = ZeroShotClassifier(model, processor)(IMAGES[:2], LABELS)
+    torch.testing.assert_close(as_probabilities(remote["result"], LABELS), expected, rtol=0, atol=1e-5)
+
+
 def test_zero_shot_card_shows_an_explanation_and_how_to_try_it(staged):
     card = _card(staged)
     assert "![Explanation of a zero-shot classification" in card.text and "(explanation.png)" in card.text
@@ -106,7 +123,7 @@ def test_card_links_the_demo_space_and_draws_the_image_given(tiny_hub_folder, tm
 def test_a_repository_name_the_hub_would_refuse_is_refused_before_loading(option, name, message, tmp_path, capsys):
     names = {"--repo-id": "me/mine", option: name}
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(publish.main, ["--model", str(tmp_path / "no_model"), "--staging", str(tmp_path / "repo"),
+        run_cli(publish_cli.main, ["--model", str(tmp_path / "no_model"), "--staging", str(tmp_path / "repo"),
                                *[item for pair in names.items() for item in pair]])
     err = capsys.readouterr().err
     assert exit_info.value.code == EXIT_USER_ERROR and f"{option} {name!r}: {message}" in err
@@ -115,7 +132,7 @@ def test_a_repository_name_the_hub_would_refuse_is_refused_before_loading(option
 
 def test_a_missing_example_image_is_refused_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(publish.main, ["--model", str(tmp_path / "no_model"), "--repo-id", "me/mine", "--staging",
+        run_cli(publish_cli.main, ["--model", str(tmp_path / "no_model"), "--repo-id", "me/mine", "--staging",
                                str(tmp_path / "repo"), "--example-image", str(tmp_path / "missing.png")])
     err = capsys.readouterr().err
     assert exit_info.value.code == EXIT_USER_ERROR and "--example-image" in err and "missing.png: no such file" in err
@@ -191,6 +208,7 @@ def test_own_fine_tune_card_claims_only_its_own_results(fine_tune, tmp_path):
     staged_head = AutoModelForSemanticSegmentation.from_pretrained(staging)
     assert all(torch.equal(a, b) for a, b in zip(staged_head.state_dict().values(), head.state_dict().values()))
     assert not {"hf_model_inference.py", "explanation.png"} & {path.name for path in staging.iterdir()}
+    assert "custom_pipelines" not in json.loads((staging / "config.json").read_text())  # no zero-shot pipeline
     assert "ace-lora-app" not in card.text
 
 
@@ -230,7 +248,7 @@ def test_zero_shot_results_keep_both_lc25000_sets(tiny_hub_folder, tmp_path):
 def test_results_files_that_are_not_evaluations_are_one_line(content, message, tiny_hub_folder, tmp_path, capsys):
     (tmp_path / "results.json").write_text(content)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(publish.main, ["--model", str(tiny_hub_folder), "--repo-id", "me/mine", "--staging",
+        run_cli(publish_cli.main, ["--model", str(tiny_hub_folder), "--repo-id", "me/mine", "--staging",
                                str(tmp_path / "repo"), "--results", str(tmp_path / "results.json")])
     err = capsys.readouterr().err
     assert exit_info.value.code == EXIT_USER_ERROR and message in err and len(err.strip().splitlines()) == 1
