@@ -148,8 +148,8 @@ class AceLoraModel(AceLoraPreTrainedModel):
         the processor. Needs the ace-lora-hf package.
         """
         if AceLoraModel.released_model_folder is None:
-            raise ImportError("AceLoraModel.from_biomedclip converts BiomedCLIP with the ace-lora-hf package: "
-                              "pip install ace-lora-hf, then import ace_lora_hf.")
+            raise ImportError("AceLoraModel.from_biomedclip converts BiomedCLIP with the ace-lora-hf package: install "
+                              "it from a checkout of its repository (pip install -e .), then import ace_lora_hf.")
         folder = AceLoraModel.released_model_folder(biomedclip, adapters, revision=revision, tokenizer=tokenizer)
         return cls.from_pretrained(folder, **kwargs)
 
