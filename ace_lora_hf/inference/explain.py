@@ -2,7 +2,7 @@
 to it, and which patches resemble each label.
 
 `explain` computes an [`Explanation`] (numbers only, one forward pass of the vision tower); `plot_explanation` draws
-it with matplotlib (the [plot] extra: `pip install matplotlib`).
+it with matplotlib (`pip install 'ace-lora-hf[plot]'`).
 """
 
 import math
@@ -37,8 +37,7 @@ NEIGHBOUR_COLOUR = "#00e5ff"
 PANEL_INCHES = 4.2
 FIGURE_DPI = 150  # 1890 pixels wide: a full-width slide
 COLUMNS = 3
-# The [plot] extra is matplotlib; ace-lora-hf is not on PyPI, so the hint installs matplotlib itself.
-PLOT_EXTRA_HINT = "pip install matplotlib (the [plot] extra)"
+PLOT_EXTRA_HINT = "pip install 'ace-lora-hf[plot]'"
 
 
 @dataclass
