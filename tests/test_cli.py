@@ -96,6 +96,13 @@ def test_underscore_and_old_spellings_are_aliases():
     assert (aliased.batch_size, aliased.num_workers, aliased.adapters) == (4, 0, "x")
 
 
+def test_usage_errors_name_the_dash_spelling(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--dataset", "rsna", "--batch_size", "0"])
+    err = capsys.readouterr().err
+    assert "argument --batch-size: '0'" in err and "--data-root" in err and "_" not in err.split("error: ")[1]
+
+
 def test_shared_names_match_the_libraries_they_stand_for():
     from ace_lora_hf.evaluation.benchmarks import BENCHMARKS
     from ace_lora_hf.evaluation.retrieval import MATCHES
@@ -185,8 +192,9 @@ def test_under_accelerate_launch_a_user_error_is_one_line(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--cpu", "--num_processes", "1",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--num_cpu_threads_per_process", "1"]
-    finished = subprocess.run([*launch, str(REPO_ROOT / "hf_model_inference.py"), "--images", str(tmp_path / "typo.png")],
-                              capture_output=True, text=True)
+    script = REPO_ROOT / "hf_model_inference.py"
+    finished = subprocess.run([*launch, str(script), "--images", str(tmp_path / "typo.png")], capture_output=True,
+                              text=True)
     errors = [line for line in finished.stderr.splitlines() if ": error: " in line]
     assert finished.returncode != 0 and "Traceback" not in finished.stderr, finished.stderr[-3000:]
     assert errors == [f"hf_model_inference.py: error: --images {tmp_path / 'typo.png'}: no such image file or folder; "

@@ -50,10 +50,14 @@ def padded_texts(tester: AceLoraModelTester, batch_size: int, seed: int) -> dict
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def tiny_folder(tiny_hub_folder, tmp_path_factory):
+    """A tiny model folder with a processor (every command loads a model folder's processor too)."""
+    from transformers import AutoProcessor
+
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_model")
     perturb_lora(AceLoraModel(AceLoraModelTester().get_config())).save_pretrained(folder)
+    AutoProcessor.from_pretrained(tiny_hub_folder).save_pretrained(folder)
     return folder
 
 

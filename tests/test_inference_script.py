@@ -208,7 +208,7 @@ def test_a_missing_output_folder_is_created_before_the_work(tiny_hub_folder, tmp
         (["--labels", "pneumonia"], "--csv evaluates a binary task"),
         (["--templates", "a chest X-ray"], "needs exactly one '{}'"),
         (["--labels", "a", "a"], "a label is repeated"),
-        (["--batch-size", "0"], "batch_size=0"),
+        (["--batch-size", "0"], "argument --batch-size: '0': give a whole number of at least 1"),
         (["--output", "results.txt"], "name a .csv, .jsonl or .json file"),
     ],
 )

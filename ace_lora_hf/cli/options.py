@@ -40,9 +40,18 @@ class CommandHelpFormatter(argparse.RawDescriptionHelpFormatter):
         return super()._format_action_invocation(shown)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """Usage errors name each option by its canonical spelling only, as --help does."""
+
+    def error(self, message: str):
+        for action in self._actions:
+            if getattr(action, HIDDEN_ALIASES, ()):
+                message = message.replace("/".join(action.option_strings), action.option_strings[0])
+        super().error(message)
+
+
 def command_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=CommandHelpFormatter,
-                                   allow_abbrev=False)
+    return CommandParser(prog=prog, description=description, formatter_class=CommandHelpFormatter, allow_abbrev=False)
 
 
 def add_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *aliases: str,

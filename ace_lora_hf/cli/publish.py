@@ -6,11 +6,11 @@
 
 --model is a model folder or Hub id (a run's final/), a training run's folder or one of its checkpoints (best/: its
 base with its trained weights), or `released`: the authors' weights, built from BiomedCLIP, the only model whose card
-shows the paper's results. --results adds evaluations of the model published (a fine-tune's test_results.json, the --output of
-ace-lora-evaluate) to its card. A zero-shot model's card links the demo (--space, a Space running this package's
-app.py) and shows the model's explanation of --example-image (an X-ray from examples/images by default), which needs
-the [plot] extra. Without --push the staging folder is only written, to be inspected; with it, it is uploaded (needs
-`hf auth login`).
+shows the paper's results. --results adds evaluations of the model published (a fine-tune's test_results.json, the
+--output of ace-lora-evaluate) to its card. A zero-shot model's card links the demo (--space, a Space running this
+package's app.py) and shows the model's explanation of --example-image (an X-ray from examples/images by default),
+which needs the [plot] extra. Without --push the staging folder is only written, to be inspected; with it, it is
+uploaded (needs `hf auth login`).
 """
 
 import argparse
