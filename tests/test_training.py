@@ -30,6 +30,7 @@ from ace_lora_hf.models.ace_lora.batch_inference import default_num_workers
 from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss, label_guided_infonce
 from ace_lora_hf.models.ace_lora.modeling_ace_lora import AceLoraOutput
 from ace_lora_hf.outputs.safe_outputs import folder_lock, write_json_atomic
+from ace_lora_hf.inference.fast_dropout import AceLoraDropout
 from ace_lora_hf.sources import checkpoints
 from ace_lora_hf.sources.checkpoints import BaseModel, latest_checkpoint, load_trained_model, materialize_checkpoint
 from ace_lora_hf.training import options
@@ -681,6 +682,8 @@ def test_non_finite_weights_are_never_saved(tiny_hub_folder, synthetic_data, tmp
     loader = data_loader(dataset, args, shuffle=False, collate_fn=ImageTextCollator(processor))
     run = TrainingRun(accelerator, args, model, processor, loader, base=BaseModel.of(model, "m"),
                       selection=Selection("loss", higher_is_better=False))
+    dropouts = [type(module) for module in run.unwrapped_model.modules() if isinstance(module, torch.nn.Dropout)]
+    assert dropouts and set(dropouts) == {AceLoraDropout}  # the loop trains with the CPU's fast dropout
     with torch.no_grad():
         run.unwrapped_model.vision_model.hypergraph.node_adapter.up.bias[0] = float("inf")
     for save in (run.save_checkpoint, lambda: run._save_trained(tmp_path / "run" / "best"), run._save_final):

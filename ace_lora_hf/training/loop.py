@@ -34,6 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging
 
 from ..errors import CheckpointError, TrainingDivergedError
+from ..inference.fast_dropout import use_fast_dropout
 from ..outputs.safe_outputs import atomic_folder, ensure_folder, json_safe, write_json_atomic
 from ..sources.checkpoints import (CHECKPOINT_PATTERN, BaseModel, is_checkpoint, load_trained_weights,
                                    non_finite_parameters, read_checkpoint_record, trainable_parameters,
@@ -83,7 +84,7 @@ class TrainingRun:
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_epochs * updates_per_epoch),
                                                     updates_per_epoch * args.num_epochs)
         self.model, self.optimizer, self.train_loader, self.scheduler = accelerator.prepare(
-            model, optimizer, train_loader, scheduler)
+            use_fast_dropout(model), optimizer, train_loader, scheduler)
         self.progress = TrainingProgress()
         if resume_checkpoint is not None:
             self._resume(resume_checkpoint)
