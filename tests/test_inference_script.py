@@ -177,11 +177,16 @@ def test_resuming_from_a_file_that_is_not_these_results_leaves_it_alone(name, co
 
 
 def test_a_last_line_cut_off_by_an_interruption_runs_again(tiny_hub_folder, tmp_path, capsys):
-    partial = tmp_path / "r.jsonl.partial"
-    partial.write_text('{"image": "%s", "error": "unreadable"}\n{"image": "cut' % IMAGES[1])
-    run(capsys, "--model", tiny_hub_folder, "--images", IMAGES[0], "--output", tmp_path / "r.jsonl", "--resume")
-    assert [json.loads(line)["image"] for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [
-        str(IMAGES[0])]
+    output, partial = tmp_path / "r.jsonl", tmp_path / "r.jsonl.partial"
+    command = ("--model", tiny_hub_folder, "--images", IMAGES[0], IMAGES[1], "--output", output)
+    run(capsys, *command)
+    first, second = output.read_text().splitlines()
+    output.rename(partial)
+    partial.write_text(f"{first}\n{second[:len(second) // 2]}")  # stopped while writing the second row
+    run(capsys, *command, "--resume")
+    resumed = [json.loads(line) for line in output.read_text().splitlines()]
+    assert resumed[0] == json.loads(first) and resumed[1]["image"] == json.loads(second)["image"]
+    assert resumed[1]["probabilities"] == pytest.approx(json.loads(second)["probabilities"], abs=1e-6)  # batch of 1
 
 
 def test_outputs_never_replace_inputs_or_earlier_results(tiny_hub_folder, tmp_path, capsys):

@@ -35,10 +35,11 @@ def test_resuming_the_results_of_another_run_is_refused_naming_what_differs(tmp_
     assert partial_path(output).read_bytes() == before
 
 
-def test_other_labels_are_another_run_too(tmp_path):
-    output = tmp_path / "results.jsonl"
+@pytest.mark.parametrize("name", ["results.csv", "results.jsonl"])
+def test_other_labels_are_another_run_too(tmp_path, name):
+    output = tmp_path / name
     _interrupted_run(output, [_record("a.png")])
-    with pytest.raises(OutputPathError, match="another labels than this run"):
+    with pytest.raises(OutputPathError, match="other labels|not a result of these labels"):
         ResultsFile(output, ["normal", "pneumonia"], resume=True, provenance=RUN)
 
 

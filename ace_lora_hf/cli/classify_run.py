@@ -1,6 +1,7 @@
 """What `ace-lora-classify` runs once its options are parsed: the table, the result files and the summary."""
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -11,7 +12,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .common import EXIT_INPUTS_SKIPPED
-from .options import check_model_source, check_paths_exist, load_model, make_accelerator, model_dtype, model_summary
+from .options import (check_model_source, check_paths_exist, load_model, make_accelerator, model_dtype, model_summary,
+                      released_options)
 from ..errors import ImageLoadError
 from ..evaluation.metrics import classification_metrics
 from ..inference.explain import explain, plot_explanation, require_plotting
@@ -20,6 +22,7 @@ from ..inference.malloc_tuning import keep_freed_memory_for_reuse
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_labels, checked_templates
 from ..outputs.result_files import ResultsFile
 from ..outputs.safe_outputs import check_output_file, ensure_folder, folder_lock
+from ..sources.load import model_identity
 
 
 def read_inputs(args: argparse.Namespace) -> ImageInputs:
@@ -173,6 +176,13 @@ def report(summary: dict, results: ResultsFile | None) -> None:
         print(f"wrote {results.path}")
 
 
+def run_provenance(args: argparse.Namespace, inputs: ImageInputs) -> dict:
+    """What the numbers of this run depend on besides each image: recorded beside the results, checked by --resume."""
+    inputs_digest = hashlib.sha256("\n".join(inputs.images).encode()).hexdigest()
+    return {"model": model_identity(args.model, args.revision, **released_options(args)), "dtype": args.dtype,
+            "templates": list(args.templates), "inputs": f"sha256:{inputs_digest}"}
+
+
 def run(args: argparse.Namespace) -> int:
     """Classify what `args` name; the exit status."""
     keep_freed_memory_for_reuse()
@@ -189,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     with lock:
         results = None
         if args.output and main_process:
-            results = ResultsFile(args.output, labels, inputs.targets is not None, args.resume, args.overwrite)
+            results = ResultsFile(args.output, labels, inputs.targets is not None, args.resume, args.overwrite,
+                                  provenance=run_provenance(args, inputs), inputs=inputs.images)
         summary = classify_all(args, inputs, results, accelerator)
         if main_process:
             if results is not None:

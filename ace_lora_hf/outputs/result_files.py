@@ -88,7 +88,6 @@ class ResultsFile:
         source = self.partial if self.partial.exists() else self.path
         if not source.exists():
             return []
-        self._check_provenance(source)
         try:
             lines = source.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
@@ -101,6 +100,7 @@ class ResultsFile:
                     break
                 raise self._unusable(source, f"line {number} is not a result of these labels")
             records.append(record)
+        self._check_provenance(source)
         return records
 
     def _csv_records(self, source: Path, lines: list[str]) -> Iterator[tuple[int, dict | None, bool]]:

@@ -75,6 +75,18 @@ def resolve_source(source: str | Path | None, option: str = "--model") -> Resolv
     return ResolvedSource(str(source), "model", f"{source}")
 
 
+def model_identity(source: str | Path | None, revision: str | None = None, **released: Any) -> dict:
+    """What identifies the model `source` loads, found without loading it: where it comes from and, for local files,
+    each weights file's size and modification time (a run's best/ also names its base). Results files record it, so
+    that `--resume` never continues another model's results."""
+    resolved = resolve_source(source)
+    folder = Path(resolved.location) if resolved.location is not None else None
+    weights = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+    return {"source": resolved.description, "revision": revision,
+            "released": {key: str(value) for key, value in sorted(released.items())} if folder is None else None,
+            "weights": [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in weights]}
+
+
 def load(
     source: str | Path | None = RELEASED,
     *,
@@ -115,4 +127,4 @@ def load(
     return LoadedModel(model.to(device), processor, resolved.description)
 
 
-__all__ = ["LoadedModel", "ResolvedSource", "load", "resolve_source"]
+__all__ = ["LoadedModel", "ResolvedSource", "load", "model_identity", "resolve_source"]
