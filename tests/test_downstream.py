@@ -342,18 +342,3 @@ def test_bad_downstream_table_is_one_line_before_the_model_loads(task, column, v
     err = capsys.readouterr().err
     assert exit_info.value.code == EXIT_USER_ERROR and len(err.strip().splitlines()) == 1
     assert str(table) in err and re.search(message, err), err
-
-
-def test_evaluate_modules_match_the_metric_functions():
-    import evaluate
-
-    from ace_lora_hf.evaluation.evaluate_modules import metric_path
-
-    predicted = [[[1, 1, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]]
-    true = [[[1, 0, 0], [1, 0, 0]], [[0, 0, 0], [0, 0, 1]]]
-    dice = evaluate.load(metric_path("segmentation_dice")).compute(predictions=predicted, references=true)
-    assert dice == pytest.approx(dice_metrics(np.array(predicted), np.array(true)))
-    predictions = [{"boxes": [[0.0, 0, 10, 6]], "scores": [0.9]}, {"boxes": [], "scores": []}]
-    truth = [[[0.0, 0, 10, 10]], [[1.0, 1, 4, 4]]]
-    mean_ap = evaluate.load(metric_path("detection_map")).compute(predictions=predictions, references=truth)
-    assert mean_ap == pytest.approx(detection_map(predictions, truth))

@@ -22,7 +22,8 @@ from ace_lora_hf.sources.adapters import EXTRAS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME,
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import AdapterMismatchError, CheckpointError, OutputPathError
 from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
-from ace_lora_hf.publishing.model_card import PUBLISHED_RESULTS, paper_results
+from ace_lora_hf.evaluation.published import PUBLISHED_RESULTS
+from ace_lora_hf.publishing.model_card import paper_results
 from ace_lora_hf.sources.checkpoints import BaseModel, write_trained_weights
 
 from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora, populate_hub_cache

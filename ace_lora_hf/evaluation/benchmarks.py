@@ -15,7 +15,7 @@ from .bootstrap import bootstrap_intervals
 from ..data.image_tables import numbered_rows, parse_number, read_table
 from ..errors import DataFormatError
 from .metrics import classification_metrics, multilabel_metrics
-from ..publishing.model_card import PUBLISHED_RESULTS
+from .published import PUBLISHED_RESULTS
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
 
 

@@ -1,5 +1,4 @@
-"""The metrics of ACE-LoRA's evaluations: classification, segmentation Dice and RSNA detection mAP (also served as
-`evaluate` modules)."""
+"""The metrics of ACE-LoRA's evaluations: classification, segmentation Dice and RSNA detection mAP."""
 
 import numpy as np
 import torch

@@ -7,11 +7,11 @@ as the paper's.
 """
 
 from pathlib import Path
-from typing import NamedTuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import DataFormatError
+from ..evaluation.published import PUBLISHED_RESULTS
 
 
 BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -19,24 +19,6 @@ PAPER_URL = "https://arxiv.org/abs/2603.17079"
 PAPER = "ACE-LoRA paper (arXiv 2603.17079)"
 EVALUATION = "ace-lora-hf evaluation of this model"
 
-
-class PublishedResult(NamedTuple):
-    task: str
-    dataset: str
-    metric: str
-    value: float  # in percent
-
-
-# The paper's published results (SPEC §9).
-PUBLISHED_RESULTS = (
-    PublishedResult("zero-shot-image-classification", "RSNA Pneumonia", "AUC", 87.19),
-    PublishedResult("zero-shot-image-classification", "CheXpert 5x200", "accuracy", 49.8),
-    PublishedResult("image-segmentation", "SIIM-ACR Pneumothorax", "Dice", 46.34),
-    PublishedResult("object-detection", "RSNA Pneumonia", "mAP", 21.29),
-    PublishedResult("zero-shot-image-classification", "MHIST", "accuracy", 57.27),
-    PublishedResult("zero-shot-image-classification", "LC25000 (lung)", "accuracy", 84.03),
-    PublishedResult("zero-shot-image-classification", "LC25000 (colon)", "accuracy", 90.39),
-)
 
 # Each benchmark's identity in model-index metadata: (dataset type, config). Entries with the same task, type and
 # config are one model-index entry, so the two LC25000 sets are told apart by their config.
@@ -50,10 +32,10 @@ DATASETS = {
     "LC25000 (colon)": ("lc25000", "colon"),
 }
 # `ace-lora-evaluate --dataset` names -> benchmark names (chexpert5x200 and nih14: what reports of 0.1 name them).
-ZERO_SHOT_BENCHMARKS = {"rsna": "RSNA Pneumonia", "chexpert_5x200": "CheXpert 5x200", "siim": "SIIM-ACR Pneumothorax",
-                        "chestxray14": "ChestX-ray14", "mhist": "MHIST", "lc25000_lung": "LC25000 (lung)",
-                        "lc25000_colon": "LC25000 (colon)", "chexpert5x200": "CheXpert 5x200",
-                        "nih14": "ChestX-ray14"}
+ZERO_SHOT_BENCHMARKS = {"rsna": "RSNA Pneumonia", "chexpert_5x200": "CheXpert 5x200",
+                        "siim": "SIIM-ACR Pneumothorax", "chestxray14": "ChestX-ray14", "mhist": "MHIST",
+                        "lc25000_lung": "LC25000 (lung)", "lc25000_colon": "LC25000 (colon)",
+                        "chexpert5x200": "CheXpert 5x200", "nih14": "ChestX-ray14"}
 # Metric keys of the evaluation JSONs -> (model-index metric type, config, name on the card).
 METRICS = {
     "accuracy": ("accuracy", None, "accuracy"),
@@ -263,5 +245,4 @@ def render_model_card(repo_id: str, model_class: str = "AceLoraModel", results: 
         results=all_results, results_note=results_note)
 
 
-__all__ = ["BIOMEDCLIP", "PUBLISHED_RESULTS", "PublishedResult", "evaluation_results", "paper_results",
-           "render_model_card"]
+__all__ = ["BIOMEDCLIP", "evaluation_results", "paper_results", "render_model_card"]

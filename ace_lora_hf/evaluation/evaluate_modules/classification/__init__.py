@@ -1,1 +1,0 @@
-"""The `classification` evaluate module (loaded by path with `evaluate.load`)."""

@@ -1,1 +1,0 @@
-"""The `detection_map` evaluate module (loaded by path with `evaluate.load`)."""

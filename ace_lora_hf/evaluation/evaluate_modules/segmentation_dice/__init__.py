@@ -1,1 +1,0 @@
-"""The `segmentation_dice` evaluate module (loaded by path with `evaluate.load`)."""
