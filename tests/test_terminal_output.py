@@ -1,8 +1,13 @@
 """Names from the user's files are printed with their control characters escaped."""
 
+import shutil
+
 import pytest
 
+from ace_lora_hf.cli.common import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
 from ace_lora_hf.outputs.terminal import printable
+
+from conftest import SAMPLES
 
 
 @pytest.mark.parametrize("name, shown", [
@@ -15,3 +20,25 @@ from ace_lora_hf.outputs.terminal import printable
 ])
 def test_control_characters_are_shown_as_escapes(name, shown):
     assert printable(name) == shown
+
+
+def test_classify_prints_hostile_file_names_escaped(tiny_hub_folder, tmp_path, capsys):
+    from ace_lora_hf.cli.classify import main
+
+    hostile = tmp_path / "scan\x1b[2J\r0.99 pneumonia.png"
+    shutil.copy(SAMPLES / "nih_00000001_000.png", hostile)
+    (tmp_path / "bad\x1b]0;title\x07.png").write_text("not an image")
+    assert main(["--model", str(tiny_hub_folder), "--images", str(tmp_path)]) == EXIT_INPUTS_SKIPPED
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\x07" not in out
+    assert "scan\\x1b[2J\\r0.99 pneumonia.png" in out and "bad\\x1b]0;title\\x07.png" in out
+
+
+def test_an_error_naming_a_hostile_file_is_one_escaped_line(tmp_path, capsys):
+    from ace_lora_hf.cli.classify import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--images", str(tmp_path / "gone\x1b[2J.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and len(err.strip().splitlines()) == 1
+    assert "\x1b" not in err and "gone\\x1b[2J.png" in err

@@ -21,6 +21,7 @@ from ..inference.image_inputs import ImageInputs, collect_images, read_image_lis
 from ..inference.malloc_tuning import keep_freed_memory_for_reuse
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_labels, checked_templates
 from ..outputs.result_files import ResultsFile
+from ..outputs.terminal import printable
 from ..outputs.safe_outputs import check_output_file, ensure_folder, folder_lock
 from ..sources.load import model_identity
 
@@ -56,11 +57,12 @@ class TablePrinter:
                      "prediction"])
 
     def _name(self, image: str) -> str:
-        return os.path.relpath(image, self.folder) if self.folder else image
+        return printable(os.path.relpath(image, self.folder) if self.folder else image)
 
     def _print(self, cells: list[str]) -> None:
+        """One row, every cell escaped: names and labels come from the user's files."""
         if self.enabled:
-            tqdm.write("  ".join(cells), file=sys.stdout)  # above the progress bar, which stays at the bottom
+            tqdm.write("  ".join(map(printable, cells)), file=sys.stdout)  # above the progress bar
 
     def row(self, record: dict) -> None:
         name = self._name(record["image"])
@@ -168,7 +170,7 @@ def report(summary: dict, results: ResultsFile | None) -> None:
     print(f"classified {summary['classified']} image(s), {summary['images_per_second']:.2f} images/s"
           + (f"; skipped {len(skipped)}:" if skipped else ""))
     for entry in skipped:
-        print(f"  {entry['image']}: {entry['error']}")
+        print(f"  {printable(entry['image'])}: {printable(entry['error'])}")
     if "metrics" in summary:
         metrics = summary["metrics"]
         print(f"accuracy {metrics['accuracy']:.4f}  AUC ({summary['labels'][1]}) {metrics['auc']:.4f}")

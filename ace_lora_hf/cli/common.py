@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import AceLoraError
+from ..outputs.terminal import printable
 
 
 EXIT_OK = 0
@@ -20,8 +21,8 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT:
 
 
 def error_line(program: str, message: object) -> str:
-    """`program: error: message` on one line."""
-    return f"{program}: error: {' '.join(str(message).split())}"
+    """`program: error: message` on one line, control characters of the names it quotes shown as escapes."""
+    return f"{program}: error: {printable(' '.join(str(message).split()))}"
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
