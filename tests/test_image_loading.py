@@ -1,8 +1,12 @@
 """Medical image loading: every PIL mode, DICOM LUTs and photometry, EXIF orientation, and a clear error for every
 bad file (decompression bombs included)."""
 
+import os
+import re
+import socket
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +196,16 @@ def test_unusable_dicom_window_and_non_finite_pixels_are_load_errors(tmp_path):
     Image.fromarray(np.array([[0, np.nan]], np.float32)).save(tmp_path / "nan.tiff")
     with pytest.raises(ImageLoadError, match="NaN or infinite"):
         load_image(tmp_path / "nan.tiff")
+
+
+def test_a_path_that_is_not_a_regular_file_says_what_it_is(tmp_path):
+    os.mkfifo(tmp_path / "fifo")  # opening it to read would block: it must be named, never opened
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "socket"))
+        cases = {tmp_path: "a folder", tmp_path / "fifo": "a named pipe (FIFO)", tmp_path / "socket": "a socket",
+                 Path("/dev/null"): "a character device", tmp_path / "dangling": "a link to a file that does not exist",
+                 tmp_path / "missing.png": "file not found"}
+        for path, kind in cases.items():
+            with pytest.raises(ImageLoadError, match=re.escape(f"{path}: {kind}")):
+                load_image(path)

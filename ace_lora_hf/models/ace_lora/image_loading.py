@@ -2,6 +2,7 @@
 grayscale data, "RGB" for colour."""
 
 import io
+import stat
 import warnings
 from functools import partial
 from pathlib import Path
@@ -52,12 +53,25 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     path = Path(source)
     name = name or str(path)
     if not path.is_file():
-        raise ImageLoadError(name, "file not found")
+        raise ImageLoadError(name, _not_a_file(path))
     with path.open("rb") as file:
         head = file.read(132)
     if path.suffix.lower() in DICOM_SUFFIXES or _is_dicom_bytes(head):
         return _load_dicom(path, name)
     return _load_pil(path, name)
+
+
+def _not_a_file(path: Path) -> str:
+    """What `path` is instead of an image file (nothing is opened: reading a FIFO or device could block)."""
+    if path.is_symlink() and not path.exists():
+        return "a link to a file that does not exist"
+    if not path.exists():
+        return "file not found"
+    mode = path.stat().st_mode
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    return f"{kind}, not an image file"
 
 
 def _is_dicom_bytes(head: bytes) -> bool:
