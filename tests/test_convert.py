@@ -146,6 +146,11 @@ def _rank_8(checkpoint):
     checkpoint["weights"]["layer_0"]["q_proj"]["w_lora_A"] = torch.zeros(8, 768)
 
 
+def _integers(checkpoint):
+    adapter = checkpoint["weights"]["layer_2"]["v_proj"]
+    adapter["w_lora_B"] = adapter["w_lora_B"].to(torch.int64)  # cast to the model's dtype, it would load silently
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -153,8 +158,9 @@ def _rank_8(checkpoint):
         (_wrong_shape, r"text_node_adapter/up.weight has shape \[512, 64\], expected \[512, 128\]"),
         (_nan, r"img_edge_adapter/down.bias contains NaN"),
         (_rank_8, r"layer_0/q_proj/w_lora_A has rank 8 but the config has lora_rank=4"),
+        (_integers, r"tensor layer_2/v_proj/w_lora_B is stored as torch.int64; weights are floating point"),
     ],
-    ids=["missing-key", "wrong-shape", "nan", "other-rank"],
+    ids=["missing-key", "wrong-shape", "nan", "other-rank", "integers"],
 )
 def test_bad_adapter_checkpoints_name_file_and_key(released, tmp_path, mutate, message):
     checkpoint = copy.deepcopy(released)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from transformers import AutoModel
 
 import ace_lora_hf
 from ace_lora_hf import AceLoraConfig
-from ace_lora_hf.errors import CheckpointError
+from ace_lora_hf import load
+from ace_lora_hf.errors import CheckpointError, ConfigError
 from ace_lora_hf.models.ace_lora.configuration_ace_lora import FORMAT_VERSION
 from ace_lora_hf.models.ace_lora.errors import FormatVersionError
 from ace_lora_hf.sources.folders import load_pretrained
@@ -151,3 +153,27 @@ def test_non_finite_weights_are_refused_when_loading_naming_the_tensor(saved_tin
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"weight logit_scale contains NaN or infinite values"):
         load_pretrained(AutoModel, folder)
+
+
+@pytest.mark.parametrize("stored", [torch.bool, torch.uint8, torch.int64, torch.float8_e4m3fn])
+def test_weights_stored_in_a_non_float_dtype_are_refused_naming_the_tensor(saved_tiny, tmp_path, stored):
+    folder = tmp_path / "copy"
+    shutil.copytree(saved_tiny[0], folder)
+    weights = load_file(folder / "model.safetensors")
+    name = next(key for key in weights if key.endswith("lora_A.default.weight"))
+    weights[name] = weights[name].to(stored)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(name)} of model.safetensors is stored as"):
+        load(folder)
+
+
+@pytest.mark.parametrize("field", ["dtype", "vision_config.dtype"])
+def test_a_config_dtype_the_model_cannot_run_in_is_refused(saved_tiny, tmp_path, field):
+    folder = tmp_path / "copy"
+    shutil.copytree(saved_tiny[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    *parent, key = field.split(".")
+    (config[parent[0]] if parent else config)[key] = "int8"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"config.json: {re.escape(field)} is 'int8'"):
+        load(folder)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from ..errors import AdapterMismatchError, CheckpointError, InvalidArgumentError, OutputPathError
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel
 from ..outputs.safe_outputs import atomic_file, ensure_folder, write_text_atomic
+from .tensors import check_weight
 
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -108,8 +109,7 @@ def load_adapters(model: AceLoraModel, directory: str | Path) -> AceLoraModel:
             raise AdapterMismatchError(
                 f"{directory}: {name} has shape {list(tensor.shape)}, the model {list(parameters[name].shape)}."
             )
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{directory}: tensor {name} contains NaN or infinite values.")
+        check_weight(str(directory), name, tensor)
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)

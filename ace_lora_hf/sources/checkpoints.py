@@ -19,6 +19,7 @@ from ..models.ace_lora.modeling_ace_lora import AceLoraModel
 from ..models.ace_lora.modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation
 from ..outputs.safe_outputs import atomic_file, write_json_atomic
 from .convert import save_model_folder
+from .tensors import check_weight
 from .folders import load_pretrained, model_folder
 
 
@@ -107,8 +108,7 @@ def load_trained_weights(model: torch.nn.Module, folder: Path) -> None:
         if tensor.shape != parameters[name].shape:
             raise CheckpointError(f"{folder / TRAINED_WEIGHTS}: {name} has shape {list(tensor.shape)}, the model "
                                   f"{list(parameters[name].shape)}.")
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{folder / TRAINED_WEIGHTS}: {name} contains NaN or infinite values.")
+        check_weight(str(folder / TRAINED_WEIGHTS), name, tensor)
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)

@@ -16,7 +16,7 @@ import torch
 from filelock import FileLock
 from huggingface_hub import constants
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModel, AutoProcessor
 from transformers.utils import logging
 
@@ -36,6 +36,10 @@ BIOMEDCLIP_REPO_ID = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 # Bump when a conversion of the same sources would give a different folder, so that old cache entries are not used.
 CONVERSION_FORMAT = 2
 CONVERSION_RECORD = "ace_lora_conversion.json"
+SAFE_WEIGHTS = "model.safetensors"
+# The dtypes weights may be stored in, as safetensors names them -> as config.json names them.
+WEIGHT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+SUB_CONFIGS = ("vision_config", "text_config")
 
 
 def conversion_cache(cache_dir: str | Path | None = None) -> Path:
@@ -100,11 +104,41 @@ def model_folder(source: str | Path | None, option: str = "--model", revision: s
     if model_type != "ace_lora":
         raise ModelSourceError(f"{option} {source}: a {model_type or 'unknown'} model, not ACE-LoRA. "
                                f"{_foreign_model_advice(source)}")
+    _refuse_unsupported_dtypes(config, f"{option} {source}/config.json")
     try:
         AceLoraConfig.from_dict(config)  # every field checked now, before anything loads
     except (ConfigError, FormatVersionError, StrictDataclassError) as error:
         raise _config_error(error, f"{option} {source}") from None
     return str(source)
+
+
+def _refuse_unsupported_dtypes(config: dict, where: str) -> None:
+    """A `dtype` the model cannot run in (int8, a typo) is refused: transformers would ignore it silently."""
+    for part, fields in [("", config), *((f"{name}.", config.get(name) or {}) for name in SUB_CONFIGS)]:
+        value = fields.get("dtype") if isinstance(fields, dict) else None
+        if value is not None and value not in WEIGHT_DTYPES.values():
+            raise ConfigError(f"{where}: {part}dtype is {value!r}; ACE-LoRA runs in {', '.join(WEIGHT_DTYPES.values())}"
+                              ": fix the value or remove it.")
+
+
+def _refuse_non_float_tensors(folder: str | Path, where: str, revision: str | None) -> None:
+    """Every tensor of the weights files is stored as float32, float16 or bfloat16: transformers would cast a bool,
+    integer or float8 tensor to the model's dtype without a word, giving other numbers than the file's author had."""
+    path = Path(folder)
+    files = (sorted(path.glob("*.safetensors")) if path.is_dir()
+             else [hub_file(folder, SAFE_WEIGHTS, "--model", revision)])
+    for file in filter(None, files):
+        try:
+            with safe_open(file, "pt") as weights:
+                for name in weights.keys():
+                    stored = weights.get_slice(name).get_dtype()
+                    if stored not in WEIGHT_DTYPES:
+                        raise CheckpointError(f"{where}: tensor {name} of {file.name} is stored as {stored}; ACE-LoRA "
+                                              "weights are floating point (float32, float16 or bfloat16): convert or "
+                                              "save the model again.")
+        except SafetensorError as error:
+            raise CheckpointError(f"{where}: its weights file {file.name} is unreadable ({error}); it may be "
+                                  "truncated: download or convert it again.") from None
 
 
 def _config_error(error: Exception, where: str) -> AceLoraError:
@@ -164,6 +198,7 @@ def load_pretrained(model_class, folder: str | Path, option: str | None = None, 
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
     if model_class is AutoProcessor:
         return _load_processor(folder, where, **kwargs)
+    _refuse_non_float_tensors(folder, where, kwargs.get("revision"))
     try:
         with _quiet_loading_report():
             model, loading_info = model_class.from_pretrained(folder, ignore_mismatched_sizes=True,

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from ..models.ace_lora.configuration_ace_lora import AceLoraConfig
 from ..errors import CheckpointError, ModelSourceError
 from ..models.ace_lora.modeling_ace_lora import AceLoraTextModel, AceLoraVisionModel
+from .tensors import check_weight
 
 
 RELEASED = "released"
@@ -143,9 +144,7 @@ class _TensorReader:
             raise CheckpointError(f"{self.path}: {name} is not a tensor.")
         if shape is not None and tuple(tensor.shape) != shape:
             raise CheckpointError(f"{self.path}: {name} has shape {list(tensor.shape)}, expected {list(shape)}.")
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{self.path}: {name} contains NaN or infinite values.")
-        return tensor
+        return check_weight(str(self.path), name, tensor)
 
 
 __all__ = ["RELEASED", "SHIPPED_ADAPTERS", "AdapterCheckpoint", "adapter_state_dict", "flatten",
