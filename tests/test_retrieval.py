@@ -3,6 +3,7 @@ embeddings are cached, reused and recomputed when the table changes."""
 
 import gzip
 import json
+import shutil
 
 import pytest
 import torch
@@ -198,6 +199,13 @@ def test_output_is_checked_before_any_work(tiny_hub_folder, tmp_path, forward_ca
                         str(tmp_path / "results.json")])
     with pytest.raises(OutputPathError, match="also an input"):
         retrieval_cli.main(["--table", str(table), "--model", str(tiny_hub_folder), "--output", str(table), "--overwrite"])
+    image = tmp_path / "images" / "nih_00000001_000.png"  # an image of the table, named as the output
+    image.parent.mkdir()
+    shutil.copy(SAMPLES / image.name, image)
+    with pytest.raises(OutputPathError, match="also an input"):
+        retrieval_cli.main(["--table", str(table), "--image-root", str(image.parent), "--model",
+                            str(tiny_hub_folder), "--output", str(image), "--overwrite"])
+    assert image.read_bytes() == (SAMPLES / image.name).read_bytes()
     (tmp_path / "cache_file").write_text("not a folder")
     with pytest.raises(OutputPathError, match="--cache-dir: .*cache_file is a file, not a folder"):
         retrieval_cli.main(["--table", str(table), "--model", str(tiny_hub_folder), "--cache-dir",

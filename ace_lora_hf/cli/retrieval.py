@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..outputs.terminal import printable
 from .common import EXIT_INPUTS_SKIPPED, run_cli
 from .options import (add_batch_options, add_device_options, add_model_options, add_option, add_output_options,
                       check_paths_exist, command_parser, model_summary)
@@ -119,7 +120,7 @@ def print_summary(summary: dict) -> None:
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} image(s), their pairs left out:")
         for entry in summary["skipped"]:
-            print(f"  line {entry['line']}: {entry['image']}: {entry['error']}")
+            print(f"  line {entry['line']}: {printable(entry['image'])}: {printable(entry['error'])}")
     verb = "reused from" if summary["embeddings"]["reused"] else "computed and kept in"
     print(f"embeddings {verb} {summary['embeddings']['file']}")
 
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory_for_reuse()
     pairs = read_table(args)
     if args.output:
-        check_output_file(args.output, [args.table], overwrite=args.overwrite)
+        check_output_file(args.output, [args.table, *pairs.images], overwrite=args.overwrite)
     args.cache_dir = args.cache_dir or default_cache_dir()
     ensure_folder(args.cache_dir, "--cache-dir")
     check_model_source(args)
