@@ -70,6 +70,10 @@ def test_class_embeddings_are_computed_once_per_labels_and_templates(demo_model,
     (CHEST_TEXT[0], "{} and {}", MONOCHROME1, "'{} and {}' needs {} exactly once"),
     (CHEST_TEXT[0], "an image of {label}", MONOCHROME1, "'an image of {label}' needs {} exactly once"),
     (CHEST_TEXT[0], "\n \n", MONOCHROME1, "at least one template"),
+    ("\n".join(f"finding {i}" for i in range(3000)), CHEST_TEXT[1], MONOCHROME1,
+     "3000 labels: this page classifies with at most 64 at a time"),  # what a visitor of a public Space can type
+    (CHEST_TEXT[0], "\n".join(f"view {i}: {{}}" for i in range(9)), MONOCHROME1, "9 templates: this page"),
+    ("x" * 5000 + "\nedema", CHEST_TEXT[1], MONOCHROME1, "is 5000 characters long; keep each under 300"),
 ])
 def test_bad_inputs_give_a_message_and_no_results(demo_model, labels, templates, image, message):
     shown, bars, table, picture = demo_model.classify(image and str(image), labels, templates)
@@ -124,3 +128,9 @@ def test_chromium_classifies_an_uploaded_monochrome1_dicom(tiny_hub_folder, expe
     assert f"fake_monochrome1.dcm: prediction {prediction}" in message
     assert list(shown) == list(LABELS)
     assert {label: float(value) for label, value in shown.items()} == pytest.approx(expected, abs=1e-3)
+
+
+def test_an_image_over_the_pages_size_limit_is_refused_before_it_is_read(demo_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "MAX_IMAGE_BYTES", 1000)
+    shown, *outputs = demo_model.classify(str(MONOCHROME1), *CHEST_TEXT)
+    assert shown.startswith("**Cannot classify:** ") and "is over 0 MB" in shown and outputs == [None, None, None]

@@ -33,11 +33,23 @@ PRESETS = {
 DEFAULT_PRESET = next(iter(PRESETS))
 CACHED_TEMPLATE_LISTS = 16
 NO_IMAGE = "Upload an image (PNG, JPEG, TIFF or DICOM) or pick an example first."
+# What one request of a public page may ask for: each label costs a text-tower pass per template, and a visitor can
+# type thousands (3,000 labels ran the server out of memory).
+REQUEST_LIMITS = {"label": 64, "template": 8}
+MAX_ENTRY_CHARACTERS = 300
+MAX_IMAGE_BYTES = 64 * 2**20  # a full-size chest X-ray DICOM is 10-30 MB
 
 
 def parse_lines(text: str, what: str) -> tuple[str, ...]:
-    """One entry a line; blank lines dropped, duplicates refused."""
+    """One entry a line; blank lines dropped, duplicates refused, and no more than the page serves per request."""
     entries = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(entries) > REQUEST_LIMITS[what]:
+        raise InvalidArgumentError(f"{len(entries)} {what}s: this page classifies with at most "
+                                   f"{REQUEST_LIMITS[what]} at a time; shorten the list.")
+    long = next((entry for entry in entries if len(entry) > MAX_ENTRY_CHARACTERS), None)
+    if long is not None:
+        raise InvalidArgumentError(f"The {what} {long[:40]!r}... is {len(long)} characters long; keep each under "
+                                   f"{MAX_ENTRY_CHARACTERS}.")
     duplicates = sorted({entry for entry in entries if entries.count(entry) > 1})
     if duplicates:
         raise InvalidArgumentError(f"The {what} list names {', '.join(map(repr, duplicates))} more than once.")
@@ -88,6 +100,9 @@ class ZeroShotDemo:
         try:
             if not image_path:
                 raise InvalidArgumentError(NO_IMAGE)
+            if Path(image_path).stat().st_size > MAX_IMAGE_BYTES:
+                raise InvalidArgumentError(f"{Path(image_path).name} is over {MAX_IMAGE_BYTES // 2**20} MB; this page "
+                                           "takes smaller images.")
             labels, templates = parse_labels(labels_text), parse_templates(templates_text)
             name = Path(image_path).name
             explanation = explain(self.classifier(templates), image_path, labels, name=name)
@@ -146,5 +161,5 @@ def build_demo(model: AceLoraModel, processor: AceLoraProcessor):
     return demo
 
 
-__all__ = ["DEFAULT_PRESET", "EXAMPLES_FOLDER", "PRESETS", "ZeroShotDemo", "build_demo", "example_files",
-           "import_gradio"]
+__all__ = ["DEFAULT_PRESET", "EXAMPLES_FOLDER", "PRESETS", "REQUEST_LIMITS", "ZeroShotDemo", "build_demo",
+           "example_files", "import_gradio"]
