@@ -60,3 +60,13 @@ def test_resume_keeps_one_row_per_image_of_this_run(tmp_path):
     resumed.finish({})
     with output.open(newline="") as file:
         assert [row["image"] for row in csv.DictReader(file)] == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("name", ["results.csv", "results.jsonl"])
+@pytest.mark.parametrize("image", ["two\nlines.png", "carriage\rreturn.png", "line\u2028separator.png",
+                                   "both\r\n.png"])
+def test_file_names_with_line_breaks_resume_exactly(tmp_path, name, image):
+    output = tmp_path / name
+    _interrupted_run(output, [_record(image), _record("plain.png")])
+    resumed = ResultsFile(output, LABELS, resume=True, provenance=RUN, inputs=[image, "plain.png", "c.png"])
+    assert resumed.records == [_record(image), _record("plain.png")]

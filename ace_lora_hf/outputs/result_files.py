@@ -6,6 +6,7 @@ finished file of an earlier run unless asked (`--overwrite`).
 """
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -89,34 +90,39 @@ class ResultsFile:
         if not source.exists():
             return []
         try:
-            lines = source.read_text(encoding="utf-8").splitlines()
+            text = source.read_bytes().decode("utf-8")  # not read_text: its newline translation would turn \r into \n
         except UnicodeDecodeError:
             raise self._unusable(source, "is not a UTF-8 text file") from None
         parse = self._csv_records if self.format == ".csv" else self._jsonl_records
+        parsed = list(parse(source, text))
         records = []
-        for number, record, cut_off in parse(source, lines):
+        for index, (number, record, cut_off) in enumerate(parsed, start=1):
             if record is None:
-                if cut_off and number == len(lines):
+                if cut_off and index == len(parsed):
                     break
                 raise self._unusable(source, f"line {number} is not a result of these labels")
             records.append(record)
         self._check_provenance(source)
         return records
 
-    def _csv_records(self, source: Path, lines: list[str]) -> Iterator[tuple[int, dict | None, bool]]:
-        """(line number, record or None, whether the line looks cut off) of each row."""
-        rows = ([restored(cell) for cell in cells] for cells in csv.reader(lines))
+    def _csv_records(self, source: Path, text: str) -> Iterator[tuple[int, dict | None, bool]]:
+        """(line number, record or None, whether it looks cut off) of each row. The reader splits rows, not the text:
+        a quoted cell may hold a line break (an image name with \\n, \\r or U+2028)."""
+        reader = csv.reader(io.StringIO(text, newline=""))
+        rows = ([restored(cell) for cell in cells] for cells in reader)
         header = next(rows, None)
         if header is not None and header != self._columns():
             raise OutputPathError(f"--resume: {source} holds the results of other labels ({header}); choose another "
                                   "--output or pass --overwrite to start over.")
-        for number, cells in enumerate(rows, start=2):
+        for cells in rows:
             complete = len(cells) == len(header)
-            yield number, self._from_row(dict(zip(header, cells))) if complete else None, len(cells) < len(header)
+            yield reader.line_num, self._from_row(dict(zip(header, cells))) if complete else None, \
+                len(cells) < len(header)
 
-    def _jsonl_records(self, source: Path, lines: list[str]) -> Iterator[tuple[int, dict | None, bool]]:
-        """(line number, record or None, whether the line looks cut off) of each line."""
-        for number, line in enumerate(lines, start=1):
+    def _jsonl_records(self, source: Path, text: str) -> Iterator[tuple[int, dict | None, bool]]:
+        """(line number, record or None, whether the line looks cut off) of each line; split on newlines only (a
+        record never holds one: JSON escapes it)."""
+        for number, line in enumerate(text.removesuffix("\n").split("\n"), start=1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
