@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 import time
 
@@ -118,6 +119,16 @@ def test_outputs_are_checked_before_the_work(tiny_folder, tiny_export):
     with pytest.raises(OutputPathError, match="holds an input"):
         main(["--model", str(tiny_folder), "--output", str(tiny_folder), "--overwrite"])
     assert {path.name: path.stat().st_mtime_ns for path in tiny_export.iterdir()} == before
+
+
+@needs_onnx
+def test_overwriting_an_export_keeps_the_users_other_files(tiny_folder, tiny_export, tmp_path):
+    export = shutil.copytree(tiny_export, tmp_path / "onnx")
+    (export / "notes.txt").write_text("mine")
+    main(["--model", str(tiny_folder), "--output", str(export), "--overwrite", "--opset", "18"])
+    assert (export / "notes.txt").read_text() == "mine"
+    assert sorted(path.name for path in export.iterdir()) == ["export_onnx.json", "notes.txt", "text.onnx",
+                                                              "vision.onnx"]
 
 
 @needs_onnx

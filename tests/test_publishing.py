@@ -263,6 +263,19 @@ def test_staging_refuses_a_non_empty_folder(tiny_hub_folder, tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+def test_overwriting_a_staging_folder_never_takes_or_loses_the_users_files(tiny_hub_folder, tmp_path):
+    staging = tmp_path / "repo"
+    publish.stage_repository(tiny_hub_folder, HUB_REPO_ID, staging)
+    staged = sorted(path.name for path in staging.iterdir())
+    (staging / "notes.txt").write_text("mine")  # the folder is uploaded as a whole: it must not go along, nor go
+    with pytest.raises(OutputPathError, match="holds 'notes.txt', which this command does not write there"):
+        publish.stage_repository(tiny_hub_folder, HUB_REPO_ID, staging, overwrite=True)
+    assert (staging / "notes.txt").read_text() == "mine"
+    (staging / "notes.txt").unlink()
+    publish.stage_repository(tiny_hub_folder, HUB_REPO_ID, staging, overwrite=True)
+    assert sorted(path.name for path in staging.iterdir()) == staged
+
+
 # ------------------------------------------------------------------------------------------------- adapters
 
 

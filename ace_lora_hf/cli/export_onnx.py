@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with folder_lock(args.output.resolve()):
         check_output_folder(args.output, [Path(args.model)], args.overwrite)
         model = load_model(args, "cpu", torch.float32).model  # float32, LoRA merged, eval mode
-        with atomic_folder(args.output) as staging:
+        with atomic_folder(args.output, others="keep") as staging:  # the user's notes stay beside the files
             description = export_model(model, staging, args.opset)
     for key in ("vision", "text"):
         entry = description[key]

@@ -120,13 +120,18 @@ def write_json_atomic(path: str | Path, value) -> Path:
 
 
 @contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
+def atomic_folder(target: str | Path, others: str = "replace", option: str = "--output") -> Iterator[Path]:
     """Yield a temporary folder beside `target` that replaces `target` only when the block completes.
 
     An earlier `target` is moved aside first and deleted only after the new one is in place. A failed block
     leaves `target` as it was and removes the temporary folder. Temporary folders of `target` that a killed process
     left behind (SIGTERM, power loss) are removed first: the caller holds `target`'s lock (`folder_lock`), so no
     other process is writing them.
+
+    `others` says what becomes of files in an earlier `target` that the block did not write: "replace" (they go: a
+    model folder must not keep stale weight shards), "keep" (they move into the new folder: a user's notes beside
+    exported files), or "refuse" (an `OutputPathError` naming one of them, `target` left as it was: a folder that is
+    uploaded as a whole must not take a user's files along, nor lose them).
     """
     target = Path(target)
     _remove_leftovers(target)
@@ -135,9 +140,23 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     try:
         yield staging
         _give_files_default_permissions(staging)
+        _settle_other_files(target, staging, others, option)
         replace_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _settle_other_files(target: Path, staging: Path, others: str, option: str) -> None:
+    if others == "replace" or not target.is_dir():
+        return
+    foreign = sorted(entry for entry in target.iterdir() if not (staging / entry.name).exists())
+    if foreign and others == "refuse":
+        raise OutputPathError(f"{option} {target} holds {foreign[0].name!r}"
+                              f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which this command "
+                              "does not write there; move it out, or choose another folder (--overwrite replaces only "
+                              "what the command wrote).")
+    for entry in foreign:
+        entry.rename(staging / entry.name)
 
 
 def _remove_leftovers(target: Path) -> None:

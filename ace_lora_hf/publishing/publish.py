@@ -143,7 +143,7 @@ def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path
         picture = card_picture_source(example_image) if zero_shot else None
         card = render_model_card(repo_id, type(loaded).__name__, evaluations, released, base_model, space,
                                  EXPLANATION_NAME if picture else None, f"`{picture.name}`" if picture else "")
-        with atomic_folder(staging) as folder:
+        with atomic_folder(staging, others="refuse", option="--staging") as folder:  # the folder is uploaded
             if picture:
                 draw_card_explanation(loaded, processor, picture, folder / EXPLANATION_NAME)
             loaded.save_pretrained(folder)
