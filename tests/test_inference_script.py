@@ -61,6 +61,17 @@ def test_classifies_files_and_writes_json_and_pictures(tiny_hub_folder, tmp_path
         assert Image.open(tmp_path / "ex" / f"{image.stem}_explain.png").size == (1890, 1260)
 
 
+def test_explain_overwrite_replaces_a_planted_link_and_never_writes_through_it(tiny_hub_folder, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "ex").mkdir()
+    picture = tmp_path / "ex" / f"{IMAGES[0].stem}_explain.png"
+    picture.symlink_to(victim)
+    run(capsys, "--model", tiny_hub_folder, "--images", IMAGES[0], "--explain", tmp_path / "ex", "--overwrite")
+    assert victim.read_text() == "precious"
+    assert not picture.is_symlink() and Image.open(picture).size == (1890, 1260)
+
+
 def _write_rsna_table(path, images, targets):
     with path.open("w", newline="") as file:
         writer = csv.writer(file)

@@ -22,7 +22,7 @@ from ..inference.malloc_tuning import keep_freed_memory_for_reuse
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_labels, checked_templates
 from ..outputs.result_files import ResultsFile
 from ..outputs.terminal import printable
-from ..outputs.safe_outputs import check_output_file, ensure_folder, folder_lock
+from ..outputs.safe_outputs import atomic_file, check_output_file, ensure_folder, folder_lock
 from ..sources.load import model_identity
 
 
@@ -161,8 +161,10 @@ def explanation_targets(folder: Path, images: Sequence[str]) -> dict[str, Path]:
 def write_explanations(classifier: ZeroShotClassifier, images: list[str], labels: list[str],
                        targets: dict[str, Path]) -> None:
     for image in images:
-        plot_explanation(explain(classifier, image, labels), title=Path(image).name).savefig(targets[image])
-        print(f"wrote {targets[image]}")
+        figure = plot_explanation(explain(classifier, image, labels), title=Path(image).name)
+        with atomic_file(targets[image], "wb") as file:  # a link planted at the name is replaced, not written through
+            figure.savefig(file, format="png")
+        print(f"wrote {printable(str(targets[image]))}")
 
 
 def report(summary: dict, results: ResultsFile | None) -> None:
