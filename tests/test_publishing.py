@@ -245,6 +245,14 @@ def test_zero_shot_results_keep_both_lc25000_sets(tiny_hub_folder, tmp_path):
     ('{"dataset": "rsna", "metrics": {"accuracy": 0.5}}', "neither a fine-tune's test_results.json"),
     ('{"datasets": {"rsna": {}}}', "rsna: no 'metrics'"),
     ('{"task": "segmentation", "dataset": "SIIM"}', "no 'metrics'"),
+    # what a card would render as markup, a heading or a link, or a value it cannot format
+    ('{"task": "segmentation", "dataset": "<img src=x onerror=alert(1)>", "metrics": {"dice": 0.5}}',
+     "'dataset' is '<img src=x onerror=alert(1)>'; a name on the card is letters"),
+    ('{"task": "segmentation", "dataset": "# Owned", "metrics": {"dice": 0.5}}', "'dataset' is '# Owned'"),
+    ('{"task": "detection", "dataset": "RSNA", "split": "[x](javascript:alert(1))", "metrics": {"map": 0.2}}',
+     "'split' is '[x](javascript:alert(1))'"),
+    ('{"task": "segmentation", "dataset": "SIIM", "fraction": "all", "metrics": {"dice": 0.5}}',
+     "'fraction' is 'all'; expected a number in (0, 1]"),
 ])
 def test_results_files_that_are_not_evaluations_are_one_line(content, message, tiny_hub_folder, tmp_path, capsys):
     (tmp_path / "results.json").write_text(content)

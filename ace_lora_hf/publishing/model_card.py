@@ -6,6 +6,7 @@ Results come from the evaluation of the model being published (a fine-tune's `te
 as the paper's.
 """
 
+import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -163,6 +164,9 @@ Research on medical vision-language models. Not a medical device; not for clinic
 """
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+()\-]{0,63}")
+
+
 def _dataset(name: str) -> dict:
     dataset_type, config = DATASETS.get(name, (name.lower().replace(" ", "-"), None))
     return {"dataset_name": name, "dataset_type": dataset_type, "dataset_config": config}
@@ -187,10 +191,15 @@ def evaluation_results(results: dict, path: Path) -> list[EvalResult]:
     `ace-lora-evaluate` (one or more zero-shot benchmarks); metrics in percent, without a source (the paper's results
     carry theirs). An undefined (null) metric is left out."""
     if results.get("task") in FINETUNING_TASKS:
-        task_name = (f"{results['task']} head on the frozen encoder, {results.get('fraction', 1.0):.0%} of the "
-                     "training split")
-        return _results_of(FINETUNING_TASKS[results["task"]], results.get("dataset"), results.get("split"),
-                           task_name, results.get("metrics"), path)
+        fraction = results.get("fraction", 1.0)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise DataFormatError(f"{path}: 'fraction' is {fraction!r}; expected a number in (0, 1]: write it again "
+                                  "with the command that made it.")
+        task_name = f"{results['task']} head on the frozen encoder, {fraction:.0%} of the training split"
+        split = results.get("split")
+        return _results_of(FINETUNING_TASKS[results["task"]], results.get("dataset"),
+                           None if split is None else _plain_name(split, "split", path), task_name,
+                           results.get("metrics"), path)
     benchmarks = results.get("datasets")
     if not isinstance(benchmarks, dict) or not benchmarks or any(name not in ZERO_SHOT_BENCHMARKS
                                                                   for name in benchmarks):
@@ -201,9 +210,19 @@ def evaluation_results(results: dict, path: Path) -> list[EvalResult]:
                                       "zero-shot classification", benchmark.get("metrics"), f"{path}: {name}")]
 
 
+def _plain_name(value, field: str, where) -> str:
+    """A dataset or split name as the card may show it: plain words, nothing a Markdown or HTML renderer would turn
+    into markup, a heading or a link."""
+    if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value):
+        raise DataFormatError(f"{where}: {field!r} is {value!r}; a name on the card is letters, digits, spaces and "
+                              ". _ - + ( ), at most 64 characters: write it again with the command that made it.")
+    return value
+
+
 def _results_of(task: str, dataset, split: str | None, task_name: str, metrics, where) -> list[EvalResult]:
     if not isinstance(dataset, str):
         raise DataFormatError(f"{where}: no 'dataset' name.")
+    _plain_name(dataset, "dataset", where)
     if not isinstance(metrics, dict):
         raise DataFormatError(f"{where}: no 'metrics'; write it again with the command that made it.")
     return [_result(task, dataset, key, round(100 * value, 2), split, task_name=task_name)
