@@ -4,6 +4,7 @@ embeddings are cached, reused and recomputed when the table changes."""
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +212,18 @@ def test_output_is_checked_before_any_work(tiny_hub_folder, tmp_path, forward_ca
         retrieval_cli.main(["--table", str(table), "--model", str(tiny_hub_folder), "--cache-dir",
                         str(tmp_path / "cache_file")])
     assert forward_calls == []
+
+
+def test_a_cache_entry_holding_another_tables_embeddings_is_never_used(tiny_hub_folder, tmp_path, forward_calls):
+    small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
+    write_table(small, REPORTS[:2])
+    write_table(large, REPORTS)
+    run_retrieval(tiny_hub_folder, tmp_path, small)
+    _, first = run_retrieval(tiny_hub_folder, tmp_path, large)
+    small_entry, large_entry = (Path(result["embeddings"]["file"]) for result in
+                                (run_retrieval(tiny_hub_folder, tmp_path, small)[1], first))
+    shutil.copy(small_entry, large_entry)  # the large table's entry now holds the small table's tensors
+    forward_calls.clear()
+    _, again = run_retrieval(tiny_hub_folder, tmp_path, large)
+    assert not again["embeddings"]["reused"] and forward_calls  # computed again, not the 2 pairs for a table of 4
+    assert again["metrics"] == first["metrics"] and again["pairs"] == first["pairs"] == 4

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -31,7 +31,7 @@ RECALL_AT = (1, 5, 10)
 # The embeddings compared, by the `use_hgnn` of `pool` that gives them.
 POOLINGS = {"ace": True, "plain": False}
 MATCHES = ("report-text", "pair")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the tensors file names the description it belongs to
 QUERY_CHUNK = 1024  # queries ranked at a time: a chunk of the similarity matrix, not all of it
 
 
@@ -165,6 +165,7 @@ def embeddings_description(model_sha256: str, device: torch.device, images: Sequ
         "device": device.type,
         "images": [file_fingerprint(image) for image in images],
         "reports_sha256": hashlib.sha256(json.dumps(list(reports)).encode()).hexdigest(),
+        "distinct_reports": len(set(reports)),
     }
 
 
@@ -197,20 +198,32 @@ class EmbeddingCache:
         """The cached embeddings, or None when there are none for exactly this description (or they are damaged)."""
         try:
             saved = json.loads(self.description_path.read_text(encoding="utf-8"))
+            with safe_open(self.tensors_path, "pt") as file:
+                belongs_to = (file.metadata() or {}).get("computed_from")
             tensors = load_file(self.tensors_path)
         except (OSError, ValueError, SafetensorError):
             return None
-        if saved.get("computed_from") != self.description:
+        if (saved.get("computed_from") != self.description or belongs_to != self.key
+                or not self._fits(tensors, saved.get("failures"))):
             logger.warning("%s was computed from other inputs; computing the embeddings again.", self.tensors_path)
             return None
         return TableEmbeddings(tensors["image_index"], tensors["images"], tensors["reports"],
                                [tuple(failure) for failure in saved["failures"]])
 
+    def _fits(self, tensors: dict[str, torch.Tensor], failures) -> bool:
+        """Whether the tensors have this description's shape: a row per image that did not fail, a row per distinct
+        report."""
+        return (set(tensors) == {"image_index", "images", "reports"} and isinstance(failures, list)
+                and len(tensors["image_index"]) == len(tensors["images"])
+                == len(self.description["images"]) - len(failures)
+                and len(tensors["reports"]) == self.description["distinct_reports"])
+
     def save(self, embeddings: TableEmbeddings) -> None:
         ensure_folder(self.folder, "--cache-dir")
         tensors = {"image_index": embeddings.image_index, "images": embeddings.images, "reports": embeddings.reports}
         with atomic_file(self.tensors_path, "wb") as file:
-            file.write(save({name: tensor.contiguous() for name, tensor in tensors.items()}))
+            file.write(save({name: tensor.contiguous() for name, tensor in tensors.items()},
+                            metadata={"computed_from": self.key}))
         write_text_atomic(self.description_path, json.dumps(
             {"computed_from": self.description, "failures": embeddings.failures}, indent=1))
 
