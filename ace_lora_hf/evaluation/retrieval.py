@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..models.ace_lora.batch_inference import embed_images
+from ..models.ace_lora.batch_inference import embed_images, in_cpu_chunks
 from ..errors import DataFormatError
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel, AceLoraTokenFeatures
 from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
@@ -110,8 +110,11 @@ def embed_table_images(model: AceLoraModel, processor: AceLoraProcessor, images:
                        show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
     """`(image_index, [n, 2, D] embeddings, failures)` of `images`, decoded in `num_workers` DataLoader workers."""
     tower = model.vision_model
-    batches = list(embed_images(lambda pixels: pooled_embeddings(tower, tower.get_token_features(pixels)), images,
-                                processor.image_processor, batch_size, num_workers, device,
+    def embed(pixels: torch.Tensor) -> torch.Tensor:
+        return in_cpu_chunks(lambda chunk: pooled_embeddings(tower, tower.get_token_features(chunk)), pixels,
+                             tokens_per_sample=model.config.vision_config.num_tokens)
+
+    batches = list(embed_images(embed, images, processor.image_processor, batch_size, num_workers, device,
                                 show_progress=show_progress))
     embedded = [batch.embeddings for batch in batches if batch.indices]
     empty = torch.empty(0, len(POOLINGS), model.config.projection_dim)
@@ -128,8 +131,10 @@ def embed_texts(model: AceLoraModel, processor: AceLoraProcessor, texts: Sequenc
     with tqdm(total=len(texts), unit="report", desc="reports", disable=not show_progress) as bar:
         for start in range(0, len(texts), batch_size):
             tokens = processor(text=list(texts[start : start + batch_size]), return_tensors="pt")
-            features = tower.get_token_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-            parts.append(pooled_embeddings(tower, features).float().cpu())
+            input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            embeddings = in_cpu_chunks(lambda ids, mask: pooled_embeddings(tower, tower.get_token_features(ids, mask)),
+                                       input_ids, attention_mask, tokens_per_sample=input_ids.shape[1])
+            parts.append(embeddings.float().cpu())
             bar.update(len(parts[-1]))
     return torch.cat(parts)
 
@@ -249,7 +254,8 @@ def table_embeddings(model: AceLoraModel, processor: AceLoraProcessor, images: S
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
-def retrieval_ranks(similarity: torch.Tensor, query_groups: torch.Tensor, candidate_groups: torch.Tensor) -> torch.Tensor:
+def retrieval_ranks(similarity: torch.Tensor, query_groups: torch.Tensor,
+                    candidate_groups: torch.Tensor) -> torch.Tensor:
     """1-based rank of each query's best-scoring correct candidate.
 
     Args:
