@@ -342,3 +342,16 @@ def test_bad_downstream_table_is_one_line_before_the_model_loads(task, column, v
     err = capsys.readouterr().err
     assert exit_info.value.code == EXIT_USER_ERROR and len(err.strip().splitlines()) == 1
     assert str(table) in err and re.search(message, err), err
+
+
+def test_a_mask_of_another_size_than_its_image_is_refused_naming_both(downstream_data, tmp_path):
+    from ace_lora_hf.errors import ImageLoadError
+    from ace_lora_hf.training.finetuning import SegmentationSet
+
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "short.png")
+    rows = [{"Path": "images/1.png", "Mask": "short.png"}]
+    processor = AceLoraImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    dataset = SegmentationSet(rows, downstream_data, tmp_path, processor)
+    with pytest.raises(ImageLoadError, match=r"short.png: the mask is 48x40 pixels but its image images/1.png is "
+                                             r"48x48: write the mask at the image's size"):
+        dataset[0]

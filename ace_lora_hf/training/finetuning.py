@@ -23,7 +23,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
 from ..data.image_tables import missing_file, numbered_rows, read_table
-from ..errors import DataFormatError, InvalidArgumentError
+from ..errors import DataFormatError, ImageLoadError, InvalidArgumentError
 from ..evaluation.metrics import detection_map, dice_metrics
 from ..models.ace_lora.image_loading import load_image
 from ..models.ace_lora.modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, box_area
@@ -135,8 +135,13 @@ class SegmentationSet(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        pixels = self.image_processor(load_image(self.image_root / row["Path"]), return_tensors="pt")["pixel_values"]
+        image = load_image(self.image_root / row["Path"])
+        pixels = self.image_processor(image, return_tensors="pt")["pixel_values"]
         mask = load_image(self.mask_root / row["Mask"])
+        if mask.size != image.size:  # resized and cropped alike, they would be scored against the wrong pixels
+            raise ImageLoadError(str(self.mask_root / row["Mask"]),
+                                 f"the mask is {mask.size[0]}x{mask.size[1]} pixels but its image {row['Path']} is "
+                                 f"{image.size[0]}x{image.size[1]}: write the mask at the image's size")
         mask = self.image_processor(mask, do_rescale=False, do_normalize=False, resample=PILImageResampling.NEAREST,
                                     return_tensors="np")["pixel_values"][0, 0]
         return {"pixel_values": pixels[0], "labels": torch.from_numpy(mask > 127).long()}
