@@ -85,7 +85,7 @@ def read_annotations(labels_path: Path) -> dict[str, Annotations]:
         if encoded == NO_PNEUMOTHORAX:
             image.negative_line = image.negative_line or row.line
         else:
-            _check_rle(row, encoded)
+            _check_rle(row, encoded, image_id)
             image.runs.setdefault(encoded, row.line)
         if image.runs and image.negative_line:
             raise DataFormatError(f"{labels_path}, line {row.line}: image {image_id!r} has both "
@@ -94,11 +94,11 @@ def read_annotations(labels_path: Path) -> dict[str, Annotations]:
     return images
 
 
-def _check_rle(row: Row, encoded: str) -> None:
+def _check_rle(row: Row, encoded: str, image_id: str) -> None:
     try:
         parse_rle(encoded)
     except ValueError as problem:
-        raise row.error("EncodedPixels", f"{RLE_EXPECTED} ({problem})") from None
+        raise row.error("EncodedPixels", f"{RLE_EXPECTED} ({problem}; ImageId {image_id})") from None
 
 
 def image_sizes(images_dir: Path, images: dict[str, Annotations], labels_path: Path) -> dict[str, tuple[int, int]]:

@@ -239,7 +239,7 @@ def test_siim_rle_decoding():
 SIIM_BAD_ROWS = {
     "negative offset": (b"1.2.3.2,-3 5", "'-3' is not a whole number >= 0"),
     "negative length": (b"1.2.3.2,3 -5", "'-5' is not a whole number >= 0"),
-    "zero-length run": (b"1.2.3.2,3 0", "a run of length 0"),
+    "zero-length run": (b"1.2.3.2,3 0", "a run of length 0; ImageId 1.2.3.2"),
     "non-integer token": (b"1.2.3.2,3 x", "'x' is not a whole number >= 0"),
     "fraction": (b"1.2.3.2,1.5 2", "'1.5' is not a whole number >= 0"),
     "odd count": (b"1.2.3.2,3 5 7", "an odd number (3) of values"),
