@@ -177,3 +177,12 @@ def test_a_config_dtype_the_model_cannot_run_in_is_refused(saved_tiny, tmp_path,
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=rf"config.json: {re.escape(field)} is 'int8'"):
         load(folder)
+
+
+def test_a_truncated_weights_file_through_from_pretrained_is_a_checkpoint_error(saved_tiny, tmp_path):
+    folder = shutil.copytree(saved_tiny[0], tmp_path / "copy")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder))}: its weights file is unreadable .* "
+                                              "it may be truncated"):
+        AutoModel.from_pretrained(folder)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -20,7 +21,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from .configuration_ace_lora import AceLoraTowerFields
-from .errors import InvalidArgumentError
+from .errors import CheckpointError, InvalidArgumentError
 from .hypergraph_ace_lora import AceHypergraph, AceHypergraphAdapterLinear
 
 
@@ -103,7 +104,12 @@ class AceLoraModelMixin:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except SafetensorError as error:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise CheckpointError(f"{where}: its weights file is unreadable ({error}); it may be truncated: download "
+                                  "or save it again.") from None
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Weights missing from the checkpoint are created in the requested dtype; loading replaces every parameter
         # with a new, trainable one.
