@@ -186,3 +186,11 @@ def test_a_truncated_weights_file_through_from_pretrained_is_a_checkpoint_error(
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder))}: its weights file is unreadable .* "
                                               "it may be truncated"):
         AutoModel.from_pretrained(folder)
+
+
+def test_a_folder_without_its_weights_file_says_which_file_and_the_fix(saved_tiny, tmp_path):
+    folder = shutil.copytree(saved_tiny[0], tmp_path / "copy")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"copy: no weights file \(model.safetensors\) in the folder; download "
+                                              "or convert the model again"):
+        load(folder)

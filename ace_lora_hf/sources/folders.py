@@ -198,6 +198,10 @@ def load_pretrained(model_class, folder: str | Path, option: str | None = None, 
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
     if model_class is AutoProcessor:
         return _load_processor(folder, where, **kwargs)
+    if Path(folder).is_dir() and not any(Path(folder).glob("*.safetensors")) and not (
+            Path(folder) / "pytorch_model.bin").is_file():
+        raise CheckpointError(f"{where}: no weights file ({SAFE_WEIGHTS}) in the folder; download or convert the "
+                              "model again.")
     _refuse_non_float_tensors(folder, where, kwargs.get("revision"))
     try:
         with _quiet_loading_report():
