@@ -20,7 +20,7 @@ from ace_lora_hf.publishing import publish
 from ace_lora_hf.sources import load as sources_load
 from ace_lora_hf.sources.adapters import EXTRAS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, load_adapters, save_adapters
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
-from ace_lora_hf.errors import AdapterMismatchError, CheckpointError, OutputPathError
+from ace_lora_hf.errors import AdapterMismatchError, CheckpointError, ModelSourceError, OutputPathError
 from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
 from ace_lora_hf.evaluation.published import PUBLISHED_RESULTS
 from ace_lora_hf.publishing.model_card import paper_results
@@ -378,3 +378,19 @@ def test_truncated_adapter_file_is_named(tiny_model, tester, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=f"{PEFT_WEIGHTS_NAME}: not a readable safetensors file"):
         load_adapters(AceLoraModel(tester.get_config()), tmp_path)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_pushing_without_the_hub_is_one_line_and_keeps_the_staged_repository(tmp_path, monkeypatch, offline):
+    """Offline (HF_HUB_OFFLINE=1) or with no route to the Hub (a closed local port stands for it)."""
+    from huggingface_hub import constants
+
+    staging = tmp_path / "repo"
+    staging.mkdir()
+    (staging / "README.md").write_text("card")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ModelSourceError, match=rf"--push: the Hub cannot be reached .*staged in {staging}: upload it "
+                                               rf"later with hf upload me/mine {staging}"):
+        publish.upload(staging, "me/mine", private=True)
+    assert (staging / "README.md").read_text() == "card"

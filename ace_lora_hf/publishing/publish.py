@@ -5,8 +5,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from huggingface_hub import HfApi
-from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 from transformers.utils import logging
@@ -163,6 +163,19 @@ def upload(staging: Path, repo_id: str, private: bool) -> str:
         status = error.response.status_code if error.response is not None else "no answer"
         raise ModelSourceError(f"--repo-id {repo_id}: the Hub refused the upload ({status}); log in with "
                                "hf auth login (a token that may write), or check the repository name.") from None
+    except Exception as error:  # offline, or no route to the Hub: each HTTP client names its own error class
+        if not isinstance(error, (OfflineModeIsEnabled, ConnectionError, TimeoutError)) and \
+                not _is_network_error(error):
+            raise
+        reason = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else type(error).__name__
+        raise ModelSourceError(f"--push: the Hub cannot be reached ({reason}); the repository is staged in {staging}: "
+                               f"upload it later with hf upload {repo_id} {staging} .") from None
+
+
+def _is_network_error(error: Exception) -> bool:
+    """An error of the HTTP client huggingface_hub uses (httpx, requests) about the network, not about our code."""
+    return type(error).__module__.split(".")[0].startswith(("httpx", "requests", "urllib3")) and any(
+        kind.__name__ in ("TransportError", "ConnectionError", "Timeout") for kind in type(error).__mro__)
 
 
 __all__ = ["load_publishable", "stage_repository", "upload"]
