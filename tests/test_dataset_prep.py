@@ -702,7 +702,7 @@ def test_zero_shot_eval_end_to_end(dataset, tiny_hub_folder, request, tmp_path):
 
 
 def test_zero_shot_eval_writes_its_report_only_as_json(lc25000_input, tiny_hub_folder, tmp_path, capsys):
-    error = refused(capsys, evaluation, "--dataset", "lc25000_lung", "--model", tiny_hub_folder, "--data-root",
+    error = refused(capsys, evaluate_cli, "--dataset", "lc25000_lung", "--model", tiny_hub_folder, "--data-root",
                     lc25000_input, "--output", tmp_path / "report.csv")
     assert "--output" in error and "report.csv: the report is JSON; name a .json file" in error
     assert not (tmp_path / "report.csv").exists()
@@ -711,14 +711,14 @@ def test_zero_shot_eval_writes_its_report_only_as_json(lc25000_input, tiny_hub_f
 def test_zero_shot_eval_rejects_an_image_listed_twice(lc25000_input, tiny_hub_folder, tmp_path, capsys):
     image = "lung_image_sets/lung_n/lung_n1.jpeg"
     write_rows(tmp_path / "lung.csv", ["Path", "label"], [[image, "lung_n"], [image, "lung_aca"]])
-    error = refused(capsys, evaluation, "--dataset", "lc25000_lung", "--model", tiny_hub_folder, "--data-root",
+    error = refused(capsys, evaluate_cli, "--dataset", "lc25000_lung", "--model", tiny_hub_folder, "--data-root",
                     lc25000_input, "--table", tmp_path / "lung.csv")
     assert f"lung.csv, line 3: column 'Path' lists '{image}' again (first on line 2)" in error
 
 
 def test_zero_shot_eval_rejects_an_unknown_label(lc25000_input, tiny_hub_folder, tmp_path, capsys):
     write_rows(tmp_path / "lung.csv", ["Path", "label"], [["lung_image_sets/lung_n/lung_n1.jpeg", "lung_xyz"]])
-    error = refused(capsys, evaluation, "--dataset", "lc25000_lung", "--model", tiny_hub_folder, "--data-root",
+    error = refused(capsys, evaluate_cli, "--dataset", "lc25000_lung", "--model", tiny_hub_folder, "--data-root",
                     lc25000_input, "--table", tmp_path / "lung.csv")
     assert "lung.csv, line 2: column 'label' is 'lung_xyz'; expected one of ['lung_aca', 'lung_n', 'lung_scc']." in error
 
@@ -761,15 +761,15 @@ def test_a_second_run_on_the_same_output_folder_is_refused(lc25000_input, tmp_pa
 
 
 def test_a_table_failing_to_write_leaves_none_of_the_tables(rsna_input, tmp_path, capsys, monkeypatch):
-    writerows, written = csv.DictWriter.writerows, []
+    write_rows, written = common.write_rows, []
 
-    def disk_full_at_the_second_table(writer, rows):
-        written.append(writer)
+    def disk_full_at_the_second_table(file, columns, rows):
+        written.append(file)
         if len(written) == 2:
             raise OSError(errno.ENOSPC, "No space left on device", "rsna_detection.csv")
-        return writerows(writer, rows)
+        return write_rows(file, columns, rows)
 
-    monkeypatch.setattr(csv.DictWriter, "writerows", disk_full_at_the_second_table)
+    monkeypatch.setattr(common, "write_rows", disk_full_at_the_second_table)
     error = refused(capsys, rsna, "--input", rsna_input, "--output", tmp_path / "out")
     assert "no space left on the device" in error and not (tmp_path / "out").exists()
 
