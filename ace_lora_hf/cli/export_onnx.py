@@ -5,17 +5,8 @@
 MODEL is anything the other commands take: 'released' (the default), a model folder or Hub repository, a training
 run's folder or one of its checkpoints.
 
-Writes into OUT_DIR:
-- `vision.onnx`: `pixel_values` float32 `[batch, 3, H, W]` (as `AceLoraImageProcessor` makes them) ->
-  `image_embeds` float32 `[batch, projection_dim]`.
-- `text.onnx`: `input_ids` and `attention_mask` int64 `[batch, context_length]` (padded to the model's text context,
-  256 for ACE-LoRA, as `AceLoraProcessor` pads) -> `text_embeds` float32 `[batch, projection_dim]`.
-- `export_onnx.json`: the inputs, outputs, opset, context length, pad id and logit scale of both files, and how far
-  onnxruntime's outputs were from PyTorch's on random inputs.
-
-Both embeddings are L2-normalised, so `logit_scale * image_embeds @ text_embeds.T` are the model's logits. LoRA is
-merged into the base weights before the export. Needs `pip install 'ace-lora-hf[onnx]'` (onnx, onnxscript and
-onnxruntime).
+Writes `vision.onnx`, `text.onnx` and `export_onnx.json` into OUT_DIR (their inputs and outputs are described in
+`ace_lora_hf.publishing.export_onnx` and the README), with LoRA merged. Needs `pip install 'ace-lora-hf[onnx]'`.
 """
 
 import argparse

@@ -40,7 +40,8 @@ BENCHMARKS = {
                       split="test", published="RSNA Pneumonia"),
     "siim": Benchmark("siim_classification.csv", {"0": "No Finding", "1": "pneumothorax"}, target="Target",
                       split="test"),
-    "chestxray14": Benchmark("chestxray14_test.csv", {name: name.replace("_", " ").lower() for name in NIH14}, target=None),
+    "chestxray14": Benchmark("chestxray14_test.csv", {name: name.replace("_", " ").lower() for name in NIH14},
+                             target=None),
     "lc25000_lung": Benchmark(
         "lc25000_lung.csv",
         {"lung_aca": "lung adenocarcinoma", "lung_n": "benign lung tissue", "lung_scc": "lung squamous cell carcinoma"},
@@ -77,8 +78,8 @@ def _reference(benchmark: Benchmark, record: dict, table_path: Path, line: int) 
                 for column in benchmark.classes]
     classes = list(benchmark.classes)
     if record[benchmark.target] not in classes:
-        raise DataFormatError(f"{table_path}, line {line}: column {benchmark.target!r} is {record[benchmark.target]!r}; "
-                              f"expected one of {classes}.")
+        raise DataFormatError(f"{table_path}, line {line}: column {benchmark.target!r} is "
+                              f"{record[benchmark.target]!r}; expected one of {classes}.")
     return classes.index(record[benchmark.target])
 
 

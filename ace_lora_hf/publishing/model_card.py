@@ -204,7 +204,8 @@ def evaluation_results(results: dict, path: Path) -> list[EvalResult]:
     if not isinstance(benchmarks, dict) or not benchmarks or any(name not in ZERO_SHOT_BENCHMARKS
                                                                   for name in benchmarks):
         raise DataFormatError(f"{path}: neither a fine-tune's test_results.json (task segmentation or detection) nor "
-                              f"the --output of ace-lora-evaluate on known datasets ({', '.join(ZERO_SHOT_BENCHMARKS)}).")
+                              "the --output of ace-lora-evaluate on known datasets "
+                              f"({', '.join(ZERO_SHOT_BENCHMARKS)}).")
     return [result for name, benchmark in benchmarks.items()
             for result in _results_of("zero-shot-image-classification", ZERO_SHOT_BENCHMARKS[name], None,
                                       "zero-shot classification", benchmark.get("metrics"), f"{path}: {name}")]

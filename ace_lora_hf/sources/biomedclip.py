@@ -106,7 +106,8 @@ def tokenizer_folder(folder: Path, explicit: str | Path | None = None, revision:
     if not named:
         raise ModelSourceError(f"--biomedclip {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}) and its "
                                f"{OPEN_CLIP_CONFIG} names none (text_cfg.hf_tokenizer_name); pass --tokenizer with "
-                               "PubMedBERT's tokenizer (a folder or microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract).")
+                               "PubMedBERT's tokenizer (a folder or "
+                               "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract).")
     return local_folder(named, f"--biomedclip {folder}: the tokenizer it names,", allow_patterns=TOKENIZER_FILES)
 
 
