@@ -341,7 +341,7 @@ DAMAGES = {
         "its weights lack vision_model.layers.0.attention.q_proj.base_layer.weight"),
     "an unknown dtype": (
         lambda folder: _edit_json(folder / "config.json", lambda c: c.update(dtype="float99")),
-        "config.json: dtype='float99': not a torch dtype"),
+        "config.json: dtype is 'float99'; ACE-LoRA runs in float32, float16, bfloat16"),
     "pickled weights": (_pickled_weights, "its weights are a pickle with more than tensors in it"),
     "a tensor the config does not call for": (
         lambda folder: _edit_json(folder / "config.json", lambda c: c["vision_config"].update(use_hypergraph=False)),

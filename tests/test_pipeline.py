@@ -27,7 +27,8 @@ IMAGES = [str(SAMPLES / "nih_00000001_000.png"), str(SAMPLES / "fake_monochrome1
           str(SAMPLES / "nih_00027426_000.png")]
 LABELS = ["no finding", "pneumonia", "edema"]
 # What the remote model needs anyway: transformers with torch, and PEFT (which brings accelerate).
-REMOTE_CODE_PACKAGES = {"transformers", "torch", "peft", "accelerate", "huggingface_hub", "numpy", "PIL", "tqdm"}
+REMOTE_CODE_PACKAGES = {"transformers", "torch", "peft", "accelerate", "huggingface_hub", "safetensors", "numpy",
+                        "PIL", "tqdm"}
 
 # A fresh interpreter in which the package cannot be imported, as where only the Hub folder exists.
 REMOTE_PIPELINE_SCRIPT = """

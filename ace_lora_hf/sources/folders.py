@@ -137,7 +137,7 @@ def _refuse_non_float_tensors(folder: str | Path, where: str, revision: str | No
                                               "weights are floating point (float32, float16 or bfloat16): convert or "
                                               "save the model again.")
         except SafetensorError as error:
-            raise CheckpointError(f"{where}: its weights file {file.name} is unreadable ({error}); it may be "
+            raise CheckpointError(f"{where}: its weights file is unreadable ({file.name}: {error}); it may be "
                                   "truncated: download or convert it again.") from None
 
 
