@@ -110,9 +110,9 @@ def bf16_fidelity(fp32_model, bf16_model, device: str) -> dict:
             "max_abs_probability_difference": float((expected - actual).abs().max())}
 
 
-def reduced_precision(model_dir, device: str, batch_size: int, rounds: int, gemm_size: int) -> dict:
+def reduced_precision(fp32_model, model_dir, device: str, batch_size: int, rounds: int, gemm_size: int) -> dict:
     """A bfloat16 model against float32, both with merged LoRA, timed in turns with both GEMM rooflines."""
-    fp32_model, bf16_model = load(model_dir, device), load(model_dir, device, bf16=True)
+    bf16_model = load(model_dir, device, bf16=True)
     fidelity = bf16_fidelity(fp32_model, bf16_model, device)
     pixels = random_pixels(fp32_model, batch_size, device)
     fp32_gemm, gemm_flops = gemm(torch.float32, device, gemm_size)
@@ -174,9 +174,8 @@ def main(argv=None) -> dict:
     at_16 = next((row for row in encoding if row["batch"] == 16), encoding[-1])
     cache = class_embedding_cache(model, args.device, at_16["ace_s_per_image"], args.rounds)
     vit_gflop = vit_forward_flops(model.config) / 1e9
-    del model
     bf16_batch = args.bf16_batch or (16 if args.device == "cpu" else 256)
-    bf16 = reduced_precision(model_dir, args.device, bf16_batch, args.rounds, args.gemm_size)
+    bf16 = reduced_precision(model, model_dir, args.device, bf16_batch, args.rounds, args.gemm_size)
     print_results(encoding, cache, bf16, vit_gflop)
     results = {"device": args.device, "image_encoding": encoding, "class_embedding_cache": cache, "bf16_towers": bf16}
     write_json(args.json, results)
