@@ -71,15 +71,16 @@ class ResultsFile:
     def _kept(records: list[dict], inputs: Sequence[str] | None) -> list[dict]:
         """The earlier results worth keeping: no errors (they run again), one row per image, images of this run."""
         wanted = None if inputs is None else set(inputs)
+        classified = [record for record in records if "error" not in record]
         kept, seen = [], set()
-        for record in records:
+        for record in classified:
             image = record["image"]
-            if "error" not in record and image not in seen and (wanted is None or image in wanted):
+            if image not in seen and (wanted is None or image in wanted):
                 kept.append(record)
                 seen.add(image)
-        if len(kept) < sum("error" not in record for record in records):
+        if len(kept) < len(classified):
             logger.warning("--resume: left out %d earlier row(s) repeated or of images not in this run",
-                           sum("error" not in record for record in records) - len(kept))
+                           len(classified) - len(kept))
         return kept
 
     def _read_earlier(self) -> list[dict]:
