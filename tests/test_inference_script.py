@@ -7,15 +7,19 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pydicom
 import pytest
 import torch
 from PIL import Image
 
 from ace_lora_hf.cli.common import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
 from ace_lora_hf.evaluation.metrics import classification_metrics
+from ace_lora_hf.inference.dicom_ids import DICOM_ID_FIELDS
 from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
 
 from conftest import REPO_ROOT, SAMPLES
+from dicom_fixtures import write_dicom
 
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -101,8 +105,48 @@ def test_folders_are_searched_and_streamed_to_csv(tiny_hub_folder, tmp_path, cap
     run(capsys, "--model", tiny_hub_folder, "--images", tmp_path / "scans", "--output", output, "--batch-size", 2)
     rows = list(csv.DictReader(output.open()))
     assert [row["image"] for row in rows] == sorted(str(scans / image.name) for image in IMAGES)
-    assert list(rows[0]) == ["image", "No Finding", "pneumonia", "prediction", "error"]
+    assert list(rows[0]) == ["image", "No Finding", "pneumonia", "prediction", "error", *DICOM_ID_FIELDS]
     assert not (tmp_path / "results.csv.partial").exists()
+
+
+SIIM_UIDS = {"StudyInstanceUID": "1.2.276.0.7230010.3.1.2.8323329.6904.1517875201.850818",
+             "SeriesInstanceUID": "1.2.276.0.7230010.3.1.3.8323329.6904.1517875201.850817",
+             "SOPInstanceUID": "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819", "ViewPosition": "PA"}
+
+
+def test_dicom_rows_carry_their_uids_in_csv_and_json(tiny_hub_folder, tmp_path, capsys):
+    for output in (tmp_path / "results.csv", tmp_path / "results.json"):
+        run(capsys, "--model", tiny_hub_folder, "--images", *IMAGES, "--output", output)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    records = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [{field: row[field] for field in DICOM_ID_FIELDS} for row in rows] == \
+        [dict.fromkeys(DICOM_ID_FIELDS, ""), SIIM_UIDS, SIIM_UIDS]
+    assert [record["ids"] for record in records] == [dict.fromkeys(DICOM_ID_FIELDS, ""), SIIM_UIDS, SIIM_UIDS]
+    for row, record in zip(rows, records):  # the columns are added, the numbers unchanged
+        assert float(row["pneumonia"]) == pytest.approx(record["probabilities"]["pneumonia"], abs=1e-6)
+
+
+def test_no_dicom_ids_leaves_them_out_and_png_runs_have_no_id_columns(tiny_hub_folder, tmp_path, capsys):
+    run(capsys, "--model", tiny_hub_folder, "--images", *IMAGES, "--output", tmp_path / "a.csv", "--no-dicom-ids")
+    run(capsys, "--model", tiny_hub_folder, "--images", IMAGES[0], "--output", tmp_path / "b.jsonl")
+    assert list(next(csv.DictReader((tmp_path / "a.csv").open()))) == \
+        ["image", "No Finding", "pneumonia", "prediction", "error"]
+    assert "ids" not in json.loads((tmp_path / "b.jsonl").read_text())
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--images", *IMAGES, "--output", tmp_path / "a.csv",
+                            "--resume")
+    assert code == EXIT_USER_ERROR and "a.csv has other columns" in err and "'SOPInstanceUID'" in err
+
+
+def test_a_dicom_without_uids_still_comes_back_and_is_said(tiny_hub_folder, tmp_path, capsys):
+    bare = write_dicom(tmp_path / "bare.dcm", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    dataset = pydicom.dcmread(bare)
+    del dataset.SOPInstanceUID
+    dataset.save_as(bare)
+    out = run(capsys, "--model", tiny_hub_folder, "--images", bare, IMAGES[2], "--output", tmp_path / "r.json")
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert [record["ids"] for record in records["results"]] == [dict.fromkeys(DICOM_ID_FIELDS, ""), SIIM_UIDS]
+    assert records["without_dicom_ids"] == [{"image": str(bare), "missing": list(DICOM_ID_FIELDS[:3])}]
+    assert f"{bare}: its DICOM header has no StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID" in out
 
 
 def test_long_paths_print_names_that_identify_their_files(tiny_hub_folder, tmp_path, capsys):
@@ -172,7 +216,7 @@ HEADER = "image,No Finding,pneumonia,prediction,error\n"
 
 
 @pytest.mark.parametrize(("name", "content", "problem"), [
-    ("r.csv", b"garbage,,,\n", "holds the results of other labels"),
+    ("r.csv", b"garbage,,,\n", "has other columns (['garbage', '', '', '']) than this run's results"),
     ("r.csv", HEADER.encode() + b"a.png,abc,0.5,pneumonia,\nb.png,0.5,0.5,pneumonia,\n", "line 2 is not a result"),
     ("r.csv", b"\xff\xfe" + HEADER.encode(), "is not a UTF-8 text file"),
     ("r.jsonl", b'[1, 2]\n{"image": "b.png", "error": "x"}\n', "line 1 is not a result"),

@@ -11,7 +11,9 @@ suggesting {}.". With --csv (columns Path, Target) it also reports accuracy and 
 
 Folders are searched recursively (image files and files without a suffix, or --pattern). An unreadable file is
 reported and skipped (exit status 3 at the end; --strict stops at the first one). Results stream to a .csv or .jsonl
---output as each batch finishes, so an interrupted run keeps what it computed and --resume continues it.
+--output as each batch finishes, so an interrupted run keeps what it computed and --resume continues it. Rows of
+DICOM inputs carry the file's StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID and ViewPosition, to join them
+back to a PACS worklist (--no-dicom-ids leaves them out).
 """
 
 import argparse
@@ -43,6 +45,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_output_options(parser, "Results file: .csv or .jsonl (streamed), or .json.")
     add_option(parser, "--resume", action="store_true", help="Continue --output, skipping the images it has.")
     add_option(parser, "--strict", action="store_true", help="Stop at the first unreadable image.")
+    add_option(parser, "--no-dicom-ids", action="store_true",
+               help="Leave out the Study/Series/SOP Instance UIDs and ViewPosition that rows of DICOM inputs carry "
+                    "(they identify a patient's examination).")
     add_option(parser, "--explain", type=Path, help="Write an explanation picture per image into this folder "
                                                     "(needs matplotlib: pip install 'ace-lora-hf[plot]').")
     add_quiet_option(parser, "Print only the summary, not a row per image.")

@@ -16,6 +16,7 @@ from .options import (check_model_source, check_paths_exist, load_model, make_ac
                       released_options)
 from ..errors import ImageLoadError
 from ..evaluation.metrics import classification_metrics
+from ..inference.dicom_ids import DICOM_ID_FIELDS, any_dicom, dicom_ids, is_dicom, missing_ids
 from ..inference.explain import explain, plot_explanation, require_plotting
 from ..inference.image_inputs import ImageInputs, collect_images, read_image_list, read_labelled_table
 from ..inference.malloc_tuning import keep_freed_memory_for_reuse
@@ -81,8 +82,10 @@ def shared_folder(images: Sequence[str]) -> str:
         return ""
 
 
-def batch_records(batch, images: list[str], labels: Sequence[str], targets: list[int] | None) -> list[dict]:
-    """One record per classified or skipped image of the batch, in input order."""
+def batch_records(batch, images: list[str], labels: Sequence[str], targets: list[int] | None,
+                  with_ids: bool = False) -> list[dict]:
+    """One record per classified or skipped image of the batch, in input order; with `with_ids`, each carries its
+    DICOM identifiers (empty for other files)."""
     records = [(index, {"image": images[index], "error": reason}) for index, reason in batch.failures]
     for index, probabilities in zip(batch.indices, batch.probabilities.tolist()):
         record = {"image": images[index], "probabilities": dict(zip(labels, probabilities)),
@@ -90,7 +93,15 @@ def batch_records(batch, images: list[str], labels: Sequence[str], targets: list
         if targets is not None:
             record["target"] = targets[index]
         records.append((index, record))
+    if with_ids:
+        for _, record in records:
+            record["ids"] = dicom_ids(record["image"])
     return [record for _, record in sorted(records, key=lambda pair: pair[0])]
+
+
+def id_fields(args: argparse.Namespace, inputs: ImageInputs) -> tuple[str, ...]:
+    """The DICOM identifier fields of this run's rows: there when an input is DICOM, unless --no-dicom-ids."""
+    return () if args.no_dicom_ids or not any_dicom(inputs.images) else DICOM_ID_FIELDS
 
 
 def _check_outputs(args: argparse.Namespace, inputs: ImageInputs) -> None:
@@ -120,7 +131,7 @@ def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: Results
     printer = TablePrinter(inputs.images, labels, enabled=accelerator.is_main_process and not args.quiet)
     started, records = time.perf_counter(), list(results.records if results is not None else [])
     for batch in classifier.classify(images, labels):
-        new = batch_records(batch, images, labels, targets)
+        new = batch_records(batch, images, labels, targets, bool(args.id_fields) and accelerator.is_main_process)
         if args.strict and batch.failures:
             raise ImageLoadError(images[batch.failures[0][0]], batch.failures[0][1])
         for record in new:
@@ -139,6 +150,10 @@ def summarise(args, labels: list[str], templates, records: list[dict], seconds: 
     summary = {"model": model_summary(args), "labels": labels,
                "templates": list(templates), "classified": len(classified),
                "skipped": [{"image": r["image"], "error": r["error"]} for r in records if "error" in r]}
+    if args.id_fields:
+        summary["dicom_ids"] = list(args.id_fields)
+        summary["without_dicom_ids"] = [{"image": r["image"], "missing": missing} for r in records
+                                        if (missing := missing_ids(r.get("ids", {}))) and is_dicom(r["image"])]
     if classified and "target" in classified[0]:
         summary["metrics"] = classification_metrics([[r["probabilities"][label] for label in labels]
                                                      for r in classified], [r["target"] for r in classified])
@@ -173,6 +188,9 @@ def report(summary: dict, results: ResultsFile | None) -> None:
           + (f"; skipped {len(skipped)}:" if skipped else ""))
     for entry in skipped:
         print(f"  {printable(entry['image'])}: {printable(entry['error'])}")
+    for entry in summary.get("without_dicom_ids", []):
+        print(f"  {printable(entry['image'])}: its DICOM header has no {', '.join(entry['missing'])}; those fields of "
+              "its row are empty")
     if "metrics" in summary:
         metrics = summary["metrics"]
         print(f"accuracy {metrics['accuracy']:.4f}  AUC ({summary['labels'][1]}) {metrics['auc']:.4f}")
@@ -184,7 +202,7 @@ def run_provenance(args: argparse.Namespace, inputs: ImageInputs) -> dict:
     """What the numbers of this run depend on besides each image: recorded beside the results, checked by --resume."""
     inputs_digest = hashlib.sha256("\n".join(inputs.images).encode()).hexdigest()
     return {"model": model_identity(args.model, args.revision, **released_options(args)), "dtype": args.dtype,
-            "templates": list(args.templates), "inputs": f"sha256:{inputs_digest}"}
+            "templates": list(args.templates), "inputs": f"sha256:{inputs_digest}", "dicom_ids": list(args.id_fields)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
     args.templates = list(args.templates or CHEST_XRAY_TEMPLATES)
     checked_templates(args.templates)
     inputs = read_inputs(args)
+    args.id_fields = id_fields(args, inputs)
     check_model_source(args)
     accelerator = make_accelerator(args.device)
     main_process = accelerator.is_main_process
@@ -204,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
         results = None
         if args.output and main_process:
             results = ResultsFile(args.output, labels, inputs.targets is not None, args.resume, args.overwrite,
-                                  provenance=run_provenance(args, inputs), inputs=inputs.images)
+                                  provenance=run_provenance(args, inputs), inputs=inputs.images,
+                                  id_fields=args.id_fields)
         summary = classify_all(args, inputs, results, accelerator)
         if main_process:
             if results is not None:

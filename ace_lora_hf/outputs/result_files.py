@@ -35,7 +35,9 @@ def provenance_path(path: Path) -> Path:
 class ResultsFile:
     """The results of one run for `labels`, as CSV (`.csv`), JSON Lines (`.jsonl`) or one JSON document (`.json`).
 
-    Each record is `{"image", "probabilities": {label: p}, "prediction"[, "target"]}` or `{"image", "error"}`.
+    Each record is `{"image", "probabilities": {label: p}, "prediction"[, "target"]}` or `{"image", "error"}`, plus
+    `"ids": {field: value}` when the run has `id_fields` (a DICOM input's UIDs: columns of their own in CSV, after
+    the others).
 
     `provenance` (JSON values: the model's fingerprint, labels, templates, a digest of the inputs, the options that
     change numbers) is written beside the results as `NAME.meta.json`; the results file itself stays plain. `--resume`
@@ -43,8 +45,9 @@ class ResultsFile:
     """
 
     def __init__(self, path: Path, labels: Sequence[str], with_target: bool = False, resume: bool = False,
-                 overwrite: bool = False, provenance: dict | None = None, inputs: Sequence[str] | None = None):
-        self.path, self.labels, self.with_target = path, list(labels), with_target
+                 overwrite: bool = False, provenance: dict | None = None, inputs: Sequence[str] | None = None,
+                 id_fields: Sequence[str] = ()):
+        self.path, self.labels, self.with_target, self.id_fields = path, list(labels), with_target, list(id_fields)
         self.provenance = {"labels": self.labels, **(provenance or {})}
         self.format = path.suffix.lower()
         if self.format not in (*STREAMED_SUFFIXES, ".json"):
@@ -113,8 +116,8 @@ class ResultsFile:
         rows = ([restored(cell) for cell in cells] for cells in reader)
         header = next(rows, None)
         if header is not None and header != self._columns():
-            raise OutputPathError(f"--resume: {source} holds the results of other labels ({header}); choose another "
-                                  "--output or pass --overwrite to start over.")
+            raise OutputPathError(f"--resume: {source} has other columns ({header}) than this run's results "
+                                  f"({self._columns()}); choose another --output or pass --overwrite to start over.")
         for cells in rows:
             complete = len(cells) == len(header)
             yield reader.line_num, self._from_row(dict(zip(header, cells))) if complete else None, \
@@ -164,22 +167,25 @@ class ResultsFile:
     # -------------------------------------------------------------------------------------------------- writing
 
     def _columns(self) -> list[str]:
-        return ["image", *self.labels, "prediction", *(["target"] if self.with_target else []), "error"]
+        return ["image", *self.labels, "prediction", *(["target"] if self.with_target else []), "error",
+                *self.id_fields]
 
     def _row(self, record: dict) -> dict:
         row = {"image": record["image"], "prediction": record.get("prediction", ""), "error": record.get("error", "")}
         row.update({label: f"{p:.6f}" for label, p in record.get("probabilities", {}).items()})
         if "target" in record:
             row["target"] = record["target"]
+        row.update(record.get("ids", {}))
         return row
 
     def _from_row(self, row: dict) -> dict | None:
         """The record of a CSV row, or None where its cells are not one."""
+        ids = {"ids": {field: row[field] for field in self.id_fields}} if self.id_fields else {}
         if row["error"]:
-            return {"image": row["image"], "error": row["error"]}
+            return {"image": row["image"], "error": row["error"], **ids}
         try:
             record = {"image": row["image"], "probabilities": {label: float(row[label]) for label in self.labels},
-                      "prediction": row["prediction"]}
+                      "prediction": row["prediction"], **ids}
             if row.get("target", "") != "":
                 record["target"] = int(row["target"])
         except ValueError:
