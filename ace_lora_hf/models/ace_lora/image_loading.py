@@ -4,6 +4,7 @@ grayscale data, "RGB" for colour."""
 import io
 import stat
 import warnings
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -38,10 +39,13 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
         source: a path, the file's bytes, or an already opened PIL image.
         name: how errors refer to the image (defaults to the path, or `<bytes>`).
 
-    DICOM files go through their Modality LUT (rescale slope/intercept) and VOI LUT (or window centre/width);
-    MONOCHROME1 is inverted; data deeper than 8 bits is scaled to 0-255 over its full range. Other files are
-    decoded by Pillow and turned upright by their EXIF orientation; 16-bit and float images are likewise scaled
-    over their range, and transparent pixels become black. Images with more than `PIL.Image.MAX_IMAGE_PIXELS` pixels
+    DICOM files are shown as the standard's grayscale pipeline shows them: Modality LUT (rescale slope/intercept),
+    then the VOI LUT or window centre/width, whose output range maps onto 0-255 as it is (a window is not stretched
+    again over the pixels it happens to hold); MONOCHROME1 is inverted. Without a VOI transform, data deeper than 8
+    bits is scaled to 0-255 over the range its pixels use. Other files are decoded by Pillow and turned upright by
+    their EXIF orientation; a 16-bit PNG with an `sBIT` chunk is read at its significant bits and shown over their
+    full range, other 16-bit and float images are scaled over the range their pixels use, and transparent pixels
+    become black. A constant image keeps its grey (its value within its type's range), never black. Images with more than `PIL.Image.MAX_IMAGE_PIXELS` pixels
     (Pillow's default, about 89 million) are refused, DICOM included: raise that limit for genuine larger images.
     """
     if isinstance(source, Image.Image):
@@ -102,14 +106,20 @@ def _load_pil(file, name: str) -> Image.Image:
     if getattr(image, "n_frames", 1) > 1:
         raise ImageLoadError(name, f"has {image.n_frames} frames; pass single-frame images")
     ImageOps.exif_transpose(image, in_place=True)
-    return _to_8_bit(image, name)
+    sixteen_bit_png = image.format == "PNG" and image.mode.startswith("I;16")
+    return _to_8_bit(image, name, _png_significant_bits(file) if sixteen_bit_png else None)
 
 
-def _to_8_bit(image: Image.Image, name: str) -> Image.Image:
+def _to_8_bit(image: Image.Image, name: str, significant_bits: int | None = None) -> Image.Image:
     if image.mode == "L":
         return image
     if image.mode in DEEP_MODES:
-        return Image.fromarray(_full_range_to_uint8(np.asarray(image), name))
+        pixels = np.asarray(image)
+        if significant_bits is None:
+            return Image.fromarray(_full_range_to_uint8(pixels, name, fallback=_nominal_range(pixels)))
+        # A PNG encoder scales `significant_bits`-bit samples up to 16 bits; shifting right recovers them (PNG 1.2, 12.5).
+        original = pixels.astype(np.uint16) >> (16 - significant_bits)
+        return Image.fromarray(_full_range_to_uint8(original, name, display_range=(0, 2**significant_bits - 1)))
     if image.mode in TRANSPARENT_MODES or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels of a medical image carry no signal: show them black rather than their hidden colour.
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
@@ -169,23 +179,53 @@ class _ValueTable:
         return np.take(table, self.index, out=np.empty(self.index.shape, table.dtype))
 
 
-def _full_range_to_uint8(pixels: np.ndarray, name: str, shown=None) -> np.ndarray:
-    """Map the full range of `shown(pixels)` (default: the pixels themselves) onto 0-255: no clipping, no lost
-    contrast. `shown` must work elementwise."""
+def _full_range_to_uint8(pixels: np.ndarray, name: str, shown=None, display_range: tuple[float, float] | None = None,
+                         fallback: tuple[float, float] = (0.0, 255.0)) -> np.ndarray:
+    """Map `shown(pixels)` (default: the pixels themselves; `shown` works elementwise) linearly onto 0-255: the
+    `display_range` where one is given (values outside it clip), else the range the pixels use (no clipping, no
+    lost contrast), or `fallback` where they use a single value (a constant image keeps its grey)."""
     table = _ValueTable(pixels)
     values = np.asarray(table.values if shown is None else shown(table.values), dtype=np.float64)
-    return table.expand(_stretch_to_uint8(values, table.used_ends(values), name))
-
-
-def _stretch_to_uint8(values: np.ndarray, used: np.ndarray, name: str) -> np.ndarray:
-    """`values` mapped linearly so that the range of the `used` ones spans 0-255."""
+    used = table.used_ends(values)
     if not np.isfinite(used).all():
         raise ImageLoadError(name, "contains NaN or infinite pixel values")
-    low, high = used.min(), used.max()
-    if high == low:
+    if display_range is None:
+        display_range = (used.min(), used.max()) if used.min() < used.max() else fallback
+    return table.expand(_scale_to_uint8(values, *display_range))
+
+
+def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """`values` mapped linearly so that `low`-`high` spans 0-255, clipped to it."""
+    if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    # Unused entries of a table may lie outside the used range; clipping leaves the used ones as they are.
     return np.round((np.clip(values, low, high) - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _nominal_range(pixels: np.ndarray) -> tuple[float, float]:
+    """The range a constant image's value is shown within: 16 bits for integer data that fits them (PNG, TIFF),
+    the type's range for other integers, 0-1 for floating point."""
+    if pixels.dtype.kind == "f":
+        return 0.0, 1.0
+    if pixels.size and 0 <= pixels.min() and pixels.max() < 2**16:
+        return 0.0, 2.0**16 - 1
+    info = np.iinfo(pixels.dtype)
+    return float(info.min), float(info.max)
+
+
+def _png_significant_bits(source: Path | io.BytesIO) -> int | None:
+    """The significant bits a grayscale PNG's `sBIT` chunk declares (None without one), read from the chunks before
+    the image data: Pillow skips that chunk."""
+    with open(source, "rb") if isinstance(source, Path) else nullcontext(source) as file:
+        file.seek(8)  # the PNG signature
+        while len(header := file.read(8)) == 8:
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            if kind == b"sBIT":
+                data = file.read(length)
+                return data[0] if len(data) == 1 and 1 <= data[0] < 16 else None
+            file.seek(length + 4, io.SEEK_CUR)  # the data and the CRC
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------ DICOM
@@ -269,8 +309,32 @@ def _monochrome_to_uint8(pixels: np.ndarray, dataset, photometric: str, name: st
     if pixels.dtype == np.uint8 and bits_stored <= 8 and _shown_as_stored(pixels, shown):
         # Plain 8-bit data is shown as stored (the common JPEG-compressed CR/DX case).
         return pixels if photometric == "MONOCHROME2" else (2**bits_stored - 1) - pixels
-    gray = _full_range_to_uint8(pixels, name, shown)
+    gray = _full_range_to_uint8(pixels, name, shown, display_range=_voi_output_range(dataset, name),
+                                fallback=_sorted_pair(shown(_stored_range(dataset))))
     return 255 - gray if photometric == "MONOCHROME1" else gray
+
+
+def _voi_output_range(dataset, name: str) -> tuple[float, float] | None:
+    """The range of the VOI transform's output, which a display maps onto its full grey scale (PS3.4 N.2.1.1.2), or
+    None without a VOI transform: a VOI LUT's entries span 0 to 2^bits - 1 (its descriptor's bits), a window's
+    output spans what pydicom's windowing gives for the lowest and highest inputs."""
+    lut = dataset.get("VOILUTSequence")
+    if lut:
+        return 0.0, 2.0 ** int(lut[0].LUTDescriptor[2]) - 1
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        return _sorted_pair(_apply_luts(np.array([-np.inf, np.inf]), dataset, name, modality=False))
+    return None
+
+
+def _stored_range(dataset) -> np.ndarray:
+    """The lowest and highest value the stored pixels can hold (BitsStored, signed or not)."""
+    bits = int(dataset.get("BitsStored", 8))
+    signed = int(dataset.get("PixelRepresentation", 0)) == 1
+    return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
+
+
+def _sorted_pair(values: np.ndarray) -> tuple[float, float]:
+    return float(np.min(values)), float(np.max(values))
 
 
 def _shown_as_stored(pixels: np.ndarray, shown) -> bool:
@@ -282,11 +346,13 @@ def _shown_as_stored(pixels: np.ndarray, shown) -> bool:
                                                                         table.used(table.values))
 
 
-def _apply_luts(stored: np.ndarray, dataset, name: str) -> np.ndarray:
-    """The Modality LUT (or rescale) then the VOI LUT (or window) of `dataset`: elementwise, in float64 where scaled."""
+def _apply_luts(stored: np.ndarray, dataset, name: str, modality: bool = True) -> np.ndarray:
+    """The Modality LUT (or rescale) then the VOI LUT (or window) of `dataset`: elementwise, in float64 where scaled.
+    `modality=False` applies the VOI transform alone (to values already past the Modality LUT)."""
     dicom_pixels = _pydicom(name).pixels
     try:
-        return dicom_pixels.apply_voi_lut(dicom_pixels.apply_modality_lut(stored, dataset), dataset)
+        values = dicom_pixels.apply_modality_lut(stored, dataset) if modality else stored
+        return dicom_pixels.apply_voi_lut(values, dataset)
     except (ValueError, TypeError, NotImplementedError, AttributeError) as error:
         raise ImageLoadError(name, f"its Modality or VOI LUT (or window) cannot be applied ({_one_line(error)}); "
                                    "fix or remove those attributes") from error
