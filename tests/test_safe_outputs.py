@@ -8,11 +8,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import DataFormatError, FolderInUseError, OutputPathError
-from ace_lora_hf.outputs.safe_outputs import (atomic_folder, check_output_file, check_output_folder, folder_lock,
-                                              write_text_atomic)
+from ace_lora_hf.outputs.result_files import ResultsFile
+from ace_lora_hf.outputs.safe_outputs import (_hold, atomic_folder, check_output_file, check_output_folder,
+                                              folder_lock, write_text_atomic)
 
 
 def test_output_file_is_never_an_input_even_with_overwrite(tmp_path):
@@ -180,3 +184,62 @@ def test_a_temporary_folder_left_by_a_killed_writer_is_removed_by_the_next(tmp_p
     with atomic_folder(tmp_path / "best"):
         pass
     assert (tmp_path / ".other.1234.staging").is_dir()
+
+
+def test_the_lock_file_goes_when_the_job_ends_and_a_late_opener_does_not_hold_it(tmp_path):
+    lock = tmp_path / ".run.lock"
+    with folder_lock(tmp_path / "run"):
+        late = os.open(lock, os.O_RDWR)  # another job opened the lock file while this one held it
+    try:
+        assert not lock.exists()
+        assert not _hold(late, lock)  # the file it holds was removed: it guards nothing, so it is refused
+    finally:
+        os.close(late)
+    with pytest.raises(RuntimeError):
+        with folder_lock(tmp_path / "run"):
+            raise RuntimeError("the job failed")
+    assert not lock.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _run_refused(write, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(write)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and "Traceback" not in err and err.count("\n") == 1
+    return err
+
+
+def test_a_full_disk_in_safetensors_names_the_folder_and_leaves_nothing(tmp_path, capsys):
+    """safetensors reports a full disk as its own error, without a file name: the one line names the folder."""
+    def write(argv):
+        with atomic_folder(tmp_path / "final") as staging:
+            save_file({"w": torch.zeros(4)}, staging / "model.safetensors")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    err = _run_refused(write, capsys)
+    assert f"no space left on the device while writing {tmp_path / 'final'};" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_a_flush_names_the_results_file(tmp_path, monkeypatch, capsys):
+    def write(argv):
+        results = ResultsFile(tmp_path / "results.csv", ["a", "b"])
+        monkeypatch.setattr(results, "_file", FailingFile(results._file))
+        results.write([{"image": "x.png", "probabilities": {"a": 0.5, "b": 0.5}, "prediction": "a"}])
+
+    err = _run_refused(write, capsys)
+    assert f"no space left on the device while writing {tmp_path / 'results.csv.partial'};" in err
+
+
+class FailingFile:
+    """A text file whose flush finds the disk full, as a buffered write does."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, text):
+        return self.file.write(text)
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, "No space left on device")

@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from ..data.csv_cells import restored, write_header, write_rows
 from ..errors import InvalidArgumentError, OutputPathError
-from .safe_outputs import atomic_file, write_json_atomic, write_text_atomic
+from .safe_outputs import atomic_file, naming_output, write_json_atomic, write_text_atomic
 
 
 logger = logging.get_logger(__name__)
@@ -210,8 +210,9 @@ class ResultsFile:
         """Add one batch's records (streamed formats reach the disk now)."""
         self.records.extend(records)
         if self._file is not None:
-            self._append(self._file, records)
-            self._file.flush()
+            with naming_output(self.partial):
+                self._append(self._file, records)
+                self._file.flush()
 
     def finish(self, summary: dict) -> Path:
         """Give the file its name; the JSON document also carries `summary` (labels, metrics, skipped files ...)."""

@@ -6,17 +6,20 @@
 - A folder that another running job writes to is refused (a lock file beside it).
 """
 
+import errno
+import fcntl
 import glob
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 
 from ..errors import FolderInUseError, OutputPathError
 
@@ -80,6 +83,24 @@ def _temporary_sibling(path: Path, kind: str) -> Path:
 
 
 @contextmanager
+def naming_output(path: str | Path) -> Iterator[None]:
+    """Errors of the operating system inside the block name `path` where they name no file: a full disk is reported
+    by a flush or by safetensors' writer without one, and the user must learn which output could not be written."""
+    try:
+        yield
+    except SafetensorError as error:
+        found = re.search(r"os error (\d+)", str(error))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from error
+    except OSError as error:
+        if error.filename is not None or error.errno not in errno.errorcode:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
+@contextmanager
 def atomic_file(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator:
     """Open a temporary file beside `path` for writing; it replaces `path` only when the block completes.
 
@@ -88,7 +109,7 @@ def atomic_file(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator:
     path = Path(path)
     staging = _temporary_sibling(path, "tmp")
     try:
-        with open(staging, mode.replace("w", "x"), **open_kwargs) as file:
+        with naming_output(path), open(staging, mode.replace("w", "x"), **open_kwargs) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
@@ -138,7 +159,8 @@ def atomic_folder(target: str | Path, others: str = "replace", option: str = "--
     staging = _temporary_sibling(target, "staging")
     staging.mkdir(parents=True)
     try:
-        yield staging
+        with naming_output(target):
+            yield staging
         _give_files_default_permissions(staging)
         _settle_other_files(target, staging, others, option)
         replace_folder(staging, target)
@@ -190,24 +212,38 @@ def replace_folder(source: Path, target: Path) -> None:
 def folder_lock(folder: str | Path, option: str = "--output") -> Iterator[Path]:
     """Hold `folder` for this job: a second job asking for the same folder is refused at once.
 
-    The lock is a file beside the folder (`.NAME.lock`), so that replacing the folder does not drop the lock. It is
-    keyed by the resolved path: the same folder named through a link, or as `a/../b`, is the same folder.
+    The lock is a file beside the folder (`.NAME.lock`), so that replacing the folder does not drop the lock, taken
+    with `flock` (POSIX) and removed when the job ends. It is keyed by the resolved path: the same folder named
+    through a link, or as `a/../b`, is the same folder.
     """
     folder = Path(folder)
     ensure_folder(folder.parent, option)
     resolved = folder.resolve()
-    lock = FileLock(resolved.parent / f".{resolved.name}.lock", timeout=0)
+    lock = resolved.parent / f".{resolved.name}.lock"
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    held = False
     try:
-        lock.acquire()
-    except Timeout:
-        raise FolderInUseError(f"{option} {folder} is in use by another running job; wait for it to finish or "
-                               "choose another folder.") from None
-    try:
+        held = _hold(descriptor, lock)
+        if not held:
+            raise FolderInUseError(f"{option} {folder} is in use by another running job; wait for it to finish or "
+                                   "choose another folder.")
         yield folder
     finally:
-        lock.release()
+        if held:  # removed while still held: a job that opened the file before finds it gone, not free
+            lock.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _hold(descriptor: int, lock: Path) -> bool:
+    """Take the lock on `descriptor` without waiting; False where another job holds it, or where the file was
+    removed or replaced by a job finishing between our open and our lock (ours would then guard nothing)."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return os.fstat(descriptor).st_ino == os.stat(lock, follow_symlinks=False).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        return False
 
 
 __all__ = ["atomic_file", "atomic_folder", "check_output_file", "check_output_folder", "ensure_folder",
-           "folder_lock", "json_safe", "replace_folder",
+           "folder_lock", "json_safe", "naming_output", "replace_folder",
            "write_json_atomic", "write_text_atomic"]
