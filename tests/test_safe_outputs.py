@@ -243,3 +243,10 @@ class FailingFile:
 
     def flush(self):
         raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_bug_in_a_loader_worker_keeps_its_traceback():
+    wrapped = RuntimeError("Caught ZeroDivisionError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                           "call last):\n  File \"x.py\", line 1, in f\nZeroDivisionError: division by zero")
+    with pytest.raises(RuntimeError, match="Caught ZeroDivisionError"):
+        run_cli(_fails_with(wrapped))

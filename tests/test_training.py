@@ -179,6 +179,20 @@ def test_collator_names_an_unreadable_image_or_skips_it(synthetic_data, tiny_hub
     assert ImageTextCollator(processor, skip_bad_images=True)(items[1:]) == {"num_skipped": torch.tensor(1)}
 
 
+def test_an_unreadable_image_in_a_loader_worker_is_one_line(synthetic_data, tiny_hub_folder, tmp_path, capsys):
+    """A worker process's error reaches the main process as torch's wrapper around its traceback text: the user sees
+    the same one line as without workers."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    (data / "images" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    command = pretrain_command(tiny_hub_folder, data, tmp_path / "run", "--num_epochs", "1")
+    command[command.index("--num_workers") + 1] = "1"
+    code, err = run_cli_in_process(pretrain.main, command, capsys)
+    assert code == EXIT_USER_ERROR
+    assert err.endswith(f"error: line 3: {data / 'images' / '001.png'}: not an image file Pillow can read (PNG, JPEG, "
+                        "TIFF, ...) nor a DICOM")
+
+
 def test_the_processor_owns_the_context_length(synthetic_data, tiny_hub_folder, tmp_path):
     processor = AutoProcessor.from_pretrained(tiny_hub_folder)
     AceLoraProcessor(processor.image_processor, processor.tokenizer, context_length=64).save_pretrained(tmp_path)

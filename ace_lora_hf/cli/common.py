@@ -1,6 +1,7 @@
 """The one exit path of every command line: a user-caused error is one line on stderr, a bug keeps its traceback."""
 
 import errno
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,14 +26,39 @@ def error_line(program: str, message: object) -> str:
     return f"{program}: error: {printable(' '.join(str(message).split()))}"
 
 
+# torch re-raises an error of a DataLoader worker as a new exception whose message holds the worker's traceback as
+# text, ending in the original `module.Class: message` line.
+WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback .*\n[\w.]*\b\1: (.*)$",
+                          re.DOTALL)
+
+
+def _subclass_names(cls: type) -> set[str]:
+    return {cls.__name__}.union(*(_subclass_names(subclass) for subclass in cls.__subclasses__()))
+
+
+def user_error_from_worker(error: BaseException) -> str | None:
+    """The message of a user error (an `AceLoraError`) raised in a DataLoader worker process, else None."""
+    found = WORKER_ERROR.match(str(error))
+    if found is None or found.group(1) not in _subclass_names(AceLoraError):
+        return None
+    return found.group(2)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run `main(argv)` and exit: its return value (0 when None), 2 with one line for an `AceLoraError` or an
-    environment error (disk full, permissions), 130 on Ctrl-C. Any other exception propagates with its traceback."""
+    """Run `main(argv)` and exit: its return value (0 when None), 2 with one line for an `AceLoraError` (raised here
+    or in a DataLoader worker) or an environment error (disk full, permissions), 130 on Ctrl-C. Any other exception
+    propagates with its traceback."""
     program = Path(sys.argv[0]).name or "ace-lora"
     try:
         code = main(argv)
     except AceLoraError as error:
-        print(error_line(program, error), file=sys.stderr)
+        print(error_line(program, user_error_from_worker(error) or error), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except RuntimeError as error:  # torch's wrapper of a worker's error that it could not rebuild
+        message = user_error_from_worker(error)
+        if message is None:
+            raise
+        print(error_line(program, message), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRNOS:
