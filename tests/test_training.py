@@ -37,6 +37,7 @@ from ace_lora_hf.training import options
 from ace_lora_hf.training.accelerator import build_accelerator, data_loader
 from ace_lora_hf.training.loop import TrainingRun
 from ace_lora_hf.training.selection import Selection
+from ace_lora_hf.training.state import ACCUMULATED_GRADIENTS
 
 from conftest import REPO_ROOT, AceLoraModelTester, perturb_lora
 
@@ -526,6 +527,24 @@ def test_a_run_stopped_inside_an_epoch_resumes_as_if_it_had_not_stopped(straight
     # uninterrupted run's.
     for name in ("training_history.json", "best/ace_lora_checkpoint.json"):
         assert json.loads((stopped / name).read_text()) == json.loads((straight_run / name).read_text())
+
+
+def test_a_checkpoint_inside_an_accumulation_window_resumes_exactly(tiny_hub_folder, synthetic_data, tmp_path):
+    """With --gradient_accumulation_steps 2 a checkpoint after every micro-step: resumed from each, the run ends with
+    the uninterrupted run's weights, bit for bit (those inside a window carry the gradients summed so far)."""
+    options = ["--num_epochs", 1, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 1,
+               "--keep_checkpoints", 10]
+    run_pretrain(pretrain_command(tiny_hub_folder, synthetic_data, tmp_path / "straight", *options))
+    checkpoints = tmp_path / "straight" / "checkpoints"
+    inside = [step for step in range(1, 6) if (checkpoints / f"step_{step}" / ACCUMULATED_GRADIENTS).exists()]
+    assert inside == [1, 3, 5]
+    expected = trainable_weights(tmp_path / "straight" / "final")
+    for step in range(1, 6):
+        resumed = tmp_path / f"resumed_{step}"
+        run_pretrain(pretrain_command(tiny_hub_folder, synthetic_data, resumed, *options,
+                                      "--resume_from_checkpoint", checkpoints / f"step_{step}"))
+        actual = trainable_weights(resumed / "final")
+        assert all(torch.equal(actual[key], expected[key]) for key in expected), f"resumed at step {step}"
 
 
 def _copy_checkpoint(straight_run, tmp_path, step=14):

@@ -41,8 +41,8 @@ from ..sources.checkpoints import (CHECKPOINT_PATTERN, BaseModel, is_checkpoint,
                                    write_trained_weights)
 from ..sources.convert import save_model_folder
 from .selection import Selection
-from .state import (TRAINING_STATE, TrainingProgress, join_optimizer_state, random_state, read_training_state,
-                    set_random_state, write_training_state)
+from .state import (TRAINING_STATE, TrainingProgress, join_optimizer_state, random_state, read_accumulated_gradients,
+                    read_training_state, set_random_state, write_accumulated_gradients, write_training_state)
 
 
 logger = logging.get_logger(__name__)
@@ -259,6 +259,7 @@ class TrainingRun:
         """A resumable checkpoint `checkpoints/step_N/`, keeping the `--keep_checkpoints` newest."""
         self._require_finite_weights()
         random_states = gather_object([random_state()])
+        gradients = gather_object([self._accumulated_gradients()])
         step = self.progress.completed_steps
         folder = self.output_dir / "checkpoints" / f"step_{step}"
         if self.accelerator.is_main_process:
@@ -266,9 +267,16 @@ class TrainingRun:
             with atomic_folder(folder) as staging:
                 write_trained_weights(self.unwrapped_model, staging, self.base, epoch=self.progress.epoch, step=step)
                 write_training_state(staging, self._training_state(), self.optimizer.state_dict(), random_states)
+                write_accumulated_gradients(staging, gradients)
             self._remove_old_checkpoints()
         self.accelerator.wait_for_everyone()
         self.accelerator.print(f"saved checkpoint step_{step}")
+
+    def _accumulated_gradients(self) -> dict[str, torch.Tensor]:
+        """This process's gradients summed so far in an unfinished accumulation window: without them a run resumed
+        from a checkpoint inside a window would step on part of the window's batches."""
+        return {name: parameter.grad.detach().cpu() for name, parameter in self.unwrapped_model.named_parameters()
+                if parameter.requires_grad and parameter.grad is not None}
 
     def _training_state(self) -> dict:
         scaler = self.accelerator.scaler
@@ -325,6 +333,7 @@ class TrainingRun:
                                   f"({record['base'].get('source')}) than --model {self.base.source} (the frozen "
                                   "weights differ); pass the --model the run started from.")
         values, optimizer_tensors, random_tensors = read_training_state(folder)
+        gradients = read_accumulated_gradients(folder, self.accelerator.process_index)
         self._check_signature(folder, values.get("signature", {}))
         load_trained_weights(self.unwrapped_model, folder)
         try:
@@ -334,6 +343,7 @@ class TrainingRun:
                 self.accelerator.scaler.load_state_dict(values["scaler"])
             self.accelerator.step = values["accelerator_step"]
             self.progress = TrainingProgress(**values["progress"])
+            self._restore_gradients(gradients)
             own_state = set_random_state(random_tensors, values["random_states"], self.accelerator.process_index)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
             raise CheckpointError(f"{folder / TRAINING_STATE}: does not fit this run ({type(error).__name__}: "
@@ -342,6 +352,12 @@ class TrainingRun:
             logger.warning("%s holds no random state for process %d; it keeps its own.", folder,
                            self.accelerator.process_index)
         logger.info("Resumed from %s (step %d, epoch %d)", folder, self.progress.completed_steps, self.progress.epoch)
+
+    def _restore_gradients(self, gradients: dict[str, torch.Tensor]) -> None:
+        parameters = dict(self.unwrapped_model.named_parameters())
+        for name, gradient in gradients.items():
+            parameter = parameters[name]
+            parameter.grad = gradient.to(device=parameter.device, dtype=parameter.dtype).view_as(parameter)
 
     def _check_signature(self, folder: Path, saved: dict) -> None:
         changed = [f"{key}: {saved.get(key)!r} then, {value!r} now" for key, value in self.signature.items()

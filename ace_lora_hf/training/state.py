@@ -16,6 +16,8 @@ from ..sources.checkpoints import read_json, read_tensors, save_tensors
 
 
 OPTIMIZER_STATE = "optimizer.safetensors"
+# The gradients summed so far in an unfinished accumulation window (--gradient_accumulation_steps), per process.
+ACCUMULATED_GRADIENTS = "accumulated_gradients.safetensors"
 RANDOM_STATES = "random_states.safetensors"
 TRAINING_STATE = "training_state.json"  # progress, scheduler, the optimizer's other values, the run's settings
 
@@ -71,6 +73,23 @@ def read_training_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor], di
         raise CheckpointError(f"{folder / TRAINING_STATE}: holds a {type(values).__name__}, not the mapping this "
                               "package writes; resume another checkpoint or start again.")
     return values, read_tensors(folder / OPTIMIZER_STATE), read_tensors(folder / RANDOM_STATES)
+
+
+def write_accumulated_gradients(folder: Path, gradients: list[dict[str, torch.Tensor]]) -> None:
+    """Every process's gradients of a checkpoint written inside an accumulation window (nothing at a window's end,
+    where the optimizer has stepped and the gradients are zero)."""
+    if any(gradients):
+        save_tensors({f"process_{index}.{name}": tensor for index, own in enumerate(gradients)
+                      for name, tensor in own.items()}, folder / ACCUMULATED_GRADIENTS)
+
+
+def read_accumulated_gradients(folder: Path, process_index: int) -> dict[str, torch.Tensor]:
+    """This process's gradients that `write_accumulated_gradients` saved ({} where there are none)."""
+    if not (folder / ACCUMULATED_GRADIENTS).exists():
+        return {}
+    prefix = f"process_{process_index}."
+    return {key[len(prefix):]: tensor for key, tensor in read_tensors(folder / ACCUMULATED_GRADIENTS).items()
+            if key.startswith(prefix)}
 
 
 def random_state() -> tuple[dict[str, torch.Tensor], dict]:
