@@ -2,6 +2,8 @@
 interrupted and hostile inputs."""
 
 import csv
+import errno
+import io
 import json
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ from ace_lora_hf.cli.common import EXIT_INPUTS_SKIPPED, EXIT_USER_ERROR, run_cli
 from ace_lora_hf.evaluation.metrics import classification_metrics
 from ace_lora_hf.inference.dicom_ids import DICOM_ID_FIELDS
 from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
+from ace_lora_hf.outputs.result_files import ResultsFile
 
 from conftest import REPO_ROOT, SAMPLES
 from dicom_fixtures import write_dicom
@@ -210,6 +213,41 @@ def test_an_interrupted_run_keeps_its_results_and_resumes(tiny_hub_folder, tmp_p
     rows = list(csv.DictReader(output.open()))
     assert [row["image"] for row in rows] == [str(image) for image in IMAGES]
     assert rows[:2] == kept and "classified 3 image(s)" in out
+
+
+def test_a_disk_full_stop_then_resume_keeps_every_row_once(tiny_hub_folder, tmp_path, capsys, monkeypatch):
+    """The disk fills in the middle of a batch's rows: the run stops with one line naming the file, and --resume
+    ends with every image's row exactly once, with the numbers of an uninterrupted run."""
+    images = [IMAGES[index % 3] for index in range(7)]
+    links = []
+    for index, image in enumerate(images):
+        links.append(tmp_path / f"{index}{image.suffix}")
+        links[-1].symlink_to(image)
+    run(capsys, "--model", tiny_hub_folder, "--images", *links, "--output", tmp_path / "straight.csv",
+        "--batch-size", 2)
+    write, calls = ResultsFile.write, []
+
+    def disk_fills_in_the_third_batch(self, records):
+        calls.append(len(records))
+        if len(calls) < 3:
+            return write(self, records)
+        text = io.StringIO()
+        self._append(text, records)
+        self._file.write(text.getvalue()[:-3])  # the last row reached the disk without its last character
+        self._file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.partial))
+
+    monkeypatch.setattr(ResultsFile, "write", disk_fills_in_the_third_batch)
+    output = tmp_path / "results.csv"
+    code, _, err = run_exit(capsys, "--model", tiny_hub_folder, "--images", *links, "--output", output,
+                            "--batch-size", 2)
+    assert code == EXIT_USER_ERROR and f"no space left on the device while writing {output}.partial" in err
+    monkeypatch.undo()
+    run(capsys, "--model", tiny_hub_folder, "--images", *links, "--output", output, "--batch-size", 2, "--resume")
+    rows = list(csv.DictReader(output.open()))
+    straight = list(csv.DictReader((tmp_path / "straight.csv").open()))
+    assert [row["image"] for row in rows] == [str(link) for link in links]
+    assert rows == straight
 
 
 HEADER = "image,No Finding,pneumonia,prediction,error\n"

@@ -99,6 +99,9 @@ class ResultsFile:
             raise self._unusable(source, "is not a UTF-8 text file") from None
         parse = self._csv_records if self.format == ".csv" else self._jsonl_records
         parsed = list(parse(source, text))
+        if parsed and not text.endswith(("\n", "\r")):
+            # A row is complete only with its line end: one cut inside its last cell still has every cell.
+            parsed[-1] = (parsed[-1][0], None, True)
         records = []
         for index, (number, record, cut_off) in enumerate(parsed, start=1):
             if record is None:
