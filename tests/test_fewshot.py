@@ -130,7 +130,8 @@ def test_prompt_head_starts_as_zero_shot_and_restores_the_adapters(tiny_hub_fold
 
 def test_a_class_with_fewer_images_than_k_is_named(tables, tmp_path, capsys):
     train, test = tables
-    argv = ["--train-table", str(train), "--test-table", str(test), "--shots", "2", "5", "--output", str(tmp_path / "o")]
+    argv = ["--train-table", str(train), "--test-table", str(test), "--shots", "2", "5",
+            "--output", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(fewshot_cli.main, argv)
     assert exit_info.value.code == EXIT_USER_ERROR
