@@ -151,3 +151,9 @@ def test_a_test_label_outside_the_classes_is_named(tables, tmp_path, capsys):
     assert exit_info.value.code == EXIT_USER_ERROR
     assert capsys.readouterr().err.strip().endswith(
         f"{test}, line 2: column 'Label' is 'edema', not one of the classes ['normal', 'pneumonia'] (--labels).")
+
+
+def test_the_commands_method_names_are_the_runners():
+    from ace_lora_hf.fewshot.runner import METHODS
+
+    assert fewshot_cli.METHODS == METHODS
