@@ -157,3 +157,38 @@ def test_the_commands_method_names_are_the_runners():
     from ace_lora_hf.fewshot.runner import METHODS
 
     assert fewshot_cli.METHODS == METHODS
+
+
+def test_shares_of_the_table_with_the_probes_c_by_cross_validation(tiny_hub_folder, tables, tmp_path):
+    train, test = tables
+    fewshot_cli.main(["--train-table", str(train), "--test-table", str(test), "--model", str(tiny_hub_folder),
+                      "--train-fraction", "0.5", "1.0", "--seeds", "3", "--methods", "zero-shot", "linear-probe",
+                      "--device", "cpu", "--num-workers", "0", "--output", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(row["method"], row["shots"], row["fraction"]) for row in report["summary"]] == [
+        ("zero-shot", 0, None), ("linear-probe", None, 0.5), ("linear-probe", None, 1.0)]
+    with open(tmp_path / "out" / "shots.csv", newline="") as file:
+        shots = list(csv.DictReader(file))
+    assert [sum(row["fraction"] == share for row in shots) for share in ("0.5", "1.0")] == [2 * 2, 2 * 4]
+    assert float(report["summary"][2]["C"]) in C_GRID and report["summary"][1]["C"] == f"{DEFAULT_C:g}"
+
+
+def test_an_unreadable_image_and_a_class_without_images_are_named(tables, tiny_hub_folder, tmp_path, capsys):
+    train, test = tables
+    broken = tmp_path / "broken.csv"
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rows = [f"{train.parent / f'train_{label}_{i}.png'},{label}" for label in CLASSES for i in range(2)]
+    broken.write_text("Path,Label\n" + "\n".join([*rows, f"{tmp_path / 'bad.png'},normal"]) + "\n")
+    argv = ["--train-table", str(broken), "--test-table", str(test), "--model", str(tiny_hub_folder),
+            "--methods", "linear-probe", "--device", "cpu", "--num-workers", "0"]
+    with pytest.raises(SystemExit) as exit_info:  # every image of the table is a shot
+        run_cli(fewshot_cli.main, [*argv, "--train-fraction", "1.0", "--output", str(tmp_path / "o")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]  # after loading's bars
+    assert exit_info.value.code == EXIT_USER_ERROR and len(errors) == 1
+    error = errors[0]
+    assert f"{tmp_path / 'bad.png'}: " in error and error.endswith("; remove it from its table or replace the file")
+    with pytest.raises(SystemExit):
+        run_cli(fewshot_cli.main, [*argv, "--shots", "1", "--labels", "normal", "pneumonia", "edema",
+                                   "--output", str(tmp_path / "p")])
+    assert capsys.readouterr().err.strip().endswith(f"{broken}: class 'edema' has no image; add images of that class "
+                                                    "or leave it out of --labels.")

@@ -35,10 +35,15 @@ def encode(model, image_processor, images: Sequence[str], batch_size: int = 16,
     embed = lambda pixels: image_embeddings(model, pixels)  # noqa: E731
     for batch in embed_images(embed, images, image_processor, batch_size, num_workers, device):
         if batch.failures:
-            index, reason = batch.failures[0]
-            raise ImageLoadError(images[index], f"{reason}; remove it from its table or replace the file")
+            raise unreadable(images, batch.failures)
         rows.update(zip(batch.indices, batch.embeddings))
     return torch.stack([rows[index] for index in range(len(images))])
 
 
-__all__ = ["EmbeddingCache", "encode"]
+def unreadable(images: Sequence[str], failures: list[tuple[int, str]]) -> ImageLoadError:
+    """The error of the first image of a batch that could not be read: a few-shot run needs every image."""
+    index, reason = failures[0]
+    return ImageLoadError(images[index], f"{reason}; remove it from its table or replace the file")
+
+
+__all__ = ["EmbeddingCache", "encode", "unreadable"]

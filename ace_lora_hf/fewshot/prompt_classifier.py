@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, RandomSampler
 
-from ..models.ace_lora.image_loading import load_image
+from ..models.ace_lora.batch_inference import ImageBatch, ImageFiles, collate_images, default_num_workers
 from ..models.ace_lora.zero_shot import image_embeddings
-from .embeddings import encode
+from .embeddings import encode, unreadable
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,18 @@ def adapters_restored(model) -> Iterator[dict[str, nn.Parameter]]:
         model.eval()
 
 
-def shot_pixels(image_processor, images: Sequence[str]) -> torch.Tensor:
-    """`[N, 3, H, W]` pixels of the shots, preprocessed once for every step."""
-    return torch.cat([image_processor(load_image(image), return_tensors="pt")["pixel_values"] for image in images])
+def shot_batches(image_processor, images: Sequence[str], batch_size: int, num_workers: int,
+                 seed: int) -> Iterator[ImageBatch]:
+    """Endless mini-batches of the shots, reshuffled by `seed` each pass and decoded in `num_workers` workers (a share
+    of a large table does not fit in memory at once); an unreadable image stops the run, named."""
+    order = torch.Generator().manual_seed(seed)
+    loader = DataLoader(ImageFiles(images, image_processor), batch_size=batch_size, num_workers=num_workers,
+                        sampler=RandomSampler(range(len(images)), generator=order), collate_fn=collate_images)
+    while True:
+        for batch in loader:
+            if batch.failures:
+                raise unreadable(images, batch.failures)
+            yield batch
 
 
 def train_and_score(model, image_processor, class_embeddings: torch.Tensor, shots: Sequence[str],
@@ -80,19 +90,21 @@ def train_and_score(model, image_processor, class_embeddings: torch.Tensor, shot
     """`[N_test, C]` probabilities of the test images after training the head and the adapters on the shots."""
     device = model.logit_scale.device
     head = PromptInitialisedHead(class_embeddings, model.logit_scale).to(device)
-    pixels, labels = shot_pixels(image_processor, shots).to(device), torch.as_tensor(targets, device=device)
+    labels = torch.as_tensor(targets, device=device)
+    num_workers = default_num_workers(device) if num_workers is None else num_workers
+    batches = shot_batches(image_processor, shots, training.batch_size, num_workers, seed)
     with adapters_restored(model) as adapters:
         torch.manual_seed(seed)
-        order = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.AdamW([*adapters.values(), *head.parameters()], lr=training.learning_rate,
                                       weight_decay=0.0)
         model.train()
-        for _ in range(training.steps):
-            batch = torch.randperm(len(pixels), generator=order)[:training.batch_size].to(device)
-            loss = F.cross_entropy(head(image_embeddings(model, pixels[batch])), labels[batch])
+        for _, batch in zip(range(training.steps), batches):
+            logits = head(image_embeddings(model, batch.pixel_values.to(device)))
+            loss = F.cross_entropy(logits, labels[batch.indices])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        batches.close()  # stops its workers now
         model.eval()
         with torch.no_grad():
             logits = head(encode(model, image_processor, test_images, batch_size, num_workers).to(device))

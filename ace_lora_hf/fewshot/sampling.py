@@ -56,13 +56,17 @@ def read_labelled_table(table: Path, image_column: str, label_column: str, image
     return LabelledImages(table, images, np.asarray(targets, dtype=np.int64), classes, lines)
 
 
-def check_classes(pool: LabelledImages, shots: Sequence[int], option: str = "--shots") -> None:
-    """Refuse, before any work, a class with fewer images than the largest K (or none, for a share)."""
+def check_classes(pool: LabelledImages, shots: Sequence[int]) -> None:
+    """Refuse, before any work, a class with fewer images than the largest K, or with none (a class of --labels)."""
     needed = max(shots, default=1)
     for index, name in enumerate(pool.classes):
-        if pool.count(index) < needed:
-            raise DataFormatError(f"{pool.table}: class {name!r} has {pool.count(index)} image(s), fewer than "
-                                  f"{option} {needed}; add images of that class or ask for fewer shots.")
+        count = pool.count(index)
+        if count == 0:
+            raise DataFormatError(f"{pool.table}: class {name!r} has no image; add images of that class or leave it "
+                                  "out of --labels.")
+        if count < needed:
+            raise DataFormatError(f"{pool.table}: class {name!r} has {count} image(s), fewer than --shots {needed}; "
+                                  "add images of that class or ask for fewer shots.")
 
 
 def draw_shots(pool: LabelledImages, seed: int, shots: int | None = None, fraction: float | None = None) -> list[int]:
