@@ -116,6 +116,10 @@ def test_images_over_the_caps_get_an_error_entry(staged, monkeypatch):  # noqa: 
     assert handler(request)[0]["error"].startswith("image 0: larger than ")
     with pytest.raises(InvalidArgumentError, match="candidate_labels: give a list"):
         handler({"inputs": encoded(PNG), "parameters": {}})
+    with pytest.raises(InvalidArgumentError, match="^parameters: give a JSON object"):
+        handler({"inputs": encoded(PNG), "parameters": ["no", "labels"]})
+    with pytest.raises(InvalidArgumentError, match=r"^parameters.templates: 17 given, at most 16 a request"):
+        handler({"inputs": encoded(PNG), "parameters": {"candidate_labels": LABELS, "templates": ["{}"] * 17}})
 
 
 def test_class_prompts_are_encoded_once_per_labels_and_templates(staged, monkeypatch):  # noqa: F811

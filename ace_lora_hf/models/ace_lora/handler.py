@@ -57,7 +57,11 @@ class EndpointHandler:
         inputs = data.get("inputs")
         single = not isinstance(inputs, list)
         images = [inputs] if single else inputs
-        labels, templates = self._parameters(data.get("parameters") or {}, len(images))
+        parameters = data.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise self._errors.InvalidArgumentError("parameters: give a JSON object, e.g. {\"candidate_labels\": "
+                                                    "[\"No Finding\", \"pneumonia\"]}.")
+        labels, templates = self._parameters(parameters, len(images))
         loaded = [self._decoded(image, index) for index, image in enumerate(images)]
         scored = self._scores([image for image in loaded if not isinstance(image, dict)], labels, templates)
         results = [image if isinstance(image, dict) else next(scored) for image in loaded]
