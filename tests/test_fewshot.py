@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf.cli import fewshot as fewshot_cli
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.evaluation.metrics import classification_metrics
 from ace_lora_hf.fewshot.linear_probe import C_GRID, DEFAULT_C, fit_linear_probe
 from ace_lora_hf.fewshot.prompt_classifier import HeadTraining, lora_parameters, train_and_score
 from ace_lora_hf.fewshot.report import SUMMARY_COLUMNS
@@ -77,6 +78,17 @@ def test_results_table_has_a_row_per_method_and_k(two_runs):
     assert {row["C"] for row in summary if row["method"] == "linear-probe"} == {f"{DEFAULT_C:g}"}  # < 4 shots
     with Image.open(output / "results.png") as picture:
         assert picture.format == "PNG"
+
+
+def test_zero_shot_row_scores_as_the_zero_shot_classifier(two_runs, tiny_hub_folder, tables):
+    model, processor = AutoModel.from_pretrained(tiny_hub_folder).eval(), AutoProcessor.from_pretrained(tiny_hub_folder)
+    test = read_labelled_table(tables[1], "Path", "Label", None, CLASSES, "--test-table")
+    expected = classification_metrics(ZeroShotClassifier(model, processor, num_workers=0)(test.images, CLASSES),
+                                      test.targets)
+    zero_shot = two_runs[0][1]["runs"][0]
+    assert zero_shot["method"] == "zero-shot" and zero_shot["seed"] is None
+    assert zero_shot["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-5)
+    assert zero_shot["auc"] == pytest.approx(expected["auc"], abs=1e-5)
 
 
 def test_same_seed_gives_the_same_shots_and_scores(two_runs):
