@@ -81,13 +81,14 @@ def test_handler_scores_a_dicom_and_a_png_as_the_model_without_the_package(stage
         {"inputs": ["", "not base64!", base64.b64encode(b"not an image").decode(), encoded(PNG)],
          "parameters": {"candidate_labels": LABELS}},
         {"parameters": {"candidate_labels": LABELS}},
+        {"inputs": [], "parameters": {"candidate_labels": LABELS}},
         {"inputs": [encoded(PNG)], "parameters": {"candidate_labels": [f"class {i}" for i in range(65)]}},
         {"inputs": [encoded(PNG)] * 33, "parameters": {"candidate_labels": LABELS}},
     ]
     (tmp_path / "requests.json").write_text(json.dumps(requests))
     remote = run_python(TOOLKIT_SCRIPT, str(staged), str(tmp_path / "requests.json"), env=isolated_env(tmp_path))
     assert remote["module"].startswith("transformers_modules.") and remote["module"].endswith(".pipeline_ace_lora")
-    both, one_template, single, mixed, empty, many_labels, many_images = remote["answers"]
+    both, one_template, single, mixed, empty, empty_list, many_labels, many_images = remote["answers"]
     model, processor = model_and_processor
 
     expected = ZeroShotClassifier(model, processor)([DICOM, PNG], LABELS)
@@ -101,7 +102,7 @@ def test_handler_scores_a_dicom_and_a_png_as_the_model_without_the_package(stage
     assert mixed[1] == {"error": "image 1: not base64; send the file's bytes base64-encoded."}
     assert mixed[2]["error"].startswith("image 2: ")
     torch.testing.assert_close(as_probabilities(mixed[3:], LABELS), expected[1:], rtol=0, atol=1e-5)
-    assert empty == {"error": "image 0: no image; send the file's bytes base64-encoded under inputs."}
+    assert empty == empty_list == {"error": "image 0: no image; send the file's bytes base64-encoded under inputs."}
     assert many_labels == {"refused": "InvalidArgumentError", "message": "parameters.candidate_labels: 65 given, "
                                                                          "at most 64 a request; split the request."}
     assert many_images["message"] == "inputs: 33 given, at most 32 a request; split the request."

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..data.csv_cells import write_header, write_rows
-from ..outputs.safe_outputs import json_safe, write_json_atomic
+from ..outputs.safe_outputs import write_json_atomic
 from .runner import FewShotResults
 
 
@@ -42,7 +42,7 @@ def write_results(folder: Path, results: FewShotResults, run: dict, plot_metric:
     summary = summarise(results.records)
     _write_csv(folder / RESULTS_CSV, SUMMARY_COLUMNS, summary)
     _write_csv(folder / SHOTS_CSV, SHOT_COLUMNS, results.shots)
-    write_json_atomic(folder / RESULTS_JSON, {**run, "summary": summary, "runs": json_safe(results.records)})
+    write_json_atomic(folder / RESULTS_JSON, {**run, "summary": summary, "runs": results.records})
     written = [folder / RESULTS_CSV, folder / RESULTS_JSON, folder / SHOTS_CSV]
     if plot_metric is not None:
         plot_summary(summary, plot_metric).savefig(folder / RESULTS_PLOT)

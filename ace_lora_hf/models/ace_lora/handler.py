@@ -55,13 +55,9 @@ class EndpointHandler:
             raise self._errors.InvalidArgumentError("The request is not a JSON object; send {\"inputs\": ..., "
                                                     "\"parameters\": {\"candidate_labels\": [...]}}.")
         inputs = data.get("inputs")
-        single = not isinstance(inputs, list)
+        single = not (isinstance(inputs, list) and inputs)  # an empty list is a request without images too
         images = [inputs] if single else inputs
-        parameters = data.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise self._errors.InvalidArgumentError("parameters: give a JSON object, e.g. {\"candidate_labels\": "
-                                                    "[\"No Finding\", \"pneumonia\"]}.")
-        labels, templates = self._parameters(parameters, len(images))
+        labels, templates = self._parameters(data.get("parameters") or {}, len(images))
         loaded = [self._decoded(image, index) for index, image in enumerate(images)]
         scored = self._scores([image for image in loaded if not isinstance(image, dict)], labels, templates)
         results = [image if isinstance(image, dict) else next(scored) for image in loaded]
@@ -69,6 +65,9 @@ class EndpointHandler:
 
     def _parameters(self, parameters: dict, num_images: int) -> tuple[list[str], list[str] | None]:
         """Labels and templates of the request, each within its cap."""
+        if not isinstance(parameters, dict):
+            raise self._errors.InvalidArgumentError("parameters: give a JSON object, e.g. {\"candidate_labels\": "
+                                                    "[\"No Finding\", \"pneumonia\"]}.")
         labels, templates = parameters.get("candidate_labels"), parameters.get("templates")
         if not isinstance(labels, list) or not labels:
             raise self._errors.InvalidArgumentError("parameters.candidate_labels: give a list of class names, e.g. "
