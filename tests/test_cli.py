@@ -20,7 +20,7 @@ from conftest import REPO_ROOT, SAMPLES
 from test_training import pretrain_command, run_pretrain, synthetic_data  # noqa: F401 (a fixture)
 
 
-COMMANDS = ("app", "classify", "convert", "evaluate", "export_onnx", "publish", "retrieval")
+COMMANDS = ("app", "classify", "convert", "evaluate", "export_onnx", "fewshot", "publish", "retrieval")
 IMAGE = SAMPLES / "nih_00000001_000.png"
 
 

@@ -79,7 +79,7 @@ def test_staged_repository_is_complete(staged):
     assert {
         "config.json", "model.safetensors", "configuration_ace_lora.py", "modeling_ace_lora.py", "loss_ace_lora.py",
         "processing_ace_lora.py", "image_processing_ace_lora.py", "processor_config.json", "tokenizer.json",
-        "hf_model_inference.py", "README.md",
+        "hf_model_inference.py", "README.md", "handler.py", "requirements.txt",
     } <= names
     assert "adapter_config.json" not in names
     assert set(json.loads((staged / "config.json").read_text())["auto_map"]) == {

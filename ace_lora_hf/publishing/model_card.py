@@ -140,6 +140,22 @@ image, edit the labels and see the probabilities with the explanation below.
 
 {% endif %}On your machine, with ace-lora-hf installed as above: run `ace-lora-app --model {{ repo_id }}` and open
 http://127.0.0.1:7860.
+
+## Inference Endpoints
+
+The repository's `handler.py` serves it on Hugging Face Inference Endpoints (or any server that loads a repository's
+`handler.py`) from its own code, with the packages of its `requirements.txt`; class prompts are encoded once per
+label set. Send base64 PNG, JPEG or DICOM files, one or a list (at most 32), with at most 64 labels and 16 templates:
+
+```json
+{"inputs": ["<base64 of a.dcm>", "<base64 of b.png>"],
+ "parameters": {"candidate_labels": ["No Finding", "pneumonia"], "templates": ["a chest X-ray image of {}."]}}
+```
+
+The answer is the zero-shot pipeline's, one list per image (a single image: its list), highest score first:
+`[[{"label": "pneumonia", "score": 0.81}, {"label": "No Finding", "score": 0.19}], ...]`. `templates` is optional
+(default: the two above). An image that cannot be used (missing, not base64, unreadable, over 64 MiB or 50 million
+pixels) gets `{"error": "image 1: ..."}` in its place; the other images are scored.
 {% endif %}{% if explanation %}
 ## What the model looks at
 

@@ -14,6 +14,7 @@ from transformers.utils import logging
 from ..errors import DataFormatError, InvalidArgumentError, ModelSourceError
 from ..inference.demo import DEFAULT_PRESET, EXAMPLES_FOLDER, PRESETS
 from ..inference.explain import explain, plot_explanation, require_plotting
+from .endpoint import add_endpoint_files
 from .model_card import BIOMEDCLIP, evaluation_results, render_model_card
 from ..sources.folders import model_folder
 from ..sources.released_adapters import RELEASED
@@ -128,9 +129,10 @@ def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path
                      base_model: str = BIOMEDCLIP, overwrite: bool = False, space: str | None = None,
                      example_image: str | Path | None = None, **released_sources: str) -> Path:
     """Write everything the Hub repository of `model` holds into `staging` (empty, or replaced with `overwrite`):
-    weights, code, processor, the model card and, for a zero-shot model, its command line and the card's explanation
-    picture of `example_image` (see `card_picture_source`). `released_sources`: the released model's sources
-    (`biomedclip`, `adapters`, `tokenizer`) and the `revision` of a Hub --model."""
+    weights, code, processor, the model card and, for a zero-shot model, its command line, its Inference Endpoints
+    handler (`handler.py`, `requirements.txt`) and the card's explanation picture of `example_image` (see
+    `card_picture_source`). `released_sources`: the released model's sources (`biomedclip`, `adapters`, `tokenizer`)
+    and the `revision` of a Hub --model."""
     check_repo_ids(repo_id, space)
     released = model is None or str(model) == RELEASED
     evaluations = [result for path in results for result in evaluation_results(read_results(path), Path(path))]
@@ -150,6 +152,7 @@ def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path
             processor.save_pretrained(folder)
             if zero_shot:
                 (folder / INFERENCE_SCRIPT_NAME).write_text(INFERENCE_SCRIPT.format(repo_id=repo_id), encoding="utf-8")
+                add_endpoint_files(folder)
             card.save(folder / "README.md")
     return staging
 

@@ -1,0 +1,158 @@
+"""Few-shot adaptation: K labelled images per class (or a share of a training table), several seeds, results as
+mean +- standard deviation per method and K.
+
+    ace-lora-fewshot --train-table train.csv --test-table test.csv --output fewshot/
+    ace-lora-fewshot --train-table train.csv --test-table test.csv --train-fraction 0.01 0.1 1.0 --output fewshot/
+
+Tables are CSV or JSON Lines with an image path (--image-column, relative to --image-root, default each table's
+folder) and a class name (--label-column); the class names are also the prompts' labels. Methods: zero-shot (the
+K = 0 baseline); a linear probe (logistic regression) on the frozen image embeddings, its C chosen by 4-fold
+cross-validation on the shots where every class has at least 4, 1.0 below that (recorded in the table); and a
+classifier head initialised from the class-prompt embeddings, trained on the shots with the image tower's LoRA
+adapters (base weights frozen). Shots are drawn per class by the seed, nested as K grows. --output receives
+results.csv and results.json (mean and std over seeds; the JSON also every seed's numbers), results.png (metric
+against K; needs matplotlib) and shots.csv (the images drawn for each K and seed).
+"""
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from .common import run_cli
+from .options import (add_batch_options, add_device_options, add_model_options, add_option, add_output_options,
+                      check_paths_exist, command_parser, model_summary, positive_int)
+from ..errors import InvalidArgumentError
+
+
+METHODS = ("zero-shot", "linear-probe", "prompt-head")  # as ace_lora_hf.fewshot.runner.METHODS (no torch for --help)
+DEFAULT_SHOTS = (1, 2, 4, 8, 16)
+
+
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a share of the training table above 0 and at most 1")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = command_parser("ace-lora-fewshot", __doc__)
+    data = parser.add_argument_group("data")
+    add_option(data, "--train-table", type=Path, required=True, help="Labelled images the shots are drawn from.")
+    add_option(data, "--test-table", type=Path, required=True, help="Labelled images every method is scored on.")
+    add_option(data, "--image-root", type=Path, help="Folder the image paths are relative to (default: each table's).")
+    add_option(data, "--image-column", default="Path", help="Column of image paths (default: %(default)s).")
+    add_option(data, "--label-column", default="Label", help="Column of class names (default: %(default)s).")
+    add_option(data, "--labels", nargs="+", help="The classes, in this order (default: the train table's, sorted).")
+    add_option(data, "--templates", nargs="+", help="Prompt templates with one {} (default: the paper's two).")
+    protocol = parser.add_argument_group("protocol")
+    sizes = protocol.add_mutually_exclusive_group()
+    add_option(sizes, "--shots", nargs="+", type=positive_int, help="Images per class, K (default: 1 2 4 8 16).")
+    add_option(sizes, "--train-fraction", nargs="+", type=share, help="Shares of each class of the train table.")
+    add_option(protocol, "--seeds", nargs="+", type=int, default=[1, 2, 3], help="Seeds (default: %(default)s).")
+    add_option(protocol, "--methods", nargs="+", choices=METHODS, default=list(METHODS),
+               help="Methods (default: all).")
+    add_option(protocol, "--steps", type=int, default=50, help="Training steps of the prompt head (default: "
+                                                               "%(default)s).")
+    add_option(protocol, "--learning-rate", type=float, default=1e-3, help="Its AdamW learning rate (default: "
+                                                                           "%(default)s).")
+    add_option(protocol, "--plot-metric", choices=("accuracy", "auc"), default="accuracy",
+               help="Metric of results.png (default: %(default)s).")
+    add_model_options(parser)
+    add_device_options(parser, dtype=False)
+    add_batch_options(parser)
+    add_output_options(parser, "Folder of the results and the shots.", required=True)
+    args = parser.parse_args(argv)
+    if args.steps < 0 or not args.learning_rate > 0:
+        parser.error("--steps: 0 or more; --learning-rate: above 0.")
+    if args.shots is None and args.train_fraction is None:
+        args.shots = list(DEFAULT_SHOTS)
+    return args
+
+
+def read_tables(args: argparse.Namespace):
+    """The training pool and the test set, checked (a class with fewer images than K named) before the model loads."""
+    from ..fewshot.sampling import check_classes, read_labelled_table
+
+    check_paths_exist([args.train_table], "--train-table", "table")
+    check_paths_exist([args.test_table], "--test-table", "table")
+    check_paths_exist([args.image_root], "--image-root", "folder")
+    pool = read_labelled_table(args.train_table, args.image_column, args.label_column, args.image_root, args.labels,
+                               "--train-table")
+    if len(pool.classes) < 2:
+        raise InvalidArgumentError(f"--train-table {args.train_table}: one class ({pool.classes[0]!r}); few-shot "
+                                   "classification needs two or more.")
+    check_classes(pool, args.shots or [1])
+    test = read_labelled_table(args.test_table, args.image_column, args.label_column, args.image_root, pool.classes,
+                               "--test-table")
+    return pool, test
+
+
+def plan_of(args: argparse.Namespace):
+    from ..fewshot.prompt_classifier import HeadTraining
+    from ..fewshot.runner import FewShotPlan
+    from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, checked_templates
+
+    return FewShotPlan(shots=tuple(args.shots or ()), fractions=tuple(args.train_fraction or ()),
+                       seeds=tuple(dict.fromkeys(args.seeds)), methods=tuple(dict.fromkeys(args.methods)),
+                       templates=checked_templates(args.templates or CHEST_XRAY_TEMPLATES),
+                       training=HeadTraining(args.steps, args.learning_rate, args.batch_size))
+
+
+def printed(record: dict) -> str:
+    setting = f"K={record['shots']}" if record["shots"] is not None else f"share={record['fraction']:g}"
+    seed = "" if record["seed"] is None else f" seed {record['seed']}"
+    probe = f"  (C={record['C']:g})" if "C" in record else ""
+    return f"{record['method']:>12} {setting}{seed}: accuracy {record['accuracy']:.4f}  AUC {record['auc']:.4f}{probe}"
+
+
+def plotting_available() -> bool:
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .options import check_model_source, load_model, make_accelerator
+    from ..fewshot.report import write_results
+    from ..fewshot.runner import FewShotRunner
+    from ..outputs.safe_outputs import atomic_folder, check_output_folder, folder_lock
+
+    pool, test = read_tables(args)
+    plan = plan_of(args)
+    check_output_folder(args.output, [args.train_table, args.test_table], overwrite=args.overwrite)
+    check_model_source(args)
+    plot_metric = args.plot_metric if plotting_available() else None
+    if plot_metric is None:
+        print("matplotlib is not installed: no results.png (pip install 'ace-lora-hf[plot]').")
+    accelerator = make_accelerator(args.device)
+    model, processor, _ = load_model(args, accelerator.device, for_inference=False)
+    print(f"{len(pool.images)} training images, {len(test.images)} test images, classes {list(pool.classes)}")
+    runner = FewShotRunner(model, processor, plan, args.batch_size, args.num_workers,
+                           on_record=lambda record: print(printed(record), flush=True))
+    results = runner.run(pool, test)
+    run = {"model": model_summary(args), "train_table": str(args.train_table), "test_table": str(args.test_table),
+           "classes": list(pool.classes), "templates": list(plan.templates), "seeds": list(plan.seeds),
+           "steps": args.steps, "learning_rate": args.learning_rate}
+    with folder_lock(args.output), atomic_folder(args.output) as folder:
+        write_results(folder, results, run, plot_metric)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cli() -> None:
+    """The `ace-lora-fewshot` console script."""
+    run_cli(main)
+
+
+__all__ = ["cli", "main", "parse_args"]
+
+
+if __name__ == "__main__":
+    cli()

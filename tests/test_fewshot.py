@@ -1,0 +1,206 @@
+"""ace-lora-fewshot: the results table's shape, shots and scores reproducible from the seed, the linear probe on a
+separable set, the prompt head's start equal to zero-shot with the model's adapters restored, bad tables refused."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+from ace_lora_hf.cli import fewshot as fewshot_cli
+from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.evaluation.metrics import classification_metrics
+from ace_lora_hf.fewshot.linear_probe import C_GRID, DEFAULT_C, fit_linear_probe
+from ace_lora_hf.fewshot.prompt_classifier import HeadTraining, lora_parameters, train_and_score
+from ace_lora_hf.fewshot.report import SUMMARY_COLUMNS
+from ace_lora_hf.fewshot.sampling import draw_shots, read_labelled_table
+from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
+
+
+CLASSES = ("normal", "pneumonia")  # words of the test vocabulary
+
+
+def write_toy_table(folder, name: str, per_class: int, seed: int):
+    """Dark images are 'normal', bright ones 'pneumonia' (noise on top): a set a linear probe separates."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, level in zip(CLASSES, (40, 210)):
+        for index in range(per_class):
+            pixels = np.clip(level + rng.normal(0, 12, (40, 40)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{name}_{label}_{index}.png")
+            rows.append({"Path": f"{name}_{label}_{index}.png", "Label": label})
+    table = folder / f"{name}.csv"
+    with open(table, "w", newline="") as file:
+        writer = csv.DictWriter(file, ["Path", "Label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return table
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fewshot_data")
+    return write_toy_table(folder, "train", 4, seed=0), write_toy_table(folder, "test", 5, seed=1)
+
+
+def run_fewshot(tiny_hub_folder, tables, output, *extra: str):
+    train, test = tables
+    fewshot_cli.main(["--train-table", str(train), "--test-table", str(test), "--model", str(tiny_hub_folder),
+                      "--shots", "1", "2", "--seeds", "0", "1", "--steps", "3", "--device", "cpu",
+                      "--num-workers", "0", "--output", str(output), *extra])
+    with open(output / "results.csv", newline="") as file:
+        summary = list(csv.DictReader(file))
+    with open(output / "shots.csv", newline="") as file:
+        shots = list(csv.DictReader(file))
+    return summary, json.loads((output / "results.json").read_text()), shots, output
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_hub_folder, tables, tmp_path_factory):
+    return [run_fewshot(tiny_hub_folder, tables, tmp_path_factory.mktemp("fewshot") / "out") for _ in range(2)]
+
+
+def test_results_table_has_a_row_per_method_and_k(two_runs):
+    summary, report, _, output = two_runs[0]
+    assert list(summary[0]) == list(SUMMARY_COLUMNS)
+    assert [(row["method"], row["shots"], row["runs"]) for row in summary] == [
+        ("zero-shot", "0", "1"), ("linear-probe", "1", "2"), ("prompt-head", "1", "2"),
+        ("linear-probe", "2", "2"), ("prompt-head", "2", "2")]
+    assert len(report["runs"]) == 1 + 2 * 2 * 2 and report["classes"] == list(CLASSES)
+    for row in report["summary"][1:]:
+        runs = [run for run in report["runs"] if run["method"] == row["method"] and run["shots"] == row["shots"]]
+        accuracies = [run["accuracy"] for run in runs]
+        assert row["accuracy_mean"] == pytest.approx(np.mean(accuracies))
+        assert row["accuracy_std"] == pytest.approx(np.std(accuracies))
+    assert {row["C"] for row in summary if row["method"] == "linear-probe"} == {f"{DEFAULT_C:g}"}  # < 4 shots
+    with Image.open(output / "results.png") as picture:
+        assert picture.format == "PNG"
+
+
+def test_zero_shot_row_scores_as_the_zero_shot_classifier(two_runs, tiny_hub_folder, tables):
+    model, processor = AutoModel.from_pretrained(tiny_hub_folder).eval(), AutoProcessor.from_pretrained(tiny_hub_folder)
+    test = read_labelled_table(tables[1], "Path", "Label", None, CLASSES, "--test-table")
+    expected = classification_metrics(ZeroShotClassifier(model, processor, num_workers=0)(test.images, CLASSES),
+                                      test.targets)
+    zero_shot = two_runs[0][1]["runs"][0]
+    assert zero_shot["method"] == "zero-shot" and zero_shot["seed"] is None
+    assert zero_shot["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-5)
+    assert zero_shot["auc"] == pytest.approx(expected["auc"], abs=1e-5)
+
+
+def test_same_seed_gives_the_same_shots_and_scores(two_runs):
+    (summary, report, shots, _), (summary_again, report_again, shots_again, _) = two_runs
+    assert shots == shots_again and summary == summary_again
+    assert report["runs"] == report_again["runs"]
+    by_seed = {}
+    for row in shots:
+        by_seed.setdefault((row["seed"], row["shots"]), []).append(row["image"])
+    assert len(shots) == 2 * (1 * 2 + 2 * 2)
+    for seed in ("0", "1"):
+        assert set(by_seed[seed, "1"]) < set(by_seed[seed, "2"])  # nested as K grows
+    assert by_seed["0", "2"] != by_seed["1", "2"] or by_seed["0", "1"] != by_seed["1", "1"]
+
+
+def test_linear_probe_separates_the_toy_set(two_runs):
+    report = two_runs[0][1]
+    assert [run["accuracy"] for run in report["runs"] if run["method"] == "linear-probe"] == [1.0] * 4
+
+
+def test_linear_probe_chooses_c_by_cross_validation_from_four_shots():
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(-1, 0.3, (8, 5)), rng.normal(1, 0.3, (8, 5))])
+    targets = np.repeat([0, 1], 8)
+    probe, C = fit_linear_probe(features, targets, seed=0)
+    assert C in C_GRID and probe.C == C
+    assert (probe.predict(features) == targets).all()
+    assert fit_linear_probe(features[[0, 1, 8, 9]], targets[[0, 1, 8, 9]], seed=0)[1] == DEFAULT_C
+
+
+def test_prompt_head_starts_as_zero_shot_and_restores_the_adapters(tiny_hub_folder, tables):
+    model, processor = AutoModel.from_pretrained(tiny_hub_folder).eval(), AutoProcessor.from_pretrained(tiny_hub_folder)
+    pool = read_labelled_table(tables[0], "Path", "Label", None, None, "--train-table")
+    test = read_labelled_table(tables[1], "Path", "Label", None, pool.classes, "--test-table")
+    classifier = ZeroShotClassifier(model, processor, num_workers=0)
+    classes = classifier.class_embeddings(pool.classes)
+    shots = pool.subset(draw_shots(pool, seed=0, shots=2))
+    before = {name: parameter.detach().clone() for name, parameter in lora_parameters(model).items()}
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    untrained = train_and_score(model, processor.image_processor, classes, shots.images, shots.targets, test.images,
+                                seed=0, training=HeadTraining(steps=0), num_workers=0)
+    torch.testing.assert_close(torch.from_numpy(untrained).float(), classifier(test.images, pool.classes),
+                               rtol=0, atol=1e-5)
+    trained = train_and_score(model, processor.image_processor, classes, shots.images, shots.targets, test.images,
+                              seed=0, training=HeadTraining(steps=3), num_workers=0)
+    assert not np.allclose(trained, untrained)
+    for name, parameter in lora_parameters(model).items():
+        torch.testing.assert_close(parameter, before[name], rtol=0, atol=0)
+    assert [parameter.requires_grad for parameter in model.parameters()] == flags and not model.training
+
+
+def test_a_class_with_fewer_images_than_k_is_named(tables, tmp_path, capsys):
+    train, test = tables
+    argv = ["--train-table", str(train), "--test-table", str(test), "--shots", "2", "5",
+            "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fewshot_cli.main, argv)
+    assert exit_info.value.code == EXIT_USER_ERROR
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(f"error: {train}: class 'normal' has 4 image(s), fewer than --shots 5; add images of that "
+                          "class or ask for fewer shots.")
+    assert "\n" not in error and not (tmp_path / "o").exists()
+
+
+def test_a_test_label_outside_the_classes_is_named(tables, tmp_path, capsys):
+    train, _ = tables
+    test = tmp_path / "test.csv"
+    test.write_text(f"Path,Label\n{train.parent / 'train_normal_0.png'},edema\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fewshot_cli.main, ["--train-table", str(train), "--test-table", str(test), "--shots", "1",
+                                   "--output", str(tmp_path / "o")])
+    assert exit_info.value.code == EXIT_USER_ERROR
+    assert capsys.readouterr().err.strip().endswith(
+        f"{test}, line 2: column 'Label' is 'edema', not one of the classes ['normal', 'pneumonia'] (--labels).")
+
+
+def test_the_commands_method_names_are_the_runners():
+    from ace_lora_hf.fewshot.runner import METHODS
+
+    assert fewshot_cli.METHODS == METHODS
+
+
+def test_shares_of_the_table_with_the_probes_c_by_cross_validation(tiny_hub_folder, tables, tmp_path):
+    train, test = tables
+    fewshot_cli.main(["--train-table", str(train), "--test-table", str(test), "--model", str(tiny_hub_folder),
+                      "--train-fraction", "0.5", "1.0", "--seeds", "3", "--methods", "zero-shot", "linear-probe",
+                      "--device", "cpu", "--num-workers", "0", "--output", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(row["method"], row["shots"], row["fraction"]) for row in report["summary"]] == [
+        ("zero-shot", 0, None), ("linear-probe", None, 0.5), ("linear-probe", None, 1.0)]
+    with open(tmp_path / "out" / "shots.csv", newline="") as file:
+        shots = list(csv.DictReader(file))
+    assert [sum(row["fraction"] == share for row in shots) for share in ("0.5", "1.0")] == [2 * 2, 2 * 4]
+    assert float(report["summary"][2]["C"]) in C_GRID and report["summary"][1]["C"] == f"{DEFAULT_C:g}"
+
+
+def test_an_unreadable_image_and_a_class_without_images_are_named(tables, tiny_hub_folder, tmp_path, capsys):
+    train, test = tables
+    broken = tmp_path / "broken.csv"
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rows = [f"{train.parent / f'train_{label}_{i}.png'},{label}" for label in CLASSES for i in range(2)]
+    broken.write_text("Path,Label\n" + "\n".join([*rows, f"{tmp_path / 'bad.png'},normal"]) + "\n")
+    argv = ["--train-table", str(broken), "--test-table", str(test), "--model", str(tiny_hub_folder),
+            "--methods", "linear-probe", "--device", "cpu", "--num-workers", "0"]
+    with pytest.raises(SystemExit) as exit_info:  # every image of the table is a shot
+        run_cli(fewshot_cli.main, [*argv, "--train-fraction", "1.0", "--output", str(tmp_path / "o")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]  # after loading's bars
+    assert exit_info.value.code == EXIT_USER_ERROR and len(errors) == 1
+    error = errors[0]
+    assert f"{tmp_path / 'bad.png'}: " in error and error.endswith("; remove it from its table or replace the file")
+    with pytest.raises(SystemExit):
+        run_cli(fewshot_cli.main, [*argv, "--shots", "1", "--labels", "normal", "pneumonia", "edema",
+                                   "--output", str(tmp_path / "p")])
+    assert capsys.readouterr().err.strip().endswith(f"{broken}: class 'edema' has no image; add images of that class "
+                                                    "or leave it out of --labels.")
