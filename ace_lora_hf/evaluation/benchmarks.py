@@ -109,9 +109,17 @@ def scores(benchmark: Benchmark, probabilities: np.ndarray, references: np.ndarr
     return classification_metrics(probabilities, references)
 
 
-def zero_shot_logits(name: str, classifier: ZeroShotClassifier, images: list[str],
-                     labels: list[str]) -> tuple[np.ndarray, list[int], list[dict]]:
-    """`[n, C]` zero-shot logits of the readable images, their indices in `images`, and the skipped ones."""
+@dataclass
+class ZeroShotScores:
+    """`[n, C]` zero-shot logits of the readable images, their indices in the image list, and the skipped ones."""
+
+    logits: np.ndarray
+    kept: list[int]
+    skipped: list[dict]
+
+
+def zero_shot_logits(name: str, classifier: ZeroShotClassifier, images: list[str], labels: list[str]) -> ZeroShotScores:
+    """Classify `images` against `labels`; an unreadable image is skipped (and listed), none readable is an error."""
     logits, kept, skipped = [], [], []
     for batch in classifier.classify(images, labels):
         logits += batch.logits.tolist()
@@ -120,7 +128,7 @@ def zero_shot_logits(name: str, classifier: ZeroShotClassifier, images: list[str
     if not kept:
         raise DataFormatError(f"{name}: none of its {len(images)} images could be read (first: "
                               f"{skipped[0]['image']}: {skipped[0]['error']}).")
-    return np.asarray(logits, dtype=np.float32), kept, skipped
+    return ZeroShotScores(np.asarray(logits, dtype=np.float32), kept, skipped)
 
 
 def probabilities_of(logits: np.ndarray) -> np.ndarray:
@@ -128,13 +136,13 @@ def probabilities_of(logits: np.ndarray) -> np.ndarray:
     return torch.from_numpy(logits).softmax(dim=-1).numpy()
 
 
-def evaluate_benchmark(name: str, classifier: ZeroShotClassifier, images: list[str], references: list,
-                       resamples: int, seed: int, subgroups: dict[str, list[str]] | None = None) -> dict:
+def evaluate_benchmark(name: str, classified: ZeroShotScores, images: list[str], references: list, resamples: int,
+                       seed: int, subgroups: dict[str, list[str]] | None = None) -> dict:
     """Metrics, their bootstrap intervals and the paper's comparison for one benchmark, with the calibration of its
     probabilities and, given `subgroups` (column -> value per image), every metric per subgroup."""
     benchmark = BENCHMARKS[name]
     labels = list(benchmark.classes.values())
-    logits, kept, skipped = zero_shot_logits(name, classifier, images, labels)
+    logits, kept, skipped = classified.logits, classified.kept, classified.skipped
     predictions, truth = probabilities_of(logits), np.asarray([references[index] for index in kept])
     metrics = scores(benchmark, predictions, truth)
     intervals = bootstrap_intervals(lambda p, r: scores(benchmark, p, r), predictions, truth, resamples, seed)
@@ -177,4 +185,4 @@ def print_result(name: str, result: dict) -> None:
 
 
 __all__ = ["BENCHMARKS", "Benchmark", "evaluate_benchmark", "format_interval", "print_result", "probabilities_of", "published_result",
-           "read_benchmark", "table_columns", "zero_shot_logits"]
+           "read_benchmark", "table_columns", "ZeroShotScores", "zero_shot_logits"]

@@ -15,6 +15,7 @@ from .operating_points import label_outcomes, operating_thresholds, thresholded_
 from .subgroups import subgroup_metrics
 from ..errors import InvalidArgumentError
 from ..models.ace_lora.calibration import Calibration
+from ..outputs.terminal import printable
 
 
 def check_validation_targets(targets: np.ndarray, labels: list[str], source: str) -> None:
@@ -72,16 +73,61 @@ def calibrated_evaluation(calibration: Calibration, validation: tuple[np.ndarray
     return report
 
 
-def write_figures(calibration: Calibration, test: tuple[np.ndarray, np.ndarray], stem: Path) -> list[Path]:
-    """`<stem>_reliability.png` (test, before and after) and the ROC and PR curves of the thresholded labels."""
-    logits, targets = test
-    after = calibrated(calibration, logits)
-    curves = {"before": top_class(probabilities_of(logits), targets), f"after (T = {calibration.temperature:.3f})":
-              top_class(after, targets)}
-    labels = list(calibration.labels)
+def reliability_points(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a reliability diagram bins: top-class confidence and correctness, or every finding's probability and
+    outcome of a multi-label set."""
+    if targets.ndim == 2:
+        return probabilities.ravel(), targets.ravel().astype(bool)
+    return top_class(probabilities, targets)
+
+
+def write_figures(logits: np.ndarray, targets: np.ndarray, labels: list[str], calibration: Calibration | None,
+                  stem: Path) -> list[Path]:
+    """`<stem>_reliability.png` (zero-shot, and calibrated when there is a calibration) and the ROC and
+    precision-recall curves (`<stem>_roc.png`, `<stem>_pr.png`) of the labels that get operating points."""
+    probabilities = probabilities_of(logits)
+    curves = {"zero-shot": reliability_points(probabilities, targets)}
+    if calibration is not None:
+        probabilities = calibrated(calibration, logits)
+        curves[f"calibrated (T = {calibration.temperature:.3f})"] = reliability_points(probabilities, targets)
     outcomes = {labels[column]: (column, label_outcomes(targets, column)) for column in thresholded_labels(labels)}
     return [reliability_diagram(curves, stem.with_name(stem.name + "_reliability.png")),
-            *roc_and_pr_curves(after, outcomes, stem)]
+            *roc_and_pr_curves(probabilities, outcomes, stem)]
 
 
-__all__ = ["calibrated", "calibrated_evaluation", "check_validation_targets", "fit_calibration", "write_figures"]
+FIGURES = ("reliability", "roc", "pr")
+
+
+def _line(metrics: dict, intervals: dict | None = None) -> str:
+    return ", ".join(f"{name} {value:.4f}" + (f" [{intervals[name][0]:.4f}, {intervals[name][1]:.4f}]"
+                                               if intervals and name in intervals else "")
+                     for name, value in metrics.items() if np.isscalar(value))
+
+
+def print_calibrated(report: dict) -> None:
+    print(f"  temperature {report['temperature']:.4f} (fitted on {report['validation']['num_images']} validation "
+          "images)")
+    for table in ("validation", "test"):
+        before, after = report[table]["before"], report[table]["after"]
+        print(f"  {table}: before " + _line(before) + "; after " + _line({k: after[k] for k in before}))
+    if report["thresholds"]:
+        target = report["target"]
+        print(f"  operating point (target {target['metric']} {target['value']}): thresholds "
+              + ", ".join(f"{label} {value:.4f}" for label, value in report["thresholds"].items()))
+        decisions = {k: v for k, v in report["test"]["after"].items() if k not in report["test"]["before"]}
+        print("  test: " + _line(decisions, report["test"]["confidence_intervals_95"]))
+    print_subgroups(report.get("subgroups", {}))
+
+
+def print_subgroups(subgroups: dict) -> None:
+    for column, entry in subgroups.items():
+        for value, group in entry["groups"].items():
+            print(printable(f"  {column}={value} ({group['num_images']} images): "
+                            + _line(group["metrics"], group["confidence_intervals_95"])))
+        for metric, gap in entry["largest_gap"].items():
+            print(printable(f"  {column}: largest {metric} gap {gap['gap']:.4f} ({gap['highest']} vs "
+                            f"{gap['lowest']})"))
+
+
+__all__ = ["FIGURES", "calibrated", "calibrated_evaluation", "check_validation_targets", "fit_calibration",
+           "print_calibrated", "print_subgroups", "reliability_points", "write_figures"]

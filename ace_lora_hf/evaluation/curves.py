@@ -1,7 +1,6 @@
 """The pictures of an evaluation report (PNG, needs matplotlib: the [plot] extra): the reliability diagram, and the
 ROC and precision-recall curves of each thresholded label."""
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +70,4 @@ def roc_and_pr_curves(probabilities: np.ndarray, outcomes: dict[str, np.ndarray]
             _save(pr_figure, stem.with_name(stem.name + "_pr.png"))]
 
 
-def figure_paths(report: Path, names: Sequence[str]) -> list[Path]:
-    """The PNGs written beside `report` (`<report stem>_<dataset>_<name>.png`)."""
-    return [report.with_name(f"{report.stem}_{name}.png") for name in names]
-
-
-__all__ = ["PLOT_EXTRA_HINT", "figure_paths", "plotting_available", "reliability_diagram", "roc_and_pr_curves"]
+__all__ = ["PLOT_EXTRA_HINT", "plotting_available", "reliability_diagram", "roc_and_pr_curves"]
