@@ -52,7 +52,10 @@ def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: 
 
 
 def roc_and_pr_curves(probabilities: np.ndarray, outcomes: dict[str, np.ndarray], stem: Path) -> list[Path]:
-    """`<stem>_roc.png` and `<stem>_pr.png`, one curve per label (`outcomes`: label -> (column, 0/1 per image))."""
+    """`<stem>_roc.png` and `<stem>_pr.png`, one curve per label (`outcomes`: label -> (column, 0/1 per image)) with
+    both outcomes among the images (a curve is undefined without)."""
+    outcomes = {label: (column, positives) for label, (column, positives) in outcomes.items()
+                if 0 < np.sum(positives) < len(positives)}
     roc_figure, roc_axes = _figure()
     pr_figure, pr_axes = _figure()
     roc_axes.plot([0, 1], [0, 1], linestyle="--", color="grey")

@@ -41,7 +41,8 @@ def largest_gaps(groups: Mapping[str, dict]) -> dict[str, dict]:
         defined = {value: group["metrics"][name] for value, group in groups.items()
                    if np.isscalar(group["metrics"].get(name)) and not np.isnan(group["metrics"][name])}
         if len(defined) >= 2:
-            highest, lowest = max(defined, key=defined.get), min(defined, key=defined.get)
+            ordered = sorted(defined, key=defined.get)
+            lowest, highest = ordered[0], ordered[-1]
             gaps[name] = {"gap": defined[highest] - defined[lowest], "highest": highest, "lowest": lowest}
     return gaps
 
