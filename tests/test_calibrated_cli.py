@@ -17,6 +17,8 @@ from ace_lora_hf.evaluation.operating_points import decision_metrics
 from ace_lora_hf.models.ace_lora.calibration import Calibration
 from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
+from conftest import SAMPLES
+
 
 LABELS = ["No Finding", "pneumonia"]
 SUBGROUPS = {"sex": ["F", "M"], "view": ["PA", "AP", "PA"]}
@@ -148,3 +150,53 @@ def test_evaluate_refuses_a_target_outside_zero_one(value, capsys):
         evaluate.parse_args(["--dataset", "rsna", "--data-root", ".", "--calibrate-on", "v.csv",
                              "--target-sensitivity", value])
     assert exit_info.value.code == 2 and "give a value strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_a_published_repo_carries_the_calibration_and_its_card_the_subgroups(fitted, tiny_hub_folder, tmp_path):
+    from ace_lora_hf.publishing import publish
+
+    repo = publish.stage_repository(tiny_hub_folder, "me/mine", tmp_path / "repo", results=[fitted / "report.json"],
+                                    calibration=fitted / "calibration.json")
+    assert Calibration.load(repo / "calibration.json") == Calibration.load(fitted / "calibration.json")
+    card = (repo / "README.md").read_text()
+    report = json.loads((fitted / "report.json").read_text())["datasets"]["rsna"]["subgroups"]
+    group = report["view"]["groups"]["PA"]
+    low, high = (100 * bound for bound in group["confidence_intervals_95"]["accuracy"])
+    assert (f"| RSNA Pneumonia, view PA (n = {group['num_images']}) | zero-shot-image-classification | accuracy (%) | "
+            f"{100 * group['metrics']['accuracy']:.2f} [{low:.2f}, {high:.2f}] |") in card
+    gap = report["sex"]["largest_gap"]["accuracy"]
+    assert f"RSNA Pneumonia, largest gap across sex ({gap['highest']} vs {gap['lowest']})" in card
+    assert "## Calibration" in card and "target\nsensitivity of 0.8" in card
+    assert "**Not a medical device**" in card and "Zero-shot scores are not diagnoses" in card
+
+
+def test_a_subgroup_value_the_card_would_render_as_markup_is_refused(fitted, tiny_hub_folder, tmp_path):
+    from ace_lora_hf.errors import DataFormatError
+    from ace_lora_hf.publishing import publish
+
+    report = json.loads((fitted / "report.json").read_text())
+    groups = report["datasets"]["rsna"]["subgroups"]["sex"]["groups"]
+    groups["[x](javascript:alert(1))"] = groups.pop("F")
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    with pytest.raises(DataFormatError, match=r"'value of sex' is '\[x\]\(javascript:alert\(1\)\)'"):
+        publish.stage_repository(tiny_hub_folder, "me/mine", tmp_path / "repo", results=[tmp_path / "report.json"])
+
+
+def test_the_app_serves_calibrated_scores_and_decisions(fitted, tiny_hub_folder):
+    pytest.importorskip("gradio", reason="needs the [app] extra (gradio)")
+    from ace_lora_hf.cli import app
+    from ace_lora_hf.inference import demo
+
+    calibration = Calibration.load(fitted / "calibration.json")
+    model, processor, _ = app.load_demo_model(app.parse_args(["--model", str(tiny_hub_folder), "--device", "cpu"]))
+    page = demo.ZeroShotDemo(model, processor, calibration)
+    image = str(SAMPLES / "nih_00000001_000.png")
+    expected = calibration.apply(model_logits(tiny_hub_folder, [image]))
+    decided = calibration.decide(expected)["pneumonia"][0]
+    message, bars, _, _ = page.classify(image, "\n".join(LABELS), "\n".join(CHEST_XRAY_TEMPLATES))
+    assert bars == pytest.approx(dict(zip(LABELS, expected[0].tolist())), abs=1e-5)
+    assert f"Calibrated scores (temperature {calibration.temperature:.3f})" in message
+    assert f"pneumonia: **{'yes' if decided else 'no'}**" in message
+    message, bars, _, _ = page.classify(image, "normal\npneumonia", "\n".join(CHEST_XRAY_TEMPLATES))
+    assert "fitted for other labels or templates: these scores are uncalibrated" in message
+    assert sum(bars.values()) == pytest.approx(1.0)
