@@ -86,7 +86,8 @@ def test_operating_threshold_meets_its_target_on_the_validation_table(metric, ta
     assert achieved[metric] >= target
     # The best such threshold: the next candidate in the favoured direction misses the target.
     candidates = np.unique(scores)
-    other = candidates[candidates > threshold].min() if metric == "sensitivity" else candidates[candidates < threshold].max()
+    other = (candidates[candidates > threshold].min() if metric == "sensitivity"
+             else candidates[candidates < threshold].max())
     assert decision_metrics(scores, positives, other)[metric] < target
 
 

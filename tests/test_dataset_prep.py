@@ -469,7 +469,8 @@ NIH_BAD_ENTRIES = {
     "unknown finding": (b"00000099_000.png,Foo|Mass,0,99,40,F,PA",
                         "column 'Finding Labels' is 'Foo|Mass'; expected 'No Finding' or findings among Atelectasis"),
     "empty findings": (b"00000099_000.png,,0,99,40,F,PA", "column 'Finding Labels' is empty; expected 'No Finding' or"),
-    "contradicting duplicate": (b"00000002_000.png,Hernia,0,2,40,F,PA", "column 'Finding Labels' is 'Hernia' but line 4 "
+    "contradicting duplicate": (b"00000002_000.png,Hernia,0,2,40,F,PA",
+                                "column 'Finding Labels' is 'Hernia' but line 4 "
                                 "gives 'Effusion|Pleural_Thickening' for the same image '00000002_000.png'"),
     "unknown sex": (b"00000099_000.png,Mass,0,99,40,X,PA", "column 'Patient Gender' is 'X'; expected 'M' or 'F'"),
     "unknown view": (b"00000099_000.png,Mass,0,99,40,F,LL", "column 'View Position' is 'LL'; expected 'PA' or 'AP'"),

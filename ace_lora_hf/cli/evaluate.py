@@ -191,29 +191,15 @@ def figure_stems(args: argparse.Namespace, plans: list) -> dict[str, Path]:
     return stems
 
 
-def calibrate(args: argparse.Namespace, name: str, classifier, validation: tuple[list[str], list], test, references,
-              subgroups: dict | None) -> tuple[dict, object]:
-    """Fit the calibration on the validation table and report it on the test table's scores."""
-    import numpy as np
+def calibrate(args: argparse.Namespace, name: str, classifier, validation: tuple[list[str], list], test,
+              references: list, subgroups: dict | None) -> tuple[dict, object]:
+    """--calibrate-on's calibration of dataset `name` and its report on the test table's scores."""
+    from ..evaluation.calibrated_evaluation import calibrate_benchmark, print_calibrated
 
-    from ..evaluation.benchmarks import BENCHMARKS, zero_shot_logits
-    from ..evaluation.calibrated_evaluation import calibrated_evaluation, fit_calibration, print_calibrated
-
-    benchmark, (images, val_references) = BENCHMARKS[name], validation
-    labels = list(benchmark.classes.values())
-    scores = zero_shot_logits(f"--calibrate-on {args.calibrate_on}", classifier, images, labels)
-    val_targets = np.asarray([val_references[index] for index in scores.kept])
     target = next(((metric, getattr(args, f"target_{metric}")) for metric in ("sensitivity", "specificity")
                    if getattr(args, f"target_{metric}") is not None), None)
-    fitted_on = {"table": str(args.calibrate_on), "images": len(scores.kept), "dataset": name,
-                 "model": model_summary(args)}
-    calibration = fit_calibration(scores.logits, val_targets, labels, list(benchmark.templates), target, fitted_on,
-                                  str(args.calibrate_on))
-    test_targets = np.asarray([references[index] for index in test.kept])
-    kept_subgroups = {column: [values[index] for index in test.kept] for column, values in (subgroups or {}).items()}
-    report = calibrated_evaluation(calibration, (scores.logits, val_targets), (test.logits, test_targets),
-                                   kept_subgroups, args.bootstrap, args.seed)
-    report["skipped"] = scores.skipped
+    report, calibration = calibrate_benchmark(name, classifier, validation, str(args.calibrate_on), test, references,
+                                              subgroups, target, model_summary(args), args.bootstrap, args.seed)
     print_calibrated(report)
     return report, calibration
 

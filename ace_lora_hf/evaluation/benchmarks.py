@@ -178,11 +178,12 @@ def print_result(name: str, result: dict) -> None:
         paper = f"{published['value']:.2f}" if published.get("metric", "").lower() == metric else ""
         print(f"  {metric:<10}{value:>8.2f}{f'[{low:.2f}, {high:.2f}]':>18}{paper:>8}")
     calibration = result["calibration"]
-    print("  calibration: " + ", ".join(f"{metric} {value:.4f} {format_interval(calibration['confidence_intervals_95'][metric])}"
+    intervals = calibration["confidence_intervals_95"]
+    print("  calibration: " + ", ".join(f"{metric} {value:.4f} {format_interval(intervals[metric])}"
                                         for metric, value in calibration["metrics"].items()))
     for entry in result["skipped"]:
         print(f"  skipped {entry['image']}: {entry['error']}")
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "evaluate_benchmark", "format_interval", "print_result", "probabilities_of", "published_result",
-           "read_benchmark", "table_columns", "ZeroShotScores", "zero_shot_logits"]
+__all__ = ["BENCHMARKS", "Benchmark", "ZeroShotScores", "evaluate_benchmark", "format_interval", "print_result",
+           "probabilities_of", "published_result", "read_benchmark", "table_columns", "zero_shot_logits"]

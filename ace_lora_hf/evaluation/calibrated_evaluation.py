@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .benchmarks import probabilities_of
+from .benchmarks import BENCHMARKS, ZeroShotScores, probabilities_of, zero_shot_logits
 from .bootstrap import bootstrap_intervals
 from .calibration import calibration_metrics, fit_temperature, top_class
 from .curves import reliability_diagram, roc_and_pr_curves
@@ -15,6 +15,7 @@ from .operating_points import label_outcomes, operating_thresholds, thresholded_
 from .subgroups import subgroup_metrics
 from ..errors import InvalidArgumentError
 from ..models.ace_lora.calibration import Calibration
+from ..models.ace_lora.zero_shot import ZeroShotClassifier
 from ..outputs.terminal import printable
 
 
@@ -59,11 +60,14 @@ def calibrated_evaluation(calibration: Calibration, validation: tuple[np.ndarray
                 **thresholds_metrics(probabilities, targets, labels, calibration.thresholds)}
 
     probabilities = calibrated(calibration, test_logits)
+    validation_logits, validation_targets = validation
     report = {
         "temperature": calibration.temperature, "target": calibration.target, "thresholds": calibration.thresholds,
-        "validation": {"num_images": len(validation[1]), "before": calibration_metrics(probabilities_of(validation[0]), validation[1]),
-                       "after": calibration_metrics(calibrated(calibration, validation[0]), validation[1])},
-        "test": {"num_images": len(test_targets), "before": calibration_metrics(probabilities_of(test_logits), test_targets),
+        "validation": {"num_images": len(validation_targets),
+                       "before": calibration_metrics(probabilities_of(validation_logits), validation_targets),
+                       "after": calibration_metrics(calibrated(calibration, validation_logits), validation_targets)},
+        "test": {"num_images": len(test_targets),
+                 "before": calibration_metrics(probabilities_of(test_logits), test_targets),
                  "after": test_metrics(probabilities, test_targets),
                  "confidence_intervals_95": bootstrap_intervals(test_metrics, probabilities, test_targets,
                                                                 resamples, seed)},
@@ -71,6 +75,26 @@ def calibrated_evaluation(calibration: Calibration, validation: tuple[np.ndarray
     if subgroups:
         report["subgroups"] = subgroup_metrics(test_metrics, probabilities, test_targets, subgroups, resamples, seed)
     return report
+
+
+def calibrate_benchmark(name: str, classifier: ZeroShotClassifier, validation: tuple[list[str], list], source: str,
+                        test: ZeroShotScores, references: list, subgroups: dict[str, list[str]] | None,
+                        target: tuple[str, float] | None, model: str, resamples: int,
+                        seed: int) -> tuple[dict, Calibration]:
+    """Fit the calibration of benchmark `name` on the validation images and references (read from `source`) and
+    report it on the test table's scores (`references` and `subgroups` per test image)."""
+    benchmark, (images, validation_references) = BENCHMARKS[name], validation
+    labels = list(benchmark.classes.values())
+    scores = zero_shot_logits(f"--calibrate-on {source}", classifier, images, labels)
+    validation_targets = np.asarray([validation_references[index] for index in scores.kept])
+    fitted_on = {"table": source, "images": len(scores.kept), "dataset": name, "model": model}
+    calibration = fit_calibration(scores.logits, validation_targets, labels, list(benchmark.templates), target,
+                                  fitted_on, source)
+    test_targets = np.asarray([references[index] for index in test.kept])
+    kept_subgroups = {column: [values[index] for index in test.kept] for column, values in (subgroups or {}).items()}
+    report = calibrated_evaluation(calibration, (scores.logits, validation_targets), (test.logits, test_targets),
+                                   kept_subgroups, resamples, seed)
+    return {**report, "skipped": scores.skipped}, calibration
 
 
 def reliability_points(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,5 +153,5 @@ def print_subgroups(subgroups: dict) -> None:
                             f"{gap['lowest']})"))
 
 
-__all__ = ["FIGURES", "calibrated", "calibrated_evaluation", "check_validation_targets", "fit_calibration",
+__all__ = ["FIGURES", "calibrate_benchmark", "calibrated", "calibrated_evaluation", "check_validation_targets", "fit_calibration",
            "print_calibrated", "print_subgroups", "reliability_points", "write_figures"]

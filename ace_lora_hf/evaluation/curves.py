@@ -1,6 +1,7 @@
 """The pictures of an evaluation report (PNG, needs matplotlib: the [plot] extra): the reliability diagram, and the
 ROC and precision-recall curves of each thresholded label."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,7 @@ PLOT_EXTRA_HINT = "pip install 'ace-lora-hf[plot]'"
 
 
 def plotting_available() -> bool:
-    try:
-        import matplotlib.figure  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _figure():

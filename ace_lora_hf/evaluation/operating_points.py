@@ -64,8 +64,9 @@ def operating_thresholds(probabilities, targets, labels: list[str], metric: str,
     for column in thresholded_labels(labels):
         outcomes = label_outcomes(targets, column)
         if outcomes.all() or not outcomes.any():
-            raise InvalidArgumentError(f"{source}: label {labels[column]!r} is {'present' if outcomes.any() else 'absent'}"
-                                       " in every row; an operating point needs images with and without it.")
+            state = "present" if outcomes.any() else "absent"
+            raise InvalidArgumentError(f"{source}: label {labels[column]!r} is {state} in every row; an operating "
+                                       "point needs images with and without it.")
         thresholds[labels[column]] = operating_threshold(probabilities[:, column], outcomes, metric, target)
     return thresholds
 

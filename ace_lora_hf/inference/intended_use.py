@@ -13,8 +13,9 @@ the labels or the prompt templates change.
 
 **Known limitations.** The released weights were adapted on MIMIC-CXR (adult chest X-rays of one US hospital system),
 and a model trained with ace-lora-hf reflects its own training data; other populations, hospitals, scanners,
-portable (AP) films, children and other modalities may score differently, and subgroups can differ (measure it: `ace-lora-evaluate --subgroup-columns sex,age_group,view`). Images are seen at
-224 x 224 pixels, so small findings can be missed. The paper's benchmarks measure AUC and accuracy, not calibration.
+portable (AP) films, children and other modalities may score differently, and subgroups can differ (measure it:
+`ace-lora-evaluate --subgroup-columns sex,age_group,view`). Images are seen at 224 x 224 pixels, so small findings
+can be missed. The paper's benchmarks measure AUC and accuracy, not calibration.
 
 **Calibrated scores and operating points.** A calibration file (`ace-lora-evaluate --calibrate-on VAL.csv`) divides
 the zero-shot logits by one temperature fitted on a labelled validation table: among images scored about 0.8, about

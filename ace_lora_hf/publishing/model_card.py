@@ -158,8 +158,9 @@ http://127.0.0.1:7860.
 {% endfor %}{% for row in subgroup_rows -%}
 | {{ row.dataset }} | {{ row.task }} | {{ row.metric }} | {{ row.value }} |
 {% endfor %}
-{{ results_note }}{% if subgroup_rows %} Subgroup rows: the same metric on the test images of one value of a column
-of the test table (95% bootstrap interval in brackets), and the largest gap between the values of that column.{% endif %}
+{{ results_note }}{% if subgroup_rows %} Subgroup rows: the same metric on the test images of one value of a
+column of the test table (95% bootstrap interval in brackets), and the largest gap between that column's values.
+{%- endif %}
 {% else %}
 No evaluation results were given when this card was written.
 {% endif %}
@@ -169,8 +170,9 @@ No evaluation results were given when this card was written.
 ## Calibration
 
 This repository carries `calibration.json`, fitted with `ace-lora-evaluate --calibrate-on` on a labelled validation
-table: temperature {{ "%.4f"|format(calibration.temperature) }}{% if calibration.target %} and per-label thresholds for a target
-{{ calibration.target.metric }} of {{ calibration.target.value }}{% endif %}, for the labels and templates it names.
+table: temperature {{ "%.4f"|format(calibration.temperature) }}{% if calibration.target %} and per-label thresholds
+for a target {{ calibration.target.metric }} of {{ calibration.target.value }}{% endif %}, for the labels and templates
+it names.
 Pass it to `ace-lora-classify --calibration`, to the pipeline (`calibration=` the downloaded file) or to
 `ace-lora-app --calibration` for calibrated scores{% if calibration.target %} and yes/no decisions{% endif %}; without
 it the scores are the model's own.
