@@ -200,3 +200,20 @@ def test_the_app_serves_calibrated_scores_and_decisions(fitted, tiny_hub_folder)
     message, bars, _, _ = page.classify(image, "normal\npneumonia", "\n".join(CHEST_XRAY_TEMPLATES))
     assert "fitted for other labels or templates: these scores are uncalibrated" in message
     assert sum(bars.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["results.csv", "results.jsonl"])
+def test_decisions_survive_an_interrupted_run(tmp_path, name):
+    from ace_lora_hf.errors import OutputPathError
+    from ace_lora_hf.outputs.result_files import ResultsFile
+
+    records = [{"image": f"{index}.png", "probabilities": {"No Finding": 0.4, "pneumonia": 0.6},
+                "prediction": "pneumonia", "decision": decision} for index, decision in enumerate([["pneumonia"], []])]
+    provenance = {"model": "sha256:aaaa", "calibration": "sha256:cccc"}
+    results = ResultsFile(tmp_path / name, LABELS, provenance=provenance, with_decision=True)
+    results.write(records)
+    results._file.close()
+    resumed = ResultsFile(tmp_path / name, LABELS, resume=True, provenance=provenance, with_decision=True)
+    assert resumed.records == records
+    with pytest.raises(OutputPathError, match="calibration"):  # raw and calibrated scores never share a file
+        ResultsFile(tmp_path / name, LABELS, resume=True, provenance={"model": "sha256:aaaa"}, with_decision=True)
