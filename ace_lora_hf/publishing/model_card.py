@@ -239,7 +239,7 @@ def subgroup_rows(results: dict, path: Path) -> list[dict]:
                 _plain_name(value, f"value of {column}", where)
                 rows += [{"dataset": f"{dataset}, {column} {value} (n = {group['num_images']})",
                           "task": "zero-shot-image-classification", "metric": f"{METRICS[key][2]} (%)",
-                          "value": f"{100 * metric:.2f} {_percent_interval(group, key)}"}
+                          "value": f"{100 * metric:.2f}{_percent_interval(group, key)}"}
                          for key, metric in group["metrics"].items() if key in METRICS and _is_number(metric)]
             rows += [{"dataset": f"{dataset}, largest gap across {column} ({gap['highest']} vs {gap['lowest']})",
                       "task": "zero-shot-image-classification", "metric": f"{METRICS[key][2]} (% points)",
@@ -254,7 +254,7 @@ def _is_number(value) -> bool:
 
 def _percent_interval(group: dict, key: str) -> str:
     low, high = group.get("confidence_intervals_95", {}).get(key, (None, None))
-    return f"[{100 * low:.2f}, {100 * high:.2f}]" if _is_number(low) and _is_number(high) else ""
+    return f" [{100 * low:.2f}, {100 * high:.2f}]" if _is_number(low) and _is_number(high) else ""
 
 
 def _plain_name(value, field: str, where) -> str:
