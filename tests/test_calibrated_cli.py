@@ -217,3 +217,15 @@ def test_decisions_survive_an_interrupted_run(tmp_path, name):
     assert resumed.records == records
     with pytest.raises(OutputPathError, match="calibration"):  # raw and calibrated scores never share a file
         ResultsFile(tmp_path / name, LABELS, resume=True, provenance={"model": "sha256:aaaa"}, with_decision=True)
+
+
+def test_a_label_missing_from_the_validation_table_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    from ace_lora_hf.sources import load as loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded the model before checking the inputs"))
+    write_table(tmp_path / "test.csv", [{"Path": "t1.png", "label": "lung_scc"}, {"Path": "t2.png", "label": "lung_n"}])
+    write_table(tmp_path / "val.csv", [{"Path": "v1.png", "label": "lung_aca"}, {"Path": "v2.png", "label": "lung_n"}])
+    code, err = exit_of(evaluate.main, ["--dataset", "lc25000_lung", "--data-root", tmp_path, "--table",
+                                        tmp_path / "test.csv", "--calibrate-on", tmp_path / "val.csv",
+                                        "--target-sensitivity", "0.9"], capsys)
+    assert code == 2 and "val.csv: label 'lung squamous cell carcinoma' is absent in every row" in err

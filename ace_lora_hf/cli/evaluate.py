@@ -134,8 +134,11 @@ def read_validation(args: argparse.Namespace, plans: list) -> tuple[list[str], l
     """The --calibrate-on table's images and references, read as the test table is; no image of the test table."""
     from dataclasses import replace
 
+    import numpy as np
+
     from ..evaluation.benchmarks import BENCHMARKS, read_benchmark
     from ..evaluation.calibrated_evaluation import check_validation_targets
+    from ..evaluation.operating_points import check_both_outcomes
 
     if args.calibrate_on is None:
         return None
@@ -152,7 +155,10 @@ def read_validation(args: argparse.Namespace, plans: list) -> tuple[list[str], l
     if shared:
         raise InvalidArgumentError(f"--calibrate-on {args.calibrate_on}: {len(shared)} image(s) are also in the test "
                                    f"table {table} (first: {shared[0]}); fit on images the test table does not hold.")
-    check_validation_targets(references, list(BENCHMARKS[name].classes.values()), str(args.calibrate_on))
+    labels = list(BENCHMARKS[name].classes.values())
+    check_validation_targets(references, labels, str(args.calibrate_on))
+    if args.target_sensitivity is not None or args.target_specificity is not None:
+        check_both_outcomes(np.asarray(references), labels, str(args.calibrate_on))
     return images, references
 
 

@@ -56,19 +56,23 @@ def thresholded_labels(labels: list[str]) -> list[int]:
     return [1] if len(labels) == 2 else list(range(len(labels)))
 
 
-def operating_thresholds(probabilities, targets, labels: list[str], metric: str, target: float,
-                         source: str) -> dict[str, float]:
-    """Label -> its threshold on a validation set; a label without both outcomes there is refused by name."""
-    probabilities = np.asarray(probabilities)
-    thresholds = {}
+def check_both_outcomes(targets, labels: list[str], source: str) -> None:
+    """Refuse by name a label that gets an operating point but is present in every row of `source`, or in none."""
     for column in thresholded_labels(labels):
         outcomes = label_outcomes(targets, column)
         if outcomes.all() or not outcomes.any():
             state = "present" if outcomes.any() else "absent"
             raise InvalidArgumentError(f"{source}: label {labels[column]!r} is {state} in every row; an operating "
                                        "point needs images with and without it.")
-        thresholds[labels[column]] = operating_threshold(probabilities[:, column], outcomes, metric, target)
-    return thresholds
+
+
+def operating_thresholds(probabilities, targets, labels: list[str], metric: str, target: float,
+                         source: str) -> dict[str, float]:
+    """Label -> its threshold on a validation set (see `check_both_outcomes`)."""
+    check_both_outcomes(targets, labels, source)
+    probabilities = np.asarray(probabilities)
+    return {labels[column]: operating_threshold(probabilities[:, column], label_outcomes(targets, column), metric,
+                                                target) for column in thresholded_labels(labels)}
 
 
 def thresholds_metrics(probabilities, targets, labels: list[str], thresholds: dict[str, float]) -> dict[str, float]:
@@ -79,5 +83,5 @@ def thresholds_metrics(probabilities, targets, labels: list[str], thresholds: di
                                                 label_outcomes(targets, labels.index(label)), threshold).items()}
 
 
-__all__ = ["check_target", "decision_metrics", "label_outcomes", "operating_threshold", "operating_thresholds",
+__all__ = ["check_both_outcomes", "check_target", "decision_metrics", "label_outcomes", "operating_threshold", "operating_thresholds",
            "thresholded_labels", "thresholds_metrics"]
