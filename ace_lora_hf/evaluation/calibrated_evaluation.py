@@ -153,5 +153,5 @@ def print_subgroups(subgroups: dict) -> None:
                             f"{gap['lowest']})"))
 
 
-__all__ = ["FIGURES", "calibrate_benchmark", "calibrated", "calibrated_evaluation", "check_validation_targets", "fit_calibration",
-           "print_calibrated", "print_subgroups", "reliability_points", "write_figures"]
+__all__ = ["FIGURES", "calibrate_benchmark", "calibrated", "calibrated_evaluation", "check_validation_targets",
+           "fit_calibration", "print_calibrated", "print_subgroups", "reliability_points", "write_figures"]

@@ -83,5 +83,5 @@ def thresholds_metrics(probabilities, targets, labels: list[str], thresholds: di
                                                 label_outcomes(targets, labels.index(label)), threshold).items()}
 
 
-__all__ = ["check_both_outcomes", "check_target", "decision_metrics", "label_outcomes", "operating_threshold", "operating_thresholds",
-           "thresholded_labels", "thresholds_metrics"]
+__all__ = ["check_both_outcomes", "check_target", "decision_metrics", "label_outcomes", "operating_threshold",
+           "operating_thresholds", "thresholded_labels", "thresholds_metrics"]
