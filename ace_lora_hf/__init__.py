@@ -27,6 +27,7 @@ from .models.ace_lora.modeling_ace_lora_heads import (
     AceLoraForSegmentation,
     AceLoraObjectDetectionOutput,
 )
+from .models.ace_lora.calibration import Calibration
 from .models.ace_lora.pipeline_ace_lora import AceLoraZeroShotImageClassificationPipeline, register_pipeline
 from .models.ace_lora.image_loading import load_image
 from .models.ace_lora.processing_ace_lora import AceLoraProcessor
@@ -77,6 +78,7 @@ __all__ = [
     "AceLoraVisionConfig",
     "AceLoraVisionModel",
     "AceLoraZeroShotImageClassificationPipeline",
+    "Calibration",
     "LoadedModel",
     "ZeroShotClassifier",
     "binarize_labels",

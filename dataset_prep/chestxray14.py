@@ -5,8 +5,9 @@
 
 --input holds `Data_Entry_2017_v2020.csv` (Image Index, Finding Labels as "A|B" or "No Finding", ...),
 `test_list.txt` (one image name a line) and the images under `images/` (or the release's `images_NNN/images/`).
-Writes `chestxray14_test.csv`: Path and the 14 findings one-hot, for the first --fraction of the official test
-list in its order (0.2 by default, as the authors evaluated).
+Writes `chestxray14_test.csv`: Path, the 14 findings one-hot, and the subgroup columns sex (M/F), age (years),
+age_group (0-17, 18-39, 40-59, 60-69, 70+; empty for the release's few impossible ages) and view (PA/AP), for the
+first --fraction of the official test list in its order (0.2 by default, as the authors evaluated).
 """
 
 from collections.abc import Sequence
@@ -25,6 +26,10 @@ FINDINGS = (
     "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
 NO_FINDING = "No Finding"
+# The data-entry columns kept for subgroup reports (ace-lora-evaluate --subgroup-columns sex,age_group,view).
+DEMOGRAPHICS = ("Patient Age", "Patient Gender", "View Position")
+SUBGROUP_COLUMNS = ("sex", "age", "age_group", "view")
+AGE_GROUPS = ((18, "0-17"), (40, "18-39"), (60, "40-59"), (70, "60-69"), (121, "70+"))
 ENTRIES_FILE, TEST_LIST_FILE = "Data_Entry_2017_v2020.csv", "test_list.txt"
 TABLE = "chestxray14_test.csv"
 
@@ -48,14 +53,26 @@ def findings_of(row: Row) -> frozenset[str]:
     return labels - {NO_FINDING}
 
 
-def findings_by_image(entries_path: Path) -> dict[str, frozenset[str]]:
-    """Image name -> its findings, for every row of the data-entry table."""
+def age_group(age: int) -> str:
+    """The age band of `age` years ("" above 120: the release has a few typing errors such as 414)."""
+    return next((band for limit, band in AGE_GROUPS if age < limit), "")
+
+
+def subgroups_of(row: Row) -> dict[str, str | int]:
+    age = row.whole_number("Patient Age")
+    return {"sex": row.one_of("Patient Gender", ("M", "F")), "age": age, "age_group": age_group(age),
+            "view": row.one_of("View Position", ("PA", "AP"))}
+
+
+def findings_by_image(entries_path: Path) -> dict[str, tuple[frozenset[str], dict]]:
+    """Image name -> its findings and subgroup columns, for every row of the data-entry table."""
     findings, first_rows = {}, {}
-    for row in tqdm(read_rows(entries_path, ["Image Index", "Finding Labels"], "the NIH data-entry table"),
-                    desc="rows"):
-        name, labels = row.file_name("Image Index"), findings_of(row)
-        check_consistent(first_rows, name, {"Finding Labels": "|".join(sorted(labels)) or NO_FINDING}, row, "image")
-        findings[name] = labels
+    for row in tqdm(read_rows(entries_path, ["Image Index", "Finding Labels", *DEMOGRAPHICS],
+                              "the NIH data-entry table"), desc="rows"):
+        name, labels, subgroups = row.file_name("Image Index"), findings_of(row), subgroups_of(row)
+        check_consistent(first_rows, name, {"Finding Labels": "|".join(sorted(labels)) or NO_FINDING, **subgroups},
+                         row, "image")
+        findings[name] = labels, subgroups
     return findings
 
 
@@ -85,8 +102,10 @@ def selected_names(test_list_path: Path, fraction: float) -> list[tuple[int, str
     return selected
 
 
-def test_rows(input_dir: Path, selected: list[tuple[int, str]], findings: dict[str, frozenset[str]]) -> list[dict]:
-    """Path and the one-hot findings of each selected image, which must have a data-entry row and a file."""
+def test_rows(input_dir: Path, selected: list[tuple[int, str]],
+              findings: dict[str, tuple[frozenset[str], dict]]) -> list[dict]:
+    """Path, the one-hot findings and the subgroup columns of each selected image, which must have a data-entry row
+    and a file."""
     test_list_path, locations = input_dir / TEST_LIST_FILE, image_locations(input_dir)
     rows = []
     for line, name in tqdm(selected, desc="images"):
@@ -96,7 +115,8 @@ def test_rows(input_dir: Path, selected: list[tuple[int, str]], findings: dict[s
         if name not in locations:
             raise DataFormatError(f"{test_list_path}, line {line}: image {name!r} not found under "
                                   f"{input_dir / 'images'} (or images_NNN/images); download every image archive.")
-        rows.append({"Path": locations[name], **{finding: int(finding in findings[name]) for finding in FINDINGS}})
+        labels, subgroups = findings[name]
+        rows.append({"Path": locations[name], **{finding: int(finding in labels) for finding in FINDINGS}, **subgroups})
     return rows
 
 
@@ -107,7 +127,7 @@ def prepare(input_dir: Path, output_dir: Path, fraction: float = 0.2, overwrite:
     with locked_outputs(output_dir, [entries_path, test_list_path], overwrite, [TABLE]):
         findings = findings_by_image(entries_path)
         rows = test_rows(input_dir, selected_names(test_list_path, fraction), findings)
-        write_tables(output_dir, {TABLE: (rows, ["Path", *FINDINGS])})
+        write_tables(output_dir, {TABLE: (rows, ["Path", *FINDINGS, *SUBGROUP_COLUMNS])})
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:

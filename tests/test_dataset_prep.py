@@ -438,8 +438,10 @@ def nih_input(tmp_path_factory):
     names = [f"0000{index:04d}_000.png" for index in range(10)]
     findings = ["Cardiomegaly", "No Finding", "Effusion|Pleural_Thickening", "Hernia", "No Finding",
                 "Atelectasis", "Mass|Nodule", "Pneumonia", "Edema", "Emphysema"]
-    write_rows(root / "Data_Entry_2017_v2020.csv", ["Image Index", "Finding Labels", "Follow-up #", "Patient ID"],
-               [[name, finding, 0, index] for index, (name, finding) in enumerate(zip(names, findings))])
+    write_rows(root / "Data_Entry_2017_v2020.csv", ["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
+                                                    "Patient Age", "Patient Gender", "View Position"],
+               [[name, finding, 0, index, 30 + 5 * index, "MF"[index % 2], ("PA", "AP")[index % 3 == 0]]
+                for index, (name, finding) in enumerate(zip(names, findings))])
     (root / "test_list.txt").write_text("\n".join(names[2:] + names[:2]) + "\n")
     for index, name in enumerate(names):
         png(root / "images_001" / "images" / name, seed=index)
@@ -452,15 +454,28 @@ def test_nih_first_fifth_of_the_test_list(nih_input, tmp_path):
     assert [r["Path"] for r in rows] == ["images_001/images/00000002_000.png", "images_001/images/00000003_000.png"]
     assert [name for name in chestxray14.FINDINGS if rows[0][name] == "1"] == ["Effusion", "Pleural_Thickening"]
     assert [name for name in chestxray14.FINDINGS if rows[1][name] == "1"] == ["Hernia"]
+    # Subgroup columns of images 2 and 3: ages 40 and 45, M then F, views PA then AP.
+    assert [[row[column] for column in ("sex", "age", "age_group", "view")] for row in rows] == [
+        ["M", "40", "40-59", "PA"], ["F", "45", "40-59", "AP"]]
+
+
+@pytest.mark.parametrize("age, group", [(0, "0-17"), (17, "0-17"), (18, "18-39"), (69, "60-69"), (70, "70+"),
+                                        (120, "70+"), (414, "")])
+def test_nih_age_groups(age, group):
+    assert chestxray14.age_group(age) == group
 
 
 NIH_BAD_ENTRIES = {
-    "unknown finding": (b"00000099_000.png,Foo|Mass,0,99",
+    "unknown finding": (b"00000099_000.png,Foo|Mass,0,99,40,F,PA",
                         "column 'Finding Labels' is 'Foo|Mass'; expected 'No Finding' or findings among Atelectasis"),
-    "empty findings": (b"00000099_000.png,,0,99", "column 'Finding Labels' is empty; expected 'No Finding' or"),
-    "contradicting duplicate": (b"00000002_000.png,Hernia,0,2", "column 'Finding Labels' is 'Hernia' but line 4 "
+    "empty findings": (b"00000099_000.png,,0,99,40,F,PA", "column 'Finding Labels' is empty; expected 'No Finding' or"),
+    "contradicting duplicate": (b"00000002_000.png,Hernia,0,2,40,F,PA",
+                                "column 'Finding Labels' is 'Hernia' but line 4 "
                                 "gives 'Effusion|Pleural_Thickening' for the same image '00000002_000.png'"),
-    "id escaping the folder": (b"../00000002_000.png,Hernia,0,2",
+    "unknown sex": (b"00000099_000.png,Mass,0,99,40,X,PA", "column 'Patient Gender' is 'X'; expected 'M' or 'F'"),
+    "unknown view": (b"00000099_000.png,Mass,0,99,40,F,LL", "column 'View Position' is 'LL'; expected 'PA' or 'AP'"),
+    "age not a number": (b"00000099_000.png,Mass,0,99,40Y,F,PA", "column 'Patient Age' is '40Y'; expected a whole"),
+    "id escaping the folder": (b"../00000002_000.png,Hernia,0,2,40,F,PA",
                                "column 'Image Index' is '../00000002_000.png'; expected a file name without '/'"),
 }
 
@@ -484,7 +499,8 @@ def test_nih_refuses_a_bad_test_list_naming_the_line(case, nih_input, tmp_path, 
 
 
 def test_nih_refuses_a_listed_image_that_is_missing(nih_input, tmp_path, capsys):
-    input_beside(nih_input, tmp_path / "in", chestxray14.ENTRIES_FILE, b"00000099_000.png,Hernia,0,99", "images_001")
+    input_beside(nih_input, tmp_path / "in", chestxray14.ENTRIES_FILE, b"00000099_000.png,Hernia,0,99,40,F,PA",
+                 "images_001")
     (tmp_path / "in" / "test_list.txt").write_text("00000099_000.png\n")
     error = refused(capsys, chestxray14, "--input", tmp_path / "in", "--output", tmp_path / "out", "--fraction", 1)
     assert "test_list.txt, line 1: image '00000099_000.png' not found under" in error
@@ -699,6 +715,24 @@ def test_zero_shot_eval_end_to_end(dataset, tiny_hub_folder, request, tmp_path):
     on_card = {r.metric_type: r.metric_value for r in evaluation_results(json.loads(output.read_text()), output)}
     assert on_card == {METRICS[key][0]: round(100 * value, 2) for key, value in saved["metrics"].items()
                        if key in METRICS and value is not None}
+
+
+def test_nih_subgroups_are_the_metrics_of_each_subset(nih_input, tiny_hub_folder, tmp_path):
+    chestxray14.prepare(nih_input, tmp_path, 1.0)
+    table, output = tmp_path / chestxray14.TABLE, tmp_path / "results.json"
+    assert evaluate_cli.main(["--dataset", "chestxray14", "--model", str(tiny_hub_folder), "--data-root",
+                              str(nih_input), "--table", str(table), "--output", str(output), "--bootstrap", "5",
+                              "--subgroup-columns", "sex,age_group,view"]) == 0
+    saved = json.loads(output.read_text())["datasets"]["chestxray14"]
+    probabilities = np.array([image["probabilities"] for image in saved["images"]])
+    references = np.array(evaluation.read_benchmark(evaluation.BENCHMARKS["chestxray14"], table, nih_input)[1])
+    rows = read_csv(table)
+    for column in ("sex", "age_group", "view"):
+        for value, group in saved["subgroups"][column]["groups"].items():
+            chosen = np.array([row[column] == value for row in rows])
+            assert group["num_images"] == chosen.sum()
+            assert group["metrics"]["auc"] == json_safe(multilabel_metrics(probabilities[chosen],
+                                                                           references[chosen])["auc"])
 
 
 def test_zero_shot_eval_writes_its_report_only_as_json(lc25000_input, tiny_hub_folder, tmp_path, capsys):

@@ -4,6 +4,7 @@ model's, error entries for unusable images, caps, class prompts encoded once per
 
 import base64
 import json
+import shutil
 import sys
 
 import pytest
@@ -14,7 +15,8 @@ from transformers.dynamic_module_utils import get_imports
 from ace_lora_hf.errors import InvalidArgumentError
 from ace_lora_hf.models.ace_lora import batch_inference, handler as handler_module
 from ace_lora_hf.models.ace_lora.image_loading import load_image
-from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
+from ace_lora_hf.models.ace_lora.calibration import Calibration
+from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
 from conftest import SAMPLES
 from test_loading import isolated_env, run_python
@@ -136,3 +138,27 @@ def test_class_prompts_are_encoded_once_per_labels_and_templates(staged, monkeyp
     assert len(calls) == 2  # one label set with two template lists
     handler({"inputs": encoded(PNG), "parameters": {"candidate_labels": LABELS[:2]}})
     assert len(calls) == 3
+
+
+def test_a_repository_with_a_calibration_file_returns_calibrated_scores_and_decisions(staged, tmp_path):  # noqa: F811
+    """Calibrated scores are softmax(logits / T): from the raw scores p, softmax(log p / T). A request for other labels
+    is refused unless it asks for raw scores."""
+    repository = tmp_path / "repo"
+    shutil.copytree(staged, repository)
+    raw = handler_module.EndpointHandler(str(repository))({"inputs": encoded(PNG),
+                                                           "parameters": {"candidate_labels": LABELS}})
+    calibration = Calibration(tuple(LABELS), CHEST_XRAY_TEMPLATES, temperature=2.5, thresholds={LABELS[-1]: 0.3})
+    (repository / "calibration.json").write_text(json.dumps(calibration.to_dict()))
+    handler = handler_module.EndpointHandler(str(repository))
+    calibrated = handler({"inputs": encoded(PNG), "parameters": {"candidate_labels": LABELS}})
+    raw_scores = torch.tensor([next(e["score"] for e in raw if e["label"] == label) for label in LABELS])
+    expected = (raw_scores.log() / 2.5).softmax(dim=-1)
+    scores = {entry["label"]: entry["score"] for entry in calibrated}
+    assert torch.allclose(torch.tensor([scores[label] for label in LABELS]), expected, atol=1e-5)
+    decided = {entry["label"]: entry["decision"] for entry in calibrated if "decision" in entry}
+    assert decided == {LABELS[-1]: bool(expected[-1] >= 0.3)}
+    with pytest.raises(InvalidArgumentError, match="the calibration file was fitted for labels"):
+        handler({"inputs": encoded(PNG), "parameters": {"candidate_labels": LABELS[:2]}})
+    uncalibrated = handler({"inputs": encoded(PNG), "parameters": {"candidate_labels": LABELS[:2],
+                                                                   "calibrated": False}})
+    assert [entry["label"] for entry in uncalibrated] and all("decision" not in e for e in uncalibrated)

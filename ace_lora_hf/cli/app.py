@@ -9,6 +9,7 @@ and template list.
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .common import run_cli
@@ -27,6 +28,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                            "machine only; 0.0.0.0 for the network).")
     add_option(parser, "--port", type=int, default=7860)
     add_option(parser, "--share", action="store_true", help="Also serve through a public Gradio share link.")
+    add_option(parser, "--calibration", type=Path,
+               help="Calibration file (ace-lora-evaluate --calibration-output): calibrated scores and decisions "
+                    "when the page's labels and templates are the ones it was fitted for.")
     return parser.parse_args(argv)
 
 
@@ -43,10 +47,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from ..inference.demo import build_demo, import_gradio
     from .options import check_model_source
 
+    from ..models.ace_lora.calibration import Calibration
+
     import_gradio()  # before the model loads
+    calibration = Calibration.load(args.calibration) if args.calibration else None
     check_model_source(args)
     model, processor, _ = load_demo_model(args)
-    build_demo(model, processor).launch(server_name=args.host, server_port=args.port, share=args.share)
+    build_demo(model, processor, calibration).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
 def cli() -> None:

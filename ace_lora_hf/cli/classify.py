@@ -39,6 +39,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_option(parser, "--labels", nargs="+", default=list(DEFAULT_LABELS), help="Class names (default: %(default)s).")
     add_option(parser, "--templates", nargs="+",
                help="Prompt templates, each with one {} for the label (default: the paper's two chest X-ray ones).")
+    add_option(parser, "--calibration", type=Path,
+               help="Calibration file from ace-lora-evaluate --calibration-output: calibrated probabilities, and a "
+                    "decision column when it holds operating thresholds.")
     add_model_options(parser)
     add_device_options(parser)
     add_batch_options(parser)

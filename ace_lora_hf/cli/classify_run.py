@@ -20,6 +20,7 @@ from ..inference.dicom_ids import DICOM_ID_FIELDS, any_dicom, dicom_ids, is_dico
 from ..inference.explain import explain, plot_explanation, require_plotting
 from ..inference.image_inputs import ImageInputs, collect_images, read_image_list, read_labelled_table
 from ..inference.malloc_tuning import keep_freed_memory_for_reuse
+from ..models.ace_lora.calibration import Calibration
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_labels, checked_templates
 from ..outputs.result_files import ResultsFile
 from ..outputs.terminal import printable
@@ -83,13 +84,18 @@ def shared_folder(images: Sequence[str]) -> str:
 
 
 def batch_records(batch, images: list[str], labels: Sequence[str], targets: list[int] | None,
-                  with_ids: bool = False) -> list[dict]:
-    """One record per classified or skipped image of the batch, in input order; with `with_ids`, each carries its
+                  calibration: Calibration | None = None, with_ids: bool = False) -> list[dict]:
+    """One record per classified or skipped image of the batch, in input order; with a calibration, its
+    probabilities, and the labels decided present where it holds thresholds; with `with_ids`, each carries its
     DICOM identifiers (empty for other files)."""
     records = [(index, {"image": images[index], "error": reason}) for index, reason in batch.failures]
-    for index, probabilities in zip(batch.indices, batch.probabilities.tolist()):
+    scores = batch.probabilities if calibration is None else calibration.apply(batch.logits)
+    decisions = calibration.decide(scores) if calibration is not None and calibration.thresholds else None
+    for row, (index, probabilities) in enumerate(zip(batch.indices, scores.tolist())):
         record = {"image": images[index], "probabilities": dict(zip(labels, probabilities)),
                   "prediction": labels[max(range(len(labels)), key=probabilities.__getitem__)]}
+        if decisions is not None:
+            record["decision"] = [label for label, decided in decisions.items() if decided[row]]
         if targets is not None:
             record["target"] = targets[index]
         records.append((index, record))
@@ -116,7 +122,17 @@ def _check_outputs(args: argparse.Namespace, inputs: ImageInputs) -> None:
             check_output_file(target, every_input, overwrite=args.overwrite, option="--explain")
 
 
-def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: ResultsFile | None, accelerator) -> dict:
+def read_calibration(args: argparse.Namespace) -> Calibration | None:
+    """--calibration's file, checked against --labels and --templates before the model loads."""
+    if args.calibration is None:
+        return None
+    calibration = Calibration.load(args.calibration)
+    calibration.check(args.labels, args.templates)
+    return calibration
+
+
+def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: ResultsFile | None, accelerator,
+                 calibration: Calibration | None = None) -> dict:
     """Classify the images not already in `results`; returns the run's summary."""
     labels = list(checked_labels(args.labels))
     templates = checked_templates(args.templates)
@@ -131,7 +147,8 @@ def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: Results
     printer = TablePrinter(inputs.images, labels, enabled=accelerator.is_main_process and not args.quiet)
     started, records = time.perf_counter(), list(results.records if results is not None else [])
     for batch in classifier.classify(images, labels):
-        new = batch_records(batch, images, labels, targets, bool(args.id_fields) and accelerator.is_main_process)
+        new = batch_records(batch, images, labels, targets, calibration,
+                            bool(args.id_fields) and accelerator.is_main_process)
         if args.strict and batch.failures:
             raise ImageLoadError(images[batch.failures[0][0]], batch.failures[0][1])
         for record in new:
@@ -148,7 +165,8 @@ def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: Results
 def summarise(args, labels: list[str], templates, records: list[dict], seconds: float, attempted: int) -> dict:
     classified = [record for record in records if "error" not in record]
     summary = {"model": model_summary(args), "labels": labels,
-               "templates": list(templates), "classified": len(classified),
+               "templates": list(templates), "calibration": str(args.calibration) if args.calibration else None,
+               "classified": len(classified),
                "skipped": [{"image": r["image"], "error": r["error"]} for r in records if "error" in r]}
     if args.id_fields:
         summary["dicom_ids"] = list(args.id_fields)
@@ -201,8 +219,12 @@ def report(summary: dict, results: ResultsFile | None) -> None:
 def run_provenance(args: argparse.Namespace, inputs: ImageInputs) -> dict:
     """What the numbers of this run depend on besides each image: recorded beside the results, checked by --resume."""
     inputs_digest = hashlib.sha256("\n".join(inputs.images).encode()).hexdigest()
-    return {"model": model_identity(args.model, args.revision, **released_options(args)), "dtype": args.dtype,
-            "templates": list(args.templates), "inputs": f"sha256:{inputs_digest}", "dicom_ids": list(args.id_fields)}
+    provenance = {"model": model_identity(args.model, args.revision, **released_options(args)), "dtype": args.dtype,
+                  "templates": list(args.templates), "inputs": f"sha256:{inputs_digest}",
+                  "dicom_ids": list(args.id_fields)}
+    if args.calibration is not None:  # calibrated and raw probabilities never share a file
+        provenance["calibration"] = f"sha256:{hashlib.sha256(args.calibration.read_bytes()).hexdigest()}"
+    return provenance
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
     labels = checked_labels(args.labels)
     args.templates = list(args.templates or CHEST_XRAY_TEMPLATES)
     checked_templates(args.templates)
+    calibration = read_calibration(args)
     inputs = read_inputs(args)
     args.id_fields = id_fields(args, inputs)
     check_model_source(args)
@@ -224,8 +247,9 @@ def run(args: argparse.Namespace) -> int:
         if args.output and main_process:
             results = ResultsFile(args.output, labels, inputs.targets is not None, args.resume, args.overwrite,
                                   provenance=run_provenance(args, inputs), inputs=inputs.images,
+                                  with_decision=bool(calibration and calibration.thresholds),
                                   id_fields=args.id_fields)
-        summary = classify_all(args, inputs, results, accelerator)
+        summary = classify_all(args, inputs, results, accelerator, calibration)
         if main_process:
             if results is not None:
                 results.finish(summary)

@@ -9,7 +9,8 @@ base with its trained weights), or `released`: the authors' weights, built from 
 shows the paper's results. --results adds evaluations of the model published (a fine-tune's test_results.json, the
 --output of ace-lora-evaluate) to its card. A zero-shot model's card links the demo (--space, a Space running this
 package's app.py) and shows the model's explanation of --example-image (an X-ray from examples/images by default),
-which needs the [plot] extra. Without --push the staging folder is only written, to be inspected; with it, it is
+which needs the [plot] extra; --calibration adds a calibration file to the repository, and a report with subgroups
+adds their rows to the card's table. Without --push the staging folder is only written, to be inspected; with it, it is
 uploaded (needs `hf auth login`).
 """
 
@@ -33,6 +34,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                        "me/ace-lora-demo.")
     add_option(parser, "--example-image", type=Path,
                help="Image whose explanation the card shows (default: an NIH X-ray in examples/images).")
+    add_option(parser, "--calibration", type=Path, help="Calibration file (ace-lora-evaluate --calibration-output) "
+                                                         "to carry in the repository as calibration.json.")
     add_option(parser, "--overwrite", action="store_true", help="Replace a non-empty --staging folder.")
     add_option(parser, "--push", action="store_true", help="Upload the staged folder to the Hub.")
     add_option(parser, "--private", action="store_true", help="Create the repository as private.")
@@ -46,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     check_model_source(args)
     staging = stage_repository(args.model, args.repo_id, args.staging, args.results, args.base_model, args.overwrite,
-                               args.space, args.example_image, revision=args.revision, **released_options(args))
+                               args.space, args.example_image, args.calibration, revision=args.revision,
+                               **released_options(args))
     print(f"staged {args.repo_id} in {staging}: {', '.join(sorted(path.name for path in staging.iterdir()))}")
     if args.push:
         print(f"uploaded: {upload(staging, args.repo_id, args.private)}")

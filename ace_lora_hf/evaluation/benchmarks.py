@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .bootstrap import bootstrap_intervals
+from .calibration import calibration_metrics
 from ..data.image_tables import numbered_rows, parse_number, read_table
 from ..errors import DataFormatError
 from .metrics import classification_metrics, multilabel_metrics
 from .published import PUBLISHED_RESULTS
+from .subgroups import subgroup_metrics
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
 
 
@@ -83,6 +86,14 @@ def _reference(benchmark: Benchmark, record: dict, table_path: Path, line: int) 
     return classes.index(record[benchmark.target])
 
 
+def table_columns(benchmark: Benchmark, table_path: Path, columns: list[str]) -> dict[str, list[str]]:
+    """Column -> its cell per row (in `read_benchmark`'s order) of `columns` of the table, e.g. the subgroup columns;
+    a column the table lacks is refused with the table's columns named."""
+    frame = read_table(table_path, columns, "--table", split=benchmark.split,
+                       column_advice="Choose --subgroup-columns among the table's columns.")
+    return {column: [value.strip() for value in frame[column]] for column in columns}
+
+
 def published_result(name: str | None) -> dict | None:
     """The paper's number for this benchmark (on its 0-100 scale), if it reports one."""
     return next(({"metric": metric, "value": value} for _, dataset, metric, value in PUBLISHED_RESULTS
@@ -98,30 +109,63 @@ def scores(benchmark: Benchmark, probabilities: np.ndarray, references: np.ndarr
     return classification_metrics(probabilities, references)
 
 
-def evaluate_benchmark(name: str, classifier: ZeroShotClassifier, images: list[str], references: list,
-                       resamples: int, seed: int) -> dict:
-    """Metrics, their bootstrap intervals and the paper's comparison for one benchmark."""
-    benchmark = BENCHMARKS[name]
-    labels = list(benchmark.classes.values())
-    probabilities, kept, skipped = [], [], []
+@dataclass
+class ZeroShotScores:
+    """`[n, C]` zero-shot logits of the readable images, their indices in the image list, and the skipped ones."""
+
+    logits: np.ndarray
+    kept: list[int]
+    skipped: list[dict]
+
+
+def zero_shot_logits(name: str, classifier: ZeroShotClassifier, images: list[str], labels: list[str]) -> ZeroShotScores:
+    """Classify `images` against `labels`; an unreadable image is skipped (and listed), none readable is an error."""
+    logits, kept, skipped = [], [], []
     for batch in classifier.classify(images, labels):
-        probabilities += batch.probabilities.tolist()
+        logits += batch.logits.tolist()
         kept += batch.indices
         skipped += [{"image": images[index], "error": reason} for index, reason in batch.failures]
     if not kept:
         raise DataFormatError(f"{name}: none of its {len(images)} images could be read (first: "
                               f"{skipped[0]['image']}: {skipped[0]['error']}).")
-    predictions, truth = np.asarray(probabilities), np.asarray([references[index] for index in kept])
+    return ZeroShotScores(np.asarray(logits, dtype=np.float32), kept, skipped)
+
+
+def probabilities_of(logits: np.ndarray) -> np.ndarray:
+    """The zero-shot probabilities of `logits`, computed as the classifier computes them."""
+    return torch.from_numpy(logits).softmax(dim=-1).numpy()
+
+
+def evaluate_benchmark(name: str, classified: ZeroShotScores, images: list[str], references: list, resamples: int,
+                       seed: int, subgroups: dict[str, list[str]] | None = None) -> dict:
+    """Metrics, their bootstrap intervals and the paper's comparison for one benchmark, with the calibration of its
+    probabilities and, given `subgroups` (column -> value per image), every metric per subgroup."""
+    benchmark = BENCHMARKS[name]
+    labels = list(benchmark.classes.values())
+    logits, kept, skipped = classified.logits, classified.kept, classified.skipped
+    predictions, truth = probabilities_of(logits), np.asarray([references[index] for index in kept])
     metrics = scores(benchmark, predictions, truth)
     intervals = bootstrap_intervals(lambda p, r: scores(benchmark, p, r), predictions, truth, resamples, seed)
     published = published_result(benchmark.published)
-    return {
+    result = {
         "num_images": len(kept), "classes": labels, "templates": list(benchmark.templates),
         "metrics": metrics, "confidence_intervals_95": intervals,
         "paper_scale": {metric: 100 * value for metric, value in metrics.items() if np.isscalar(value)},
-        "published": published, "skipped": skipped,
-        "images": [{"image": images[index], "probabilities": row} for index, row in zip(kept, probabilities)],
+        "published": published, "calibration": {
+            "metrics": calibration_metrics(predictions, truth),
+            "confidence_intervals_95": bootstrap_intervals(calibration_metrics, predictions, truth, resamples, seed)},
+        "skipped": skipped,
+        "images": [{"image": images[index], "probabilities": row} for index, row in zip(kept, predictions.tolist())],
     }
+    if subgroups:
+        result["subgroups"] = subgroup_metrics(
+            lambda p, r: {**scores(benchmark, p, r), **calibration_metrics(p, r)}, predictions, truth,
+            {column: [values[index] for index in kept] for column, values in subgroups.items()}, resamples, seed)
+    return result
+
+
+def format_interval(bounds: list[float]) -> str:
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
 
 
 def print_result(name: str, result: dict) -> None:
@@ -133,8 +177,13 @@ def print_result(name: str, result: dict) -> None:
         low, high = (100 * bound for bound in result["confidence_intervals_95"][metric])
         paper = f"{published['value']:.2f}" if published.get("metric", "").lower() == metric else ""
         print(f"  {metric:<10}{value:>8.2f}{f'[{low:.2f}, {high:.2f}]':>18}{paper:>8}")
+    calibration = result["calibration"]
+    intervals = calibration["confidence_intervals_95"]
+    print("  calibration: " + ", ".join(f"{metric} {value:.4f} {format_interval(intervals[metric])}"
+                                        for metric, value in calibration["metrics"].items()))
     for entry in result["skipped"]:
         print(f"  skipped {entry['image']}: {entry['error']}")
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "evaluate_benchmark", "print_result", "published_result", "read_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "ZeroShotScores", "evaluate_benchmark", "format_interval", "print_result",
+           "probabilities_of", "published_result", "read_benchmark", "table_columns", "zero_shot_logits"]

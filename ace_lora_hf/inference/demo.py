@@ -7,10 +7,14 @@ import io
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 
 from ..errors import AceLoraError, InvalidArgumentError
 from .explain import explain, plot_explanation
+from .intended_use import INTENDED_USE
+from ..models.ace_lora.calibration import Calibration
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel
 from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
@@ -84,9 +88,10 @@ def figure_to_image(figure) -> Image.Image:
 class ZeroShotDemo:
     """What the page calls: one loaded model, one `ZeroShotClassifier` (with its class embeddings) per template list."""
 
-    def __init__(self, model: AceLoraModel, processor: AceLoraProcessor):
+    def __init__(self, model: AceLoraModel, processor: AceLoraProcessor, calibration: Calibration | None = None):
         self.model = model
         self.processor = processor
+        self.calibration = calibration
         self.classifier = lru_cache(maxsize=CACHED_TEMPLATE_LISTS)(self._new_classifier)
 
     def _new_classifier(self, templates: tuple[str, ...]) -> ZeroShotClassifier:
@@ -108,11 +113,33 @@ class ZeroShotDemo:
             explanation = explain(self.classifier(templates), image_path, labels, name=name)
         except AceLoraError as error:
             return f"**Cannot classify:** {error}", None, None, None
-        probabilities = dict(zip(labels, explanation.probabilities.tolist()))
+        probabilities, note = dict(zip(labels, explanation.probabilities.tolist())), ""
+        if self.calibration is not None:
+            probabilities, note = self.calibrated(explanation.probabilities, labels, templates)
+        best = probabilities[explanation.prediction]  # a temperature keeps the order of the labels
+        message = f"**{name}**: prediction **{explanation.prediction}** (p = {best:.4f}){note}"
         table = [[label, f"{probability:.4f}"] for label, probability in probabilities.items()]
-        best = probabilities[explanation.prediction]
-        message = f"**{name}**: prediction **{explanation.prediction}** (p = {best:.4f})"
         return message, probabilities, table, figure_to_image(plot_explanation(explanation, title=name))
+
+    def calibrated(self, probabilities: np.ndarray, labels: tuple[str, ...],
+                   templates: tuple[str, ...]) -> tuple[dict[str, float], str]:
+        """The served calibration's probabilities and decisions, where it was fitted for these labels and templates
+        (the zero-shot ones and a note otherwise)."""
+        calibration = self.calibration
+        if (calibration.labels, calibration.templates) != (labels, templates):
+            return dict(zip(labels, probabilities.tolist())), (
+                "\n\nThe calibration file was fitted for other labels or templates: these scores are uncalibrated.")
+        # Log-probabilities differ from the logits by one constant per image, which the softmax removes.
+        scaled = calibration.apply(torch.from_numpy(np.log(probabilities))[None])
+        calibrated = dict(zip(labels, scaled[0].tolist()))
+        note = f"\n\nCalibrated scores (temperature {calibration.temperature:.3f})."
+        if calibration.thresholds:
+            target = calibration.target
+            decisions = ", ".join(f"{label}: **{'yes' if decided[0] else 'no'}**"
+                                  for label, decided in calibration.decide(scaled).items())
+            note += (f" Operating point (threshold for {target['metric']} {target['value']} on the validation "
+                     f"table): {decisions}.")
+        return calibrated, note
 
 
 def example_files(folder: Path = EXAMPLES_FOLDER) -> list[str]:
@@ -127,10 +154,10 @@ def import_gradio():
     return gradio
 
 
-def build_demo(model: AceLoraModel, processor: AceLoraProcessor):
-    """The Gradio page (`gradio.Blocks`) around one loaded model."""
+def build_demo(model: AceLoraModel, processor: AceLoraProcessor, calibration: Calibration | None = None):
+    """The Gradio page (`gradio.Blocks`) around one loaded model (and the calibration it serves, if any)."""
     gr = import_gradio()
-    demo_model = ZeroShotDemo(model, processor)
+    demo_model = ZeroShotDemo(model, processor, calibration)
     labels, templates = PRESETS[DEFAULT_PRESET]
     with gr.Blocks(title="ACE-LoRA zero-shot classification") as demo:
         gr.Markdown(
@@ -155,6 +182,8 @@ def build_demo(model: AceLoraModel, processor: AceLoraProcessor):
                 table = gr.Dataframe(headers=["label", "probability"], label="Probabilities", elem_id="probabilities",
                                      interactive=False)
         picture = gr.Image(label="Explanation", type="pil", format="png", elem_id="explanation", interactive=False)
+        with gr.Accordion("Intended use, limitations, and how to read the scores", open=False):
+            gr.Markdown(INTENDED_USE, elem_id="intended-use")
         preset.change(lambda name: tuple("\n".join(part) for part in PRESETS[name]), preset,
                       [labels_box, templates_box])
         classify.click(demo_model.classify, [image_file, labels_box, templates_box], [message, bars, table, picture])

@@ -22,6 +22,7 @@ from .safe_outputs import atomic_file, naming_output, write_json_atomic, write_t
 logger = logging.get_logger(__name__)
 
 STREAMED_SUFFIXES = (".csv", ".jsonl")
+DECISION_SEPARATOR = "; "  # between the labels a CSV row's decision column names
 
 
 def partial_path(path: Path) -> Path:
@@ -35,9 +36,9 @@ def provenance_path(path: Path) -> Path:
 class ResultsFile:
     """The results of one run for `labels`, as CSV (`.csv`), JSON Lines (`.jsonl`) or one JSON document (`.json`).
 
-    Each record is `{"image", "probabilities": {label: p}, "prediction"[, "target"]}` or `{"image", "error"}`, plus
-    `"ids": {field: value}` when the run has `id_fields` (a DICOM input's UIDs: columns of their own in CSV, after
-    the others).
+    Each record is `{"image", "probabilities": {label: p}, "prediction"[, "decision"][, "target"]}` or
+    `{"image", "error"}`; `decision` lists the labels a calibration's thresholds decide present. With `id_fields`,
+    records also carry `"ids": {field: value}` (a DICOM input's UIDs: columns of their own in CSV, after the others).
 
     `provenance` (JSON values: the model's fingerprint, labels, templates, a digest of the inputs, the options that
     change numbers) is written beside the results as `NAME.meta.json`; the results file itself stays plain. `--resume`
@@ -46,8 +47,9 @@ class ResultsFile:
 
     def __init__(self, path: Path, labels: Sequence[str], with_target: bool = False, resume: bool = False,
                  overwrite: bool = False, provenance: dict | None = None, inputs: Sequence[str] | None = None,
-                 id_fields: Sequence[str] = ()):
+                 with_decision: bool = False, id_fields: Sequence[str] = ()):
         self.path, self.labels, self.with_target, self.id_fields = path, list(labels), with_target, list(id_fields)
+        self.with_decision = with_decision
         self.provenance = {"labels": self.labels, **(provenance or {})}
         self.format = path.suffix.lower()
         if self.format not in (*STREAMED_SUFFIXES, ".json"):
@@ -170,14 +172,16 @@ class ResultsFile:
     # -------------------------------------------------------------------------------------------------- writing
 
     def _columns(self) -> list[str]:
-        return ["image", *self.labels, "prediction", *(["target"] if self.with_target else []), "error",
-                *self.id_fields]
+        return ["image", *self.labels, "prediction", *(["decision"] if self.with_decision else []),
+                *(["target"] if self.with_target else []), "error", *self.id_fields]
 
     def _row(self, record: dict) -> dict:
         row = {"image": record["image"], "prediction": record.get("prediction", ""), "error": record.get("error", "")}
         row.update({label: f"{p:.6f}" for label, p in record.get("probabilities", {}).items()})
         if "target" in record:
             row["target"] = record["target"]
+        if "decision" in record:
+            row["decision"] = DECISION_SEPARATOR.join(record["decision"])
         row.update(record.get("ids", {}))
         return row
 
@@ -189,6 +193,8 @@ class ResultsFile:
         try:
             record = {"image": row["image"], "probabilities": {label: float(row[label]) for label in self.labels},
                       "prediction": row["prediction"], **ids}
+            if self.with_decision:
+                record["decision"] = [label for label in row.get("decision", "").split(DECISION_SEPARATOR) if label]
             if row.get("target", "") != "":
                 record["target"] = int(row["target"])
         except ValueError:

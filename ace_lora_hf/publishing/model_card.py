@@ -13,6 +13,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import DataFormatError
 from ..evaluation.published import PUBLISHED_RESULTS
+from ..inference.intended_use import INTENDED_USE
+from ..models.ace_lora.calibration import Calibration
 
 
 BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -155,7 +157,10 @@ label set. Send base64 PNG, JPEG or DICOM files, one or a list (at most 32), wit
 The answer is the zero-shot pipeline's, one list per image (a single image: its list), highest score first:
 `[[{"label": "pneumonia", "score": 0.81}, {"label": "No Finding", "score": 0.19}], ...]`. `templates` is optional
 (default: the two above). An image that cannot be used (missing, not base64, unreadable, over 64 MiB or 50 million
-pixels) gets `{"error": "image 1: ..."}` in its place; the other images are scored.
+pixels) gets `{"error": "image 1: ..."}` in its place; the other images are scored. Where the repository carries a
+`calibration.json`, the scores are calibrated and each label with an operating threshold gets `"decision"`; the file
+holds for its own labels and templates, so a request for others is refused unless its parameters say
+`"calibrated": false` (raw scores).
 {% endif %}{% if explanation %}
 ## What the model looks at
 
@@ -169,15 +174,28 @@ pixels) gets `{"error": "image 1: ..."}` in its place; the other images are scor
 |---|---|---|---|
 {% for result in results -%}
 | {{ result.dataset_name }} | {{ result.task_type }} | {{ result.metric_name }} | {{ result.metric_value }} |
+{% endfor %}{% for row in subgroup_rows -%}
+| {{ row.dataset }} | {{ row.task }} | {{ row.metric }} | {{ row.value }} |
 {% endfor %}
-{{ results_note }}
+{{ results_note }}{% if subgroup_rows %} Subgroup rows: the same metric on the test images of one value of a
+column of the test table (95% bootstrap interval in brackets), and the largest gap between that column's values.
+{%- endif %}
 {% else %}
 No evaluation results were given when this card was written.
 {% endif %}
 ## Intended use
 
-Research on medical vision-language models. Not a medical device; not for clinical decisions.
-"""
+{{ intended_use }}{% if calibration %}
+## Calibration
+
+This repository carries `calibration.json`, fitted with `ace-lora-evaluate --calibrate-on` on a labelled validation
+table: temperature {{ "%.4f"|format(calibration.temperature) }}{% if calibration.target %} and per-label thresholds
+for a target {{ calibration.target.metric }} of {{ calibration.target.value }}{% endif %}, for the labels and templates
+it names.
+Pass it to `ace-lora-classify --calibration`, to the pipeline (`calibration=` the downloaded file) or to
+`ace-lora-app --calibration` for calibrated scores{% if calibration.target %} and yes/no decisions{% endif %}; without
+it the scores are the model's own.
+{% endif %}"""
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+()\-]{0,63}")
@@ -227,6 +245,37 @@ def evaluation_results(results: dict, path: Path) -> list[EvalResult]:
                                       "zero-shot classification", benchmark.get("metrics"), f"{path}: {name}")]
 
 
+def subgroup_rows(results: dict, path: Path) -> list[dict]:
+    """The card's subgroup rows of an `ace-lora-evaluate --subgroup-columns` report: each metric of the card per value
+    of each column (in percent, with its interval), then the largest gap per column; none for other reports."""
+    rows = []
+    for name, benchmark in (results.get("datasets") or {}).items():
+        for column, entry in (benchmark.get("subgroups") or {}).items() if isinstance(benchmark, dict) else ():
+            where = f"{path}: {name}, subgroups"
+            _plain_name(column, "subgroup column", where)
+            dataset = ZERO_SHOT_BENCHMARKS.get(name, name)
+            for value, group in entry["groups"].items():
+                _plain_name(value, f"value of {column}", where)
+                rows += [{"dataset": f"{dataset}, {column} {value} (n = {group['num_images']})",
+                          "task": "zero-shot-image-classification", "metric": f"{METRICS[key][2]} (%)",
+                          "value": f"{100 * metric:.2f}{_percent_interval(group, key)}"}
+                         for key, metric in group["metrics"].items() if key in METRICS and _is_number(metric)]
+            rows += [{"dataset": f"{dataset}, largest gap across {column} ({gap['highest']} vs {gap['lowest']})",
+                      "task": "zero-shot-image-classification", "metric": f"{METRICS[key][2]} (% points)",
+                      "value": f"{100 * gap['gap']:.2f}"}
+                     for key, gap in entry["largest_gap"].items() if key in METRICS]
+    return rows
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _percent_interval(group: dict, key: str) -> str:
+    low, high = group.get("confidence_intervals_95", {}).get(key, (None, None))
+    return f" [{100 * low:.2f}, {100 * high:.2f}]" if _is_number(low) and _is_number(high) else ""
+
+
 def _plain_name(value, field: str, where) -> str:
     """A dataset or split name as the card may show it: plain words, nothing a Markdown or HTML renderer would turn
     into markup, a heading or a link."""
@@ -248,11 +297,13 @@ def _results_of(task: str, dataset, split: str | None, task_name: str, metrics, 
 
 def render_model_card(repo_id: str, model_class: str = "AceLoraModel", results: list[EvalResult] = (),
                       released: bool = False, base_model: str = BIOMEDCLIP, space: str | None = None,
-                      explanation: str | None = None, explanation_of: str = "an image") -> ModelCard:
-    """The model card of `repo_id`: an ACE-LoRA model (`model_class`) with the evaluation `results` given. With
-    `released`, the card is that of the authors' released weights and adds the paper's results. A zero-shot model's
-    card says how to try it (the demo `space` on the Hub, when there is one, and locally) and shows `explanation`, the
-    repository's picture of its explanation of `explanation_of`."""
+                      explanation: str | None = None, explanation_of: str = "an image",
+                      subgroups: list[dict] = (), calibration: Calibration | None = None) -> ModelCard:
+    """The model card of `repo_id`: an ACE-LoRA model (`model_class`) with the evaluation `results` given (and their
+    `subgroups` rows, see `subgroup_rows`). With `released`, the card is that of the authors' released weights and adds
+    the paper's results. A zero-shot model's card says how to try it (the demo `space` on the Hub, when there is one,
+    and locally) and shows `explanation`, the repository's picture of its explanation of `explanation_of`; with
+    `calibration`, it describes the repository's calibration file."""
     own_results = list(results)
     all_results = [*own_results, *(paper_results() if released else [])]
     card_data = ModelCardData(
@@ -278,7 +329,8 @@ def render_model_card(repo_id: str, model_class: str = "AceLoraModel", results: 
         provenance=provenance, usage=USAGE[model_class].format(repo_id=repo_id), repo_id=repo_id,
         zero_shot=model_class == "AceLoraModel", space=space, explanation=explanation,
         explanation_caption=EXPLANATION_CAPTION.format(image=explanation_of), results_title=results_title,
-        results=all_results, results_note=results_note)
+        results=all_results, results_note=results_note, subgroup_rows=list(subgroups), intended_use=INTENDED_USE,
+        calibration=calibration)
 
 
-__all__ = ["BIOMEDCLIP", "evaluation_results", "paper_results", "render_model_card"]
+__all__ = ["BIOMEDCLIP", "evaluation_results", "paper_results", "render_model_card", "subgroup_rows"]

@@ -15,12 +15,13 @@ from ..errors import DataFormatError, InvalidArgumentError, ModelSourceError
 from ..inference.demo import DEFAULT_PRESET, EXAMPLES_FOLDER, PRESETS
 from ..inference.explain import explain, plot_explanation, require_plotting
 from .endpoint import add_endpoint_files
-from .model_card import BIOMEDCLIP, evaluation_results, render_model_card
+from .model_card import BIOMEDCLIP, evaluation_results, render_model_card, subgroup_rows
 from ..sources.folders import model_folder
 from ..sources.released_adapters import RELEASED
 from ..outputs.safe_outputs import atomic_folder, check_output_folder, folder_lock
 from ..sources.checkpoints import MODEL_CLASSES
 from ..sources.load import load, resolve_source
+from ..models.ace_lora.calibration import Calibration
 from ..models.ace_lora.zero_shot import ZeroShotClassifier
 
 
@@ -28,6 +29,7 @@ logger = logging.get_logger(__name__)
 
 INFERENCE_SCRIPT_NAME = "hf_model_inference.py"
 EXPLANATION_NAME = "explanation.png"
+CALIBRATION_NAME = "calibration.json"
 # The card's explanation: an NIH chest X-ray shipped in examples/images (present in a source checkout).
 DEFAULT_EXAMPLE_IMAGE = EXAMPLES_FOLDER / "nih_00000001_000.png"
 # The command line shipped with a zero-shot model: ace-lora-classify, defaulting to the repository it sits in.
@@ -127,24 +129,33 @@ def draw_card_explanation(model, processor, image: Path, target: Path) -> None:
 
 def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path, results: Sequence[str | Path] = (),
                      base_model: str = BIOMEDCLIP, overwrite: bool = False, space: str | None = None,
-                     example_image: str | Path | None = None, **released_sources: str) -> Path:
+                     example_image: str | Path | None = None, calibration: str | Path | None = None,
+                     **released_sources: str) -> Path:
     """Write everything the Hub repository of `model` holds into `staging` (empty, or replaced with `overwrite`):
-    weights, code, processor, the model card and, for a zero-shot model, its command line, its Inference Endpoints
-    handler (`handler.py`, `requirements.txt`) and the card's explanation picture of `example_image` (see
-    `card_picture_source`). `released_sources`: the released model's sources (`biomedclip`, `adapters`, `tokenizer`)
-    and the `revision` of a Hub --model."""
+    weights, code, processor, the model card (with the subgroup rows of the `results` that have them) and, for a
+    zero-shot model, its command line, its Inference Endpoints handler (`handler.py`, `requirements.txt`), the card's
+    explanation picture of `example_image` (see `card_picture_source`) and the `calibration` file, if given, as
+    `calibration.json`. `released_sources`: the released model's sources (`biomedclip`, `adapters`, `tokenizer`) and
+    the `revision` of a Hub --model."""
     check_repo_ids(repo_id, space)
     released = model is None or str(model) == RELEASED
-    evaluations = [result for path in results for result in evaluation_results(read_results(path), Path(path))]
+    reports = [(read_results(path), Path(path)) for path in results]
+    evaluations = [result for report, path in reports for result in evaluation_results(report, path)]
+    subgroups = [row for report, path in reports for row in subgroup_rows(report, path)]
+    calibration = Calibration.load(calibration) if calibration is not None else None
     inputs = [Path(path) for path in (model, *results) if path is not None and Path(path).exists()]
     staging = check_output_folder(staging, inputs=inputs, overwrite=overwrite, option="--staging")
     check_example_image(example_image)
     with folder_lock(staging, "--staging"):
         loaded, processor = load_publishable(model, **released_sources)
         zero_shot = type(loaded).__name__ == "AceLoraModel"
+        if calibration is not None and not zero_shot:
+            raise InvalidArgumentError(f"--calibration: {type(loaded).__name__} is not a zero-shot model; a "
+                                       "calibration file goes with a zero-shot model only.")
         picture = card_picture_source(example_image) if zero_shot else None
         card = render_model_card(repo_id, type(loaded).__name__, evaluations, released, base_model, space,
-                                 EXPLANATION_NAME if picture else None, f"`{picture.name}`" if picture else "")
+                                 EXPLANATION_NAME if picture else None, f"`{picture.name}`" if picture else "",
+                                 subgroups, calibration)
         with atomic_folder(staging, others="refuse", option="--staging") as folder:  # the folder is uploaded
             if picture:
                 draw_card_explanation(loaded, processor, picture, folder / EXPLANATION_NAME)
@@ -153,6 +164,8 @@ def stage_repository(model: str | Path | None, repo_id: str, staging: str | Path
             if zero_shot:
                 (folder / INFERENCE_SCRIPT_NAME).write_text(INFERENCE_SCRIPT.format(repo_id=repo_id), encoding="utf-8")
                 add_endpoint_files(folder)
+            if calibration is not None:
+                (folder / CALIBRATION_NAME).write_text(json.dumps(calibration.to_dict(), indent=2), encoding="utf-8")
             card.save(folder / "README.md")
     return staging
 

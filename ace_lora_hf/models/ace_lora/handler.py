@@ -12,16 +12,21 @@ Request (JSON):
 
     {"inputs": "<base64 image>" or ["<base64>", ...],
      "parameters": {"candidate_labels": ["No Finding", "pneumonia"],
-                    "templates": ["a chest X-ray image of {}."]}}       # optional; default: the paper's two
+                    "templates": ["a chest X-ray image of {}."],        # optional; default: the paper's two
+                    "calibrated": true}}                                # optional; see below
 
 Response: for one image, the pipeline's list of `{"label", "score"}` (highest first); for a list, one such list per
-image, in order. An image that cannot be used (missing, not base64, unreadable, too large) gets `{"error": "..."}` in
+image, in order. A repository that carries a `calibration.json` (from `ace-lora-evaluate --calibration-output`)
+returns calibrated scores, with `"decision"` for each label it holds an operating threshold for; such a file is made
+for one set of labels and templates, so a request for others is refused unless it asks `"calibrated": false` (raw
+scores). An image that cannot be used (missing, not base64, unreadable, too large) gets `{"error": "..."}` in
 its place and the others are scored. A request over the caps below is refused as a whole, with a message.
 """
 
 import base64
 import binascii
 import importlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +34,7 @@ from transformers import pipeline
 
 
 TASK = "zero-shot-image-classification"
+CALIBRATION_FILE = "calibration.json"
 # Caps of one request: a server shares its memory and time among its callers.
 MAX_IMAGES = 32
 MAX_LABELS = 64
@@ -49,6 +55,10 @@ class EndpointHandler:
         package = type(self.pipeline).__module__.rpartition(".")[0]
         self._load_image = importlib.import_module(f"{package}.image_loading").load_image
         self._errors = importlib.import_module(f"{package}.errors")
+        self._default_templates = importlib.import_module(f"{package}.zero_shot").CHEST_XRAY_TEMPLATES
+        calibration = Path(path) / CALIBRATION_FILE
+        self.calibration = (importlib.import_module(f"{package}.calibration").Calibration.load(calibration)
+                            if calibration.is_file() else None)
 
     def __call__(self, data: dict[str, Any]) -> list:
         if not isinstance(data, dict):
@@ -57,9 +67,12 @@ class EndpointHandler:
         inputs = data.get("inputs")
         single = not (isinstance(inputs, list) and inputs)  # an empty list is a request without images too
         images = [inputs] if single else inputs
-        labels, templates = self._parameters(data.get("parameters") or {}, len(images))
+        parameters = data.get("parameters") or {}
+        labels, templates = self._parameters(parameters, len(images))
+        calibration = self._calibration(parameters, labels, templates)
         loaded = [self._decoded(image, index) for index, image in enumerate(images)]
-        scored = self._scores([image for image in loaded if not isinstance(image, dict)], labels, templates)
+        scored = self._scores([image for image in loaded if not isinstance(image, dict)], labels, templates,
+                              calibration)
         results = [image if isinstance(image, dict) else next(scored) for image in loaded]
         return results[0] if single else results
 
@@ -80,6 +93,13 @@ class EndpointHandler:
                                                         "split the request.")
         return labels, templates
 
+    def _calibration(self, parameters: dict, labels: list[str], templates: list[str] | None):
+        """The repository's calibration for this request (None for raw scores), checked against its labels."""
+        if self.calibration is None or parameters.get("calibrated", True) is False:
+            return None
+        self.calibration.check(labels, templates or self._default_templates)
+        return self.calibration
+
     def _decoded(self, image: Any, index: int):
         """The image at `index` as a PIL image, or its error entry."""
         name = f"image {index}"
@@ -99,7 +119,7 @@ class EndpointHandler:
                              "smaller image."}
         return decoded
 
-    def _scores(self, images: list, labels: list[str], templates: list[str] | None):
+    def _scores(self, images: list, labels: list[str], templates: list[str] | None, calibration=None):
         """Each image's ranked `{"label", "score"}` list, by the pipeline's own preprocessing, logits and
         postprocessing (all images through the model at once)."""
         if not images:
@@ -107,7 +127,8 @@ class EndpointHandler:
         forward_params = {"candidate_labels": labels, **({"templates": templates} if templates is not None else {})}
         pixels = torch.cat([self.pipeline.preprocess(image)["pixel_values"] for image in images])
         logits = self.pipeline.forward({"pixel_values": pixels}, **forward_params)["logits"]
-        return (self.pipeline.postprocess({"logits": row[None]}, candidate_labels=labels) for row in logits)
+        return (self.pipeline.postprocess({"logits": row[None]}, candidate_labels=labels, calibration=calibration)
+                for row in logits)
 
 
 __all__ = ["EndpointHandler"]

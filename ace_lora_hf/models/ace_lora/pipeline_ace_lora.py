@@ -4,12 +4,14 @@
 """The zero-shot-image-classification pipeline for ACE-LoRA: class prompts encoded once, several templates, DICOM."""
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.pipelines import PIPELINE_REGISTRY, ZeroShotImageClassificationPipeline
 from transformers.utils import logging
 
+from .calibration import Calibration
 from .configuration_ace_lora import AceLoraConfig
 from .hub_pipeline import TASK
 from .errors import InvalidArgumentError
@@ -33,7 +35,10 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
     - `templates` (several prompt templates, averaged per class as released; default the paper's two chest X-ray
       templates) or, as in the stock pipeline, one `hypothesis_template`;
     - images are paths (PNG, JPEG, TIFF, DICOM), bytes or PIL images, read by the package's loader (no URLs);
-      a list of images goes through the model `batch_size` (default 16) at a time.
+      a list of images goes through the model `batch_size` (default 16) at a time;
+    - `calibration` (a [`Calibration`] or its file, from `ace-lora-evaluate --calibration-output`): calibrated
+      scores, and `decision` (True/False) for each label the file holds an operating threshold for. Without it the
+      scores stay the model's own.
 
     For any other model it is the stock pipeline: `import ace_lora_hf` registers this class for the task.
 
@@ -71,9 +76,11 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         candidate_labels: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
         hypothesis_template: str | None = None,
+        calibration: Calibration | str | Path | None = None,
     ) -> tuple[dict, dict, dict]:
         """The labels and templates go to `_forward` (which embeds the classes) and the labels to `postprocess`;
-        `preprocess` only reads images, so batches of images collate without them."""
+        `preprocess` only reads images, so batches of images collate without them. A calibration (or its file) is
+        checked against the labels and templates and goes to `postprocess`."""
         if templates is not None and hypothesis_template is not None:
             raise InvalidArgumentError("Pass either templates=[...] or hypothesis_template='...', not both.")
         forward_params, postprocess_params = {}, {}
@@ -83,6 +90,12 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
             templates = [hypothesis_template]
         if templates is not None:
             forward_params["templates"] = checked_templates(templates)
+        if calibration is not None:
+            if not isinstance(calibration, Calibration):
+                calibration = Calibration.load(calibration)
+            if candidate_labels is not None:
+                calibration.check(candidate_labels, forward_params.get("templates", CHEST_XRAY_TEMPLATES))
+            postprocess_params["calibration"] = calibration
         return {}, forward_params, postprocess_params
 
     def preprocess(self, image, **kwargs) -> dict[str, Any]:
@@ -102,12 +115,19 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         images = image_embeddings(self.model, model_inputs["pixel_values"])
         return {"logits": self.model.logit_scale.float() * images.float() @ classes.float().t()}
 
-    def postprocess(self, model_outputs: dict[str, Any], candidate_labels: Sequence[str] | None = None):
+    def postprocess(self, model_outputs: dict[str, Any], candidate_labels: Sequence[str] | None = None,
+                    calibration: Calibration | None = None):
         if not self._serves_ace_lora:
             return super().postprocess(model_outputs)
-        scores = model_outputs["logits"][0].softmax(dim=-1).tolist()
-        ranked = sorted(zip(scores, candidate_labels), key=lambda pair: -pair[0])
-        return [{"score": score, "label": label} for score, label in ranked]
+        if calibration is None:
+            scores = model_outputs["logits"][0].softmax(dim=-1).tolist()
+            return [{"score": score, "label": label}
+                    for score, label in sorted(zip(scores, candidate_labels), key=lambda pair: -pair[0])]
+        probabilities = calibration.apply(model_outputs["logits"])
+        decided = {label: bool(yes[0]) for label, yes in calibration.decide(probabilities).items()}
+        ranked = sorted(zip(probabilities[0].tolist(), candidate_labels), key=lambda pair: -pair[0])
+        return [{"score": score, "label": label, **({"decision": decided[label]} if label in decided else {})}
+                for score, label in ranked]
 
     @torch.no_grad()
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = CHEST_XRAY_TEMPLATES) -> torch.Tensor:

@@ -58,11 +58,13 @@ def image_embeddings(model: AceLoraModel, pixel_values: torch.Tensor) -> torch.T
 
 @dataclass
 class ClassifiedBatch:
-    """Per batch, in input order: the classified inputs, their `[n, C]` probabilities, and the inputs that failed."""
+    """Per batch, in input order: the classified inputs, their `[n, C]` probabilities, and the inputs that failed;
+    `logits` are the scaled similarities the probabilities are the softmax of (what a calibration rescales)."""
 
     indices: list[int]
     probabilities: torch.Tensor
     failures: list[tuple[int, str]]
+    logits: torch.Tensor | None = None
 
 
 class ZeroShotClassifier:
@@ -133,9 +135,9 @@ class ZeroShotClassifier:
             self.accelerator, self.show_progress,
         )
         for batch in batches:
-            probabilities = (scale * batch.embeddings @ classes.float().cpu().t()).softmax(dim=-1) \
-                if batch.indices else torch.empty(0, len(classes))
-            yield ClassifiedBatch(batch.indices, probabilities, batch.failures)
+            logits = scale * batch.embeddings @ classes.float().cpu().t() if batch.indices \
+                else torch.empty(0, len(classes))
+            yield ClassifiedBatch(batch.indices, logits.softmax(dim=-1), batch.failures, logits)
 
     def __call__(self, images: Sequence[ImageInput] | ImageInput, labels: Sequence[str]) -> torch.Tensor:
         """`[N, C]` probabilities of each label for each image (softmax with the model's learned scale).
