@@ -1,0 +1,128 @@
+"""Per-finding (multi-label) zero-shot: each finding's positive prompts against its negative ones, a two-way softmax
+per finding, the same numbers from the classifier, the pipeline and `ace-lora-classify --multi-label`."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoProcessor, pipeline
+
+from ace_lora_hf.errors import InvalidArgumentError
+from ace_lora_hf.models.ace_lora.image_loading import load_image
+from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, negated_templates
+
+from conftest import SAMPLES
+
+
+IMAGES = [str(SAMPLES / "nih_00000001_000.png"), str(SAMPLES / "fake_monochrome1.dcm"),
+          str(SAMPLES / "nih_00027426_000.png")]
+FINDINGS = ["pneumonia", "edema", "cardiomegaly"]
+NEGATIVE = ["a chest x-ray image with no {}.", "no findings suggesting {}."]
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_hub_folder):
+    return AutoModel.from_pretrained(tiny_hub_folder).eval(), AutoProcessor.from_pretrained(tiny_hub_folder)
+
+
+def class_embeddings(model, processor, labels: list[str], templates) -> torch.Tensor:
+    prompts = [template.format(label) for label in labels for template in templates]
+    tokens = processor(text=prompts, return_tensors="pt")["input_ids"].view(len(labels), len(templates), -1)
+    with torch.no_grad():
+        return model.get_class_embeddings(tokens).pooler_output
+
+
+def hand_computed(model, processor, findings, templates, negative_templates) -> torch.Tensor:
+    """exp(s x.p) / (exp(s x.p) + exp(s x.n)) per finding, from the model's own embeddings."""
+    positive = class_embeddings(model, processor, findings, templates)
+    negative = class_embeddings(model, processor, findings, negative_templates)
+    pixels = processor(images=[load_image(path) for path in IMAGES], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        image = model.get_image_features(pixels).pooler_output
+    scale = model.logit_scale.item()
+    yes, no = (torch.exp(scale * image @ side.t()) for side in (positive, negative))
+    return yes / (yes + no)
+
+
+def test_default_negatives_put_no_before_the_finding():
+    assert negated_templates(CHEST_XRAY_TEMPLATES) == ("a chest X-ray image of no {}.", "Findings suggesting no {}.")
+
+
+def test_per_finding_probabilities_equal_a_hand_computation(model_and_processor):
+    model, processor = model_and_processor
+    classifier = ZeroShotClassifier(model, processor, batch_size=2)
+    probabilities = classifier(IMAGES, FINDINGS, multi_label=True)
+    expected = hand_computed(model, processor, FINDINGS, CHEST_XRAY_TEMPLATES, negated_templates(CHEST_XRAY_TEMPLATES))
+    assert probabilities.shape == (3, 3)
+    torch.testing.assert_close(probabilities, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(probabilities.sum(-1), torch.ones(3))  # independent findings, not a softmax over them
+    # One finding is a question of its own; the rows do not depend on which other findings are asked.
+    torch.testing.assert_close(classifier(IMAGES, ["edema"], multi_label=True), probabilities[:, 1:2], rtol=0,
+                               atol=1e-6)
+
+
+def test_user_negative_templates(model_and_processor):
+    model, processor = model_and_processor
+    classifier = ZeroShotClassifier(model, processor, negative_templates=NEGATIVE)
+    expected = hand_computed(model, processor, FINDINGS, CHEST_XRAY_TEMPLATES, NEGATIVE)
+    torch.testing.assert_close(classifier(IMAGES, FINDINGS, multi_label=True), expected, rtol=0, atol=1e-6)
+
+
+def test_single_label_is_unchanged_beside_per_finding(model_and_processor):
+    model, processor = model_and_processor
+    labels = ["No Finding", "pneumonia"]
+    classifier = ZeroShotClassifier(model, processor)
+    before = classifier(IMAGES, labels)
+    classifier(IMAGES, labels, multi_label=True)
+    pixels = processor(images=[load_image(path) for path in IMAGES], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = model.logit_scale * model.get_image_features(pixels).pooler_output @ class_embeddings(
+            model, processor, labels, CHEST_XRAY_TEMPLATES).t()
+    torch.testing.assert_close(before, logits.softmax(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(classifier(IMAGES, labels), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("kwargs", "labels", "message"), [
+    ({"negative_templates": ["no pneumonia"]}, FINDINGS, r"template 'no pneumonia': needs exactly one '\{\}'"),
+    ({"negative_templates": []}, FINDINGS, "give a non-empty list of templates"),
+    ({}, [], "give a list of one or more findings"),
+    ({}, "pneumonia", "give a list of one or more findings"),
+    ({}, ["edema", "edema"], "a finding is repeated"),
+    ({}, ["edema", " "], "every finding must be a non-empty string"),
+])
+def test_bad_findings_and_prompt_pairs_are_refused(model_and_processor, kwargs, labels, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        ZeroShotClassifier(*model_and_processor, **kwargs)(IMAGES[0], labels, multi_label=True)
+
+
+# ------------------------------------------------------------------------------------------------------ pipeline
+
+
+@pytest.fixture
+def pipe(model_and_processor):
+    model, processor = model_and_processor
+    return pipeline("zero-shot-image-classification", model=model, tokenizer=processor.tokenizer,
+                    image_processor=processor.image_processor)
+
+
+def as_tensor(results: list[list[dict]], labels: list[str]) -> torch.Tensor:
+    return torch.tensor([[{r["label"]: r["score"] for r in result}[label] for label in labels] for result in results])
+
+
+@pytest.mark.parametrize("negative_templates", [None, NEGATIVE])
+def test_the_pipeline_gives_the_classifiers_scores(pipe, model_and_processor, negative_templates):
+    expected = ZeroShotClassifier(*model_and_processor, negative_templates=negative_templates)(
+        IMAGES, FINDINGS, multi_label=True)
+    extra = {} if negative_templates is None else {"negative_templates": negative_templates}
+    results = pipe(IMAGES, candidate_labels=FINDINGS, multi_label=True, **extra)
+    torch.testing.assert_close(as_tensor(results, FINDINGS), expected, rtol=0, atol=1e-5)
+    assert all([r["score"] for r in result] == sorted((r["score"] for r in result), reverse=True)
+               for result in results)
+    single = pipe(IMAGES, candidate_labels=FINDINGS)  # without multi_label: the softmax over the labels, as before
+    torch.testing.assert_close(as_tensor(single, FINDINGS), ZeroShotClassifier(*model_and_processor)(IMAGES, FINDINGS),
+                               rtol=0, atol=1e-6)
+
+
+def test_the_pipeline_refuses_negative_templates_without_multi_label(pipe):
+    with pytest.raises(InvalidArgumentError, match="pass multi_label=True too"):
+        pipe(IMAGES[0], candidate_labels=FINDINGS, negative_templates=NEGATIVE)
