@@ -1,6 +1,7 @@
 """Per-finding (multi-label) zero-shot: each finding's positive prompts against its negative ones, a two-way softmax
 per finding, the same numbers from the classifier, the pipeline and `ace-lora-classify --multi-label`."""
 
+import csv
 import json
 
 import pytest
@@ -126,3 +127,48 @@ def test_the_pipeline_gives_the_classifiers_scores(pipe, model_and_processor, ne
 def test_the_pipeline_refuses_negative_templates_without_multi_label(pipe):
     with pytest.raises(InvalidArgumentError, match="pass multi_label=True too"):
         pipe(IMAGES[0], candidate_labels=FINDINGS, negative_templates=NEGATIVE)
+
+
+# ------------------------------------------------------------------------------------------- ace-lora-classify
+
+
+def test_classify_multi_label_writes_a_column_per_finding(tiny_hub_folder, model_and_processor, tmp_path, capsys):
+    from ace_lora_hf.cli.classify import main
+
+    expected = ZeroShotClassifier(*model_and_processor, negative_templates=NEGATIVE)(IMAGES, FINDINGS, multi_label=True)
+    output = tmp_path / "findings.csv"
+    assert main(["--model", str(tiny_hub_folder), "--images", *IMAGES, "--labels", *FINDINGS, "--multi-label",
+                 "--negative-template", *NEGATIVE, "--output", str(output)]) == 0
+    rows = list(csv.DictReader(output.open()))
+    assert list(rows[0]) == ["image", *FINDINGS, "prediction", "error"]
+    written = torch.tensor([[float(row[finding]) for finding in FINDINGS] for row in rows])
+    torch.testing.assert_close(written, expected, rtol=0, atol=1e-5)  # the CSV keeps 6 decimals
+    for row, probabilities in zip(rows, expected.tolist()):
+        assert row["prediction"] == "; ".join(f for f, p in zip(FINDINGS, probabilities) if p > 0.5)
+    meta = json.loads((tmp_path / "findings.csv.meta.json").read_text())
+    assert meta["multi_label"] is True and meta["negative_templates"] == NEGATIVE
+    capsys.readouterr()
+    json_output = tmp_path / "findings.json"
+    main(["--model", str(tiny_hub_folder), "--images", *IMAGES, "--labels", "edema", "--multi-label", "--output",
+          str(json_output), "--quiet"])
+    summary = json.loads(json_output.read_text())
+    assert summary["negative_templates"] == list(negated_templates(CHEST_XRAY_TEMPLATES))
+    single = ZeroShotClassifier(*model_and_processor)(IMAGES, ["edema"], multi_label=True)
+    torch.testing.assert_close(torch.tensor([[r["probabilities"]["edema"]] for r in summary["results"]]), single,
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--negative-templates", "no {}."], "--negative-templates scores findings one by one: pass --multi-label too"),
+    (["--multi-label", "--explain", "pictures"], "--multi-label: --explain is for single-label classification"),
+    (["--multi-label", "--negative-templates", "no pneumonia"], "template 'no pneumonia': needs exactly one"),
+])
+def test_classify_refuses_inconsistent_per_finding_options(tiny_hub_folder, tmp_path, capsys, argv, message):
+    from ace_lora_hf.cli.classify import main
+    from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--model", str(tiny_hub_folder), "--images", IMAGES[0], *argv])
+    assert exit_info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -19,7 +19,8 @@ from ..evaluation.metrics import classification_metrics
 from ..inference.explain import explain, plot_explanation, require_plotting
 from ..inference.image_inputs import ImageInputs, collect_images, read_image_list, read_labelled_table
 from ..inference.malloc_tuning import keep_freed_memory_for_reuse
-from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_labels, checked_templates
+from ..models.ace_lora.zero_shot import (CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_findings, checked_labels,
+                                         checked_templates, negated_templates)
 from ..outputs.result_files import ResultsFile
 from ..outputs.terminal import printable
 from ..outputs.safe_outputs import atomic_file, check_output_file, ensure_folder, folder_lock
@@ -81,12 +82,20 @@ def shared_folder(images: Sequence[str]) -> str:
         return ""
 
 
-def batch_records(batch, images: list[str], labels: Sequence[str], targets: list[int] | None) -> list[dict]:
+def prediction(labels: Sequence[str], probabilities: list[float], multi_label: bool = False) -> str:
+    """The most probable label; with `multi_label`, the findings more probable than not, joined by "; "."""
+    if multi_label:
+        return "; ".join(label for label, probability in zip(labels, probabilities) if probability > 0.5)
+    return labels[max(range(len(labels)), key=probabilities.__getitem__)]
+
+
+def batch_records(batch, images: list[str], labels: Sequence[str], targets: list[int] | None,
+                  multi_label: bool = False) -> list[dict]:
     """One record per classified or skipped image of the batch, in input order."""
     records = [(index, {"image": images[index], "error": reason}) for index, reason in batch.failures]
     for index, probabilities in zip(batch.indices, batch.probabilities.tolist()):
         record = {"image": images[index], "probabilities": dict(zip(labels, probabilities)),
-                  "prediction": labels[max(range(len(labels)), key=probabilities.__getitem__)]}
+                  "prediction": prediction(labels, probabilities, multi_label)}
         if targets is not None:
             record["target"] = targets[index]
         records.append((index, record))
@@ -107,7 +116,7 @@ def _check_outputs(args: argparse.Namespace, inputs: ImageInputs) -> None:
 
 def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: ResultsFile | None, accelerator) -> dict:
     """Classify the images not already in `results`; returns the run's summary."""
-    labels = list(checked_labels(args.labels))
+    labels = list(checked_run_labels(args))
     templates = checked_templates(args.templates)
     done = results.done if results is not None else set()
     todo = [index for index, image in enumerate(inputs.images) if image not in done]
@@ -116,11 +125,12 @@ def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: Results
     device = accelerator.device
     model, processor, _ = load_model(args, device, model_dtype(args.dtype, device))
     classifier = ZeroShotClassifier(model, processor, templates, args.batch_size, args.num_workers,
-                                    show_progress=accelerator.is_main_process, accelerator=accelerator)
+                                    show_progress=accelerator.is_main_process, accelerator=accelerator,
+                                    negative_templates=args.negative_templates)
     printer = TablePrinter(inputs.images, labels, enabled=accelerator.is_main_process and not args.quiet)
     started, records = time.perf_counter(), list(results.records if results is not None else [])
-    for batch in classifier.classify(images, labels):
-        new = batch_records(batch, images, labels, targets)
+    for batch in classifier.classify(images, labels, multi_label=args.multi_label):
+        new = batch_records(batch, images, labels, targets, args.multi_label)
         if args.strict and batch.failures:
             raise ImageLoadError(images[batch.failures[0][0]], batch.failures[0][1])
         for record in new:
@@ -137,7 +147,7 @@ def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: Results
 def summarise(args, labels: list[str], templates, records: list[dict], seconds: float, attempted: int) -> dict:
     classified = [record for record in records if "error" not in record]
     summary = {"model": model_summary(args), "labels": labels,
-               "templates": list(templates), "classified": len(classified),
+               "templates": list(templates), **per_finding_options(args), "classified": len(classified),
                "skipped": [{"image": r["image"], "error": r["error"]} for r in records if "error" in r]}
     if classified and "target" in classified[0]:
         summary["metrics"] = classification_metrics([[r["probabilities"][label] for label in labels]
@@ -180,19 +190,36 @@ def report(summary: dict, results: ResultsFile | None) -> None:
         print(f"wrote {results.path}")
 
 
+def checked_run_labels(args: argparse.Namespace) -> tuple[str, ...]:
+    """The labels (with --multi-label: findings, one or more) and, with --multi-label, the negative templates."""
+    if not args.multi_label:
+        return checked_labels(args.labels)
+    if args.negative_templates:
+        checked_templates(args.negative_templates)
+    return checked_findings(args.labels)
+
+
+def per_finding_options(args: argparse.Namespace) -> dict:
+    """How --multi-label scored the findings, for the summary and the provenance (nothing without it)."""
+    if not args.multi_label:
+        return {}
+    negatives = args.negative_templates or negated_templates(args.templates)
+    return {"multi_label": True, "negative_templates": list(negatives)}
+
+
 def run_provenance(args: argparse.Namespace, inputs: ImageInputs) -> dict:
     """What the numbers of this run depend on besides each image: recorded beside the results, checked by --resume."""
     inputs_digest = hashlib.sha256("\n".join(inputs.images).encode()).hexdigest()
     return {"model": model_identity(args.model, args.revision, **released_options(args)), "dtype": args.dtype,
-            "templates": list(args.templates), "inputs": f"sha256:{inputs_digest}"}
+            "templates": list(args.templates), **per_finding_options(args), "inputs": f"sha256:{inputs_digest}"}
 
 
 def run(args: argparse.Namespace) -> int:
     """Classify what `args` name; the exit status."""
     keep_freed_memory_for_reuse()
-    labels = checked_labels(args.labels)
     args.templates = list(args.templates or CHEST_XRAY_TEMPLATES)
     checked_templates(args.templates)
+    labels = checked_run_labels(args)
     inputs = read_inputs(args)
     check_model_source(args)
     accelerator = make_accelerator(args.device)
