@@ -172,3 +172,79 @@ def test_classify_refuses_inconsistent_per_finding_options(tiny_hub_folder, tmp_
     assert exit_info.value.code == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------- ace-lora-evaluate
+
+TABLE_ROWS = {  # image -> (pneumonia, edema, cardiomegaly): each finding has both outcomes
+    "nih_00000001_000.png": (1, 0, 1), "fake_monochrome1.dcm": (0, 1, 0), "nih_00027426_000.png": (1, 1, 0),
+    "siim_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm": (0, 0, 1),
+}
+
+
+@pytest.fixture
+def findings_table(tmp_path):
+    table = tmp_path / "labels.csv"
+    rows = ["Path," + ",".join(FINDINGS)] + [f"{image},{','.join(map(str, row))}" for image, row in TABLE_ROWS.items()]
+    table.write_text("\n".join(rows) + "\n")
+    return table
+
+
+def test_a_table_of_findings_gets_per_finding_aucs_with_intervals(findings_table, tiny_hub_folder,
+                                                                   model_and_processor, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    from ace_lora_hf.cli.evaluate import main
+
+    output = tmp_path / "report.json"
+    assert main(["--findings", *FINDINGS, "--table", str(findings_table), "--data-root", str(SAMPLES),
+                 "--model", str(tiny_hub_folder), "--bootstrap", "40", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())["datasets"]["findings"]
+    assert result["per_finding"] is True and result["classes"] == FINDINGS
+    images = [str(SAMPLES / image) for image in TABLE_ROWS]
+    assert [entry["image"] for entry in result["images"]] == images
+    probabilities = torch.tensor([entry["probabilities"] for entry in result["images"]])
+    expected = ZeroShotClassifier(*model_and_processor)(images, FINDINGS, multi_label=True)
+    torch.testing.assert_close(probabilities, expected, rtol=0, atol=1e-6)
+    truth = list(TABLE_ROWS.values())
+    sklearn_aucs = [roc_auc_score([row[f] for row in truth], probabilities[:, f].numpy()) for f in range(3)]
+    assert result["metrics"]["auc_per_class"] == pytest.approx(sklearn_aucs, abs=1e-12)
+    assert result["metrics"]["auc"] == pytest.approx(sum(sklearn_aucs) / 3, abs=1e-12)
+    intervals = result["confidence_intervals_95"]["auc_per_class"]
+    assert len(intervals) == 3 and all(0 <= low <= high <= 1 for low, high in intervals)
+    out = capsys.readouterr().out
+    assert "AUC per finding" in out and all(finding in out for finding in FINDINGS)
+
+
+def test_bootstrap_intervals_of_a_list_metric_are_those_of_each_element():
+    import numpy as np
+
+    from ace_lora_hf.evaluation.bootstrap import bootstrap_intervals
+    from ace_lora_hf.evaluation.metrics import multilabel_metrics
+
+    generator = np.random.default_rng(0)
+    targets = generator.integers(0, 2, (60, 2))
+    scores = np.clip(targets * 0.4 + generator.random((60, 2)) * 0.6, 0, 1)
+    both = bootstrap_intervals(multilabel_metrics, scores, targets, resamples=50, seed=3)
+    for column in range(2):
+        alone = bootstrap_intervals(lambda p, r: {"auc": multilabel_metrics(p, r)["auc_per_class"][column]},
+                                    scores, targets, resamples=50, seed=3)
+        assert both["auc_per_class"][column] == alone["auc"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--dataset", "rsna", "--data-root", ".", "--multi-label"], "--multi-label: rsna is single-label"),
+    (["--findings", "edema", "--data-root", "."], "--findings: give the table of your own as one --table"),
+    (["--findings", "edema", "--dataset", "rsna", "--data-root", "."], "not allowed with argument"),
+    (["--findings", "edema", "effusion", "--table", "TABLE", "--data-root", str(SAMPLES)], "effusion"),
+])
+def test_evaluate_refuses_bad_per_finding_options_in_one_line(findings_table, tiny_hub_folder, capsys, argv,
+                                                              message):
+    from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
+    from ace_lora_hf.cli.evaluate import main
+
+    argv = [str(findings_table) if arg == "TABLE" else arg for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [*argv, "--model", str(tiny_hub_folder)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and message in err and "Traceback" not in err

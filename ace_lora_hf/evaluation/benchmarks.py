@@ -2,10 +2,12 @@
 `ace-lora-evaluate`, `ace_lora_hf.cli.evaluate`). Metrics as the authors define them: top-1 accuracy and ROC AUC for
 single-label sets (the positive class's AUC for binary ones, macro one-vs-rest otherwise), macro multi-label AUC for
 ChestX-ray14; each with a seeded 95% bootstrap confidence interval over images, and on the paper's 0-100 scale beside
-its published number.
+its published number. A multi-label table (ChestX-ray14, or a user's table of 0/1 finding columns) can instead be
+scored per finding (each finding's prompts against its negative ones), with an interval for each finding's AUC too.
 """
 
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from ..errors import DataFormatError
 from .metrics import classification_metrics, multilabel_metrics
 from .published import PUBLISHED_RESULTS
 from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
+from ..outputs.terminal import printable
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class Benchmark:
     templates: tuple[str, ...] = CHEST_XRAY_TEMPLATES
     split: str | None = None  # evaluate only rows of this split
     published: str | None = None  # dataset name in PUBLISHED_RESULTS
+    per_finding: bool = False  # multi-label only: each class scored against its negative prompts, not a softmax
 
 
 NIH14 = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
@@ -55,6 +59,12 @@ BENCHMARKS = {
 
 
 # ------------------------------------------------------------------------------------------------------ tables
+
+
+def findings_benchmark(table: Path, columns: Sequence[str]) -> Benchmark:
+    """A user's multi-label table (columns Path and one 0/1 column per finding, named as the prompts name it, such
+    as full CheXpert or MIMIC-CXR labels), scored per finding."""
+    return Benchmark(table.name, {column: column for column in columns}, target=None, per_finding=True)
 
 
 def read_benchmark(benchmark: Benchmark, table_path: Path, data_root: Path) -> tuple[list[str], list]:
@@ -99,12 +109,13 @@ def scores(benchmark: Benchmark, probabilities: np.ndarray, references: np.ndarr
 
 
 def evaluate_benchmark(name: str, classifier: ZeroShotClassifier, images: list[str], references: list,
-                       resamples: int, seed: int) -> dict:
-    """Metrics, their bootstrap intervals and the paper's comparison for one benchmark."""
-    benchmark = BENCHMARKS[name]
+                       resamples: int, seed: int, benchmark: Benchmark | None = None) -> dict:
+    """Metrics, their bootstrap intervals and the paper's comparison for one benchmark (`benchmark`, default the
+    one of that name)."""
+    benchmark = benchmark or BENCHMARKS[name]
     labels = list(benchmark.classes.values())
     probabilities, kept, skipped = [], [], []
-    for batch in classifier.classify(images, labels):
+    for batch in classifier.classify(images, labels, multi_label=benchmark.per_finding):
         probabilities += batch.probabilities.tolist()
         kept += batch.indices
         skipped += [{"image": images[index], "error": reason} for index, reason in batch.failures]
@@ -115,8 +126,10 @@ def evaluate_benchmark(name: str, classifier: ZeroShotClassifier, images: list[s
     metrics = scores(benchmark, predictions, truth)
     intervals = bootstrap_intervals(lambda p, r: scores(benchmark, p, r), predictions, truth, resamples, seed)
     published = published_result(benchmark.published)
+    per_finding = {"per_finding": True, "negative_templates": list(classifier.negative_templates)} \
+        if benchmark.per_finding else {}
     return {
-        "num_images": len(kept), "classes": labels, "templates": list(benchmark.templates),
+        "num_images": len(kept), "classes": labels, "templates": list(benchmark.templates), **per_finding,
         "metrics": metrics, "confidence_intervals_95": intervals,
         "paper_scale": {metric: 100 * value for metric, value in metrics.items() if np.isscalar(value)},
         "published": published, "skipped": skipped,
@@ -133,8 +146,14 @@ def print_result(name: str, result: dict) -> None:
         low, high = (100 * bound for bound in result["confidence_intervals_95"][metric])
         paper = f"{published['value']:.2f}" if published.get("metric", "").lower() == metric else ""
         print(f"  {metric:<10}{value:>8.2f}{f'[{low:.2f}, {high:.2f}]':>18}{paper:>8}")
+    if "auc_per_class" in result["metrics"]:
+        print(f"  {'AUC per finding':<28}{'value':>8}{'95% CI':>18}")
+        for label, value, (low, high) in zip(result["classes"], result["metrics"]["auc_per_class"],
+                                             result["confidence_intervals_95"]["auc_per_class"]):
+            print(f"  {printable(label)[:28]:<28}{100 * value:>8.2f}{f'[{100 * low:.2f}, {100 * high:.2f}]':>18}")
     for entry in result["skipped"]:
         print(f"  skipped {entry['image']}: {entry['error']}")
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "evaluate_benchmark", "print_result", "published_result", "read_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "evaluate_benchmark", "findings_benchmark", "print_result", "published_result",
+           "read_benchmark"]
