@@ -248,3 +248,12 @@ def test_evaluate_refuses_bad_per_finding_options_in_one_line(findings_table, ti
         run_cli(main, [*argv, "--model", str(tiny_hub_folder)])
     err = capsys.readouterr().err
     assert exit_info.value.code == EXIT_USER_ERROR and message in err and "Traceback" not in err
+
+
+def test_options_given_to_the_pipeline_at_construction_apply_to_every_call(model_and_processor):
+    model, processor = model_and_processor
+    pipe = pipeline("zero-shot-image-classification", model=model, tokenizer=processor.tokenizer,
+                    image_processor=processor.image_processor, multi_label=True)
+    expected = ZeroShotClassifier(model, processor, negative_templates=NEGATIVE)(IMAGES, FINDINGS, multi_label=True)
+    results = pipe(IMAGES, candidate_labels=FINDINGS, negative_templates=NEGATIVE)
+    torch.testing.assert_close(as_tensor(results, FINDINGS), expected, rtol=0, atol=1e-5)

@@ -88,8 +88,6 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
             templates = [hypothesis_template]
         if templates is not None:
             forward_params["templates"] = checked_templates(templates)
-        if negative_templates is not None and not multi_label:
-            raise InvalidArgumentError("negative_templates=... scores findings one by one: pass multi_label=True too.")
         if multi_label is not None:
             forward_params["multi_label"] = bool(multi_label)
         if negative_templates is not None:
@@ -112,6 +110,9 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         """`logits` `[N, C]`, or `[N, F, 2]` (positive, negative) with `multi_label`."""
         if not self._serves_ace_lora:
             return super()._forward(model_inputs)
+        if negative_templates is not None and not multi_label:
+            # Checked here, where the call's options and the pipeline's own are merged.
+            raise InvalidArgumentError("negative_templates=... scores findings one by one: pass multi_label=True too.")
         classifier = self._classifier(templates, negative_templates)
         classes = (classifier.finding_embeddings(candidate_labels) if multi_label
                    else classifier.class_embeddings(candidate_labels))
