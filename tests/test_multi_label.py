@@ -190,21 +190,26 @@ def findings_table(tmp_path):
     return table
 
 
+@pytest.mark.parametrize("negative_templates", [None, NEGATIVE])
 def test_a_table_of_findings_gets_per_finding_aucs_with_intervals(findings_table, tiny_hub_folder,
-                                                                   model_and_processor, tmp_path, capsys):
+                                                                   model_and_processor, tmp_path, capsys,
+                                                                   negative_templates):
     from sklearn.metrics import roc_auc_score
 
     from ace_lora_hf.cli.evaluate import main
 
     output = tmp_path / "report.json"
+    negatives = ["--negative-templates", *negative_templates] if negative_templates else []
     assert main(["--findings", *FINDINGS, "--table", str(findings_table), "--data-root", str(SAMPLES),
-                 "--model", str(tiny_hub_folder), "--bootstrap", "40", "--output", str(output)]) == 0
+                 "--model", str(tiny_hub_folder), "--bootstrap", "40", "--output", str(output), *negatives]) == 0
     result = json.loads(output.read_text())["datasets"]["findings"]
     assert result["per_finding"] is True and result["classes"] == FINDINGS
+    assert result["negative_templates"] == list(negative_templates or negated_templates(CHEST_XRAY_TEMPLATES))
     images = [str(SAMPLES / image) for image in TABLE_ROWS]
     assert [entry["image"] for entry in result["images"]] == images
     probabilities = torch.tensor([entry["probabilities"] for entry in result["images"]])
-    expected = ZeroShotClassifier(*model_and_processor)(images, FINDINGS, multi_label=True)
+    expected = ZeroShotClassifier(*model_and_processor, negative_templates=negative_templates)(
+        images, FINDINGS, multi_label=True)
     torch.testing.assert_close(probabilities, expected, rtol=0, atol=1e-6)
     truth = list(TABLE_ROWS.values())
     sklearn_aucs = [roc_auc_score([row[f] for row in truth], probabilities[:, f].numpy()) for f in range(3)]
@@ -237,6 +242,9 @@ def test_bootstrap_intervals_of_a_list_metric_are_those_of_each_element():
     (["--findings", "edema", "--data-root", "."], "--findings: give the table of your own as one --table"),
     (["--findings", "edema", "--dataset", "rsna", "--data-root", "."], "not allowed with argument"),
     (["--findings", "edema", "effusion", "--table", "TABLE", "--data-root", str(SAMPLES)], "effusion"),
+    (["--dataset", "chestxray14", "--data-root", ".", "--negative-templates", "no {}."], "pass --multi-label"),
+    (["--findings", "edema", "--table", "TABLE", "--data-root", ".", "--negative-templates", "no"],
+     "needs exactly one '{}'"),
 ])
 def test_evaluate_refuses_bad_per_finding_options_in_one_line(findings_table, tiny_hub_folder, capsys, argv,
                                                               message):

@@ -118,3 +118,14 @@ def test_per_finding_classes_default_to_no_before_the_finding(model_and_processo
     assert classes.description()["negative_templates"] == list(negated_templates(CHEST_XRAY_TEMPLATES))
     classifier = ZeroShotClassifier(model, processor)
     torch.testing.assert_close(classes.embeddings, classifier.finding_embeddings(FINDINGS), rtol=0, atol=0)
+
+
+@needs_onnx
+def test_without_onnxruntime_the_classifier_names_the_extra(tiny_findings_export, monkeypatch):
+    import sys
+
+    from ace_lora_hf.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r"onnxruntime .* pip install 'ace-lora-hf\[onnx\]'"):
+        OnnxZeroShotClassifier(tiny_findings_export)

@@ -58,6 +58,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_option(parser, "--seed", type=int, default=0, help="Seed of the bootstrap (default: %(default)s).")
     add_option(parser, "--multi-label", action="store_true",
                help="Score a multi-label table per finding (each against 'no {}' prompts), not by a softmax.")
+    add_option(parser, "--negative-templates", "--negative-template", "--negative_template", nargs="+",
+               help="With --multi-label or --findings: the negative prompts, each with one {} (default: each "
+                    "template with 'no {}').")
     add_model_options(parser)
     add_device_options(parser)
     add_batch_options(parser)
@@ -67,6 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if not args.table or len(args.table) != 1:
             parser.error("--findings: give the table of your own as one --table.")
         args.dataset, args.multi_label = [FINDINGS], True
+    if args.negative_templates and not args.multi_label:
+        parser.error("--negative-templates scores findings one by one: pass --multi-label (or --findings) too.")
     for option in ("data_root", "table"):
         values = getattr(args, option)
         if values is not None and len(values) not in (1, len(args.dataset)):
@@ -122,12 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .options import check_model_source, load_model, make_accelerator, model_dtype
     from ..evaluation.benchmarks import evaluate_benchmark, print_result
     from ..inference.malloc_tuning import keep_freed_memory_for_reuse
-    from ..models.ace_lora.zero_shot import ZeroShotClassifier
+    from ..models.ace_lora.zero_shot import ZeroShotClassifier, checked_templates
     from ..outputs.safe_outputs import check_output_file, folder_lock, write_json_atomic
 
     keep_freed_memory_for_reuse()
     if args.output and args.output.suffix.lower() != ".json":
         raise InvalidArgumentError(f"--output {args.output}: the report is JSON; name a .json file.")
+    if args.negative_templates:
+        checked_templates(args.negative_templates)
     plans = read_plans(args)
     if args.output:
         check_output_file(args.output, [table for *_, table in plans], overwrite=args.overwrite)
@@ -138,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, images, references, _ in plans:
         benchmark = chosen_benchmark(args, name)
         classifier = ZeroShotClassifier(model, processor, benchmark.templates, args.batch_size,
-                                        args.num_workers, show_progress=True, accelerator=accelerator)
+                                        args.num_workers, show_progress=True, accelerator=accelerator,
+                                        negative_templates=args.negative_templates)
         results[name] = evaluate_benchmark(name, classifier, images, references, args.bootstrap, args.seed,
                                            benchmark)
         print_result(name, results[name])

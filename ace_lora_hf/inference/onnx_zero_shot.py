@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..errors import InvalidArgumentError, ModelSourceError
+from ..errors import InvalidArgumentError, MissingDependencyError, ModelSourceError
 from ..models.ace_lora.zero_shot import (ZeroShotClassifier, checked_findings, checked_labels, zero_shot_logits,
                                          zero_shot_probabilities)
 
@@ -71,8 +71,12 @@ class OnnxZeroShotClassifier:
     """
 
     def __init__(self, folder: str | Path):
-        import onnxruntime
-
+        try:
+            import onnxruntime
+        except ImportError:
+            raise MissingDependencyError("OnnxZeroShotClassifier runs the ONNX files with onnxruntime (not "
+                                         "installed); install the onnx extra: pip install 'ace-lora-hf[onnx]'"
+                                         ) from None
         self.folder = Path(folder)
         description = self._description()
         classes = description.get("classes")
