@@ -47,27 +47,23 @@ def checked_templates(templates: Sequence[str]) -> tuple[str, ...]:
 def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     """Labels as a tuple: two or more distinct, non-empty strings (a bare string is refused; with one label the
     probability would be 1 whatever the image)."""
-    if isinstance(labels, str) or len(labels) < 2:
-        raise InvalidArgumentError(f"labels={labels!r}: give a list of two or more class names, e.g. "
-                                   "['No Finding', 'pneumonia'].")
-    if not all(isinstance(label, str) and label.strip() for label in labels):
-        raise InvalidArgumentError(f"labels={list(labels)!r}: every label must be a non-empty string.")
-    if len(set(labels)) != len(labels):
-        raise InvalidArgumentError(f"labels={list(labels)!r}: a label is repeated.")
-    return tuple(labels)
+    return _distinct_names(labels, "two or more class names, e.g. ['No Finding', 'pneumonia']", "label", minimum=2)
 
 
 def checked_findings(findings: Sequence[str]) -> tuple[str, ...]:
     """Findings of per-finding zero-shot as a tuple: one or more distinct, non-empty strings (each is scored against
     its own negative prompt, so a single finding is meaningful)."""
-    if isinstance(findings, str) or not findings:
-        raise InvalidArgumentError(f"labels={findings!r}: give a list of one or more findings, e.g. ['pneumonia', "
-                                   "'effusion'].")
-    if not all(isinstance(finding, str) and finding.strip() for finding in findings):
-        raise InvalidArgumentError(f"labels={list(findings)!r}: every finding must be a non-empty string.")
-    if len(set(findings)) != len(findings):
-        raise InvalidArgumentError(f"labels={list(findings)!r}: a finding is repeated.")
-    return tuple(findings)
+    return _distinct_names(findings, "one or more findings, e.g. ['pneumonia', 'effusion']", "finding", minimum=1)
+
+
+def _distinct_names(names: Sequence[str], wanted: str, noun: str, minimum: int) -> tuple[str, ...]:
+    if isinstance(names, str) or len(names) < minimum:
+        raise InvalidArgumentError(f"labels={names!r}: give a list of {wanted}.")
+    if not all(isinstance(name, str) and name.strip() for name in names):
+        raise InvalidArgumentError(f"labels={list(names)!r}: every {noun} must be a non-empty string.")
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"labels={list(names)!r}: a {noun} is repeated.")
+    return tuple(names)
 
 
 def zero_shot_logits(logit_scale: torch.Tensor, image_embeds: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
