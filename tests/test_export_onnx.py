@@ -15,10 +15,12 @@ from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import InvalidArgumentError, MissingDependencyError, ModelSourceError, OutputPathError
 from ace_lora_hf.cli.export_onnx import main
 
-from conftest import AceLoraModelTester, perturb_lora
+from conftest import REPO_ROOT, SAMPLES, AceLoraModelTester, perturb_lora
 
 
 TOLERANCE = 1e-4
+DEFAULT_LABELS = ("No Finding", "pneumonia")  # ace-lora-classify's
+SHIPPED_IMAGES = [*sorted(SAMPLES.iterdir()), *sorted((REPO_ROOT / "examples" / "images").glob("*.[pd][nc][gm]"))]
 needs_onnx = pytest.mark.skipif(
     not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")),
     reason="needs the onnx extra: pip install 'ace-lora-hf[onnx]'",
@@ -169,7 +171,7 @@ def test_a_missing_package_is_one_line_naming_the_extra(tiny_folder, tmp_path, m
 def converted_export(converted_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("ace_lora_onnx") / "onnx"
     start = time.perf_counter()
-    main(["--model", str(converted_dir), "--output", str(output)])
+    main(["--model", str(converted_dir), "--output", str(output), "--labels", *DEFAULT_LABELS])
     print(f"\nfull-size ONNX export (both files, with the check): {time.perf_counter() - start:.1f} s")
     return output
 
@@ -194,3 +196,42 @@ def test_full_size_text_export_matches_pytorch(converted_export, ace_model, refe
     with torch.no_grad():
         expected = ace_model.get_text_features(**texts).pooler_output
     assert max_difference(onnx_embeddings(converted_export / "text.onnx", **texts), expected) <= TOLERANCE
+
+
+@needs_onnx
+def test_full_size_zero_shot_matches_pytorch_with_the_default_templates(converted_export, converted_dir, ace_model):
+    from transformers import AutoProcessor
+
+    from ace_lora_hf.inference.onnx_zero_shot import OnnxZeroShotClassifier
+    from ace_lora_hf.models.ace_lora.image_loading import load_image
+    from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
+
+    processor = AutoProcessor.from_pretrained(converted_dir)
+    pixel_values = processor(images=[load_image(path) for path in SHIPPED_IMAGES], return_tensors="pt")["pixel_values"]
+    expected = ZeroShotClassifier(ace_model, processor)(SHIPPED_IMAGES, DEFAULT_LABELS)
+    exported = OnnxZeroShotClassifier(converted_export)(pixel_values)
+    assert len(SHIPPED_IMAGES) == 8 and max_difference(exported.numpy(), expected) <= TOLERANCE
+    assert (exported.argmax(-1) == expected.argmax(-1)).all()
+
+
+@needs_onnx
+def test_full_size_per_finding_zero_shot_matches_pytorch(converted_export, converted_dir, ace_model, tmp_path):
+    """Prompt pairs (default and given negatives) stored beside the same vision.onnx."""
+    from transformers import AutoProcessor
+
+    from ace_lora_hf.inference.onnx_zero_shot import DESCRIPTION_FILE, ExportedClasses, OnnxZeroShotClassifier
+    from ace_lora_hf.models.ace_lora.image_loading import load_image
+    from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
+    from ace_lora_hf.publishing.export_onnx import save_class_embeddings
+
+    processor = AutoProcessor.from_pretrained(converted_dir)
+    pixel_values = processor(images=[load_image(path) for path in SHIPPED_IMAGES], return_tensors="pt")["pixel_values"]
+    findings = ["pneumonia", "pneumothorax", "cardiomegaly", "pleural effusion"]
+    for negative_templates in (None, ["there is no {}.", "the lung shows no {}."]):
+        classifier = ZeroShotClassifier(ace_model, processor, negative_templates=negative_templates)
+        export = shutil.copytree(converted_export, tmp_path / f"onnx_{negative_templates is None}")
+        description = json.loads((export / DESCRIPTION_FILE).read_text())
+        description["classes"] = save_class_embeddings(export, ExportedClasses.compute(classifier, findings, True))
+        (export / DESCRIPTION_FILE).write_text(json.dumps(description))
+        expected = classifier(SHIPPED_IMAGES, findings, multi_label=True)
+        assert max_difference(OnnxZeroShotClassifier(export)(pixel_values).numpy(), expected) <= TOLERANCE

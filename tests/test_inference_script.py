@@ -189,8 +189,8 @@ def test_an_interrupted_run_keeps_its_results_and_resumes(tiny_hub_folder, tmp_p
     output = tmp_path / "results.csv"
     classify = ZeroShotClassifier.classify
 
-    def interrupted_after_one_batch(self, images, labels):
-        batches = classify(self, images, labels)
+    def interrupted_after_one_batch(self, images, labels, **options):
+        batches = classify(self, images, labels, **options)
         yield next(batches)
         raise KeyboardInterrupt
 
@@ -206,8 +206,8 @@ def test_an_interrupted_run_keeps_its_results_and_resumes(tiny_hub_folder, tmp_p
 
     monkeypatch.setattr(ZeroShotClassifier, "classify", classify)
     seen = []
-    monkeypatch.setattr(ZeroShotClassifier, "classify", lambda self, images, labels: seen.extend(images) or
-                        classify(self, images, labels))
+    monkeypatch.setattr(ZeroShotClassifier, "classify", lambda self, images, labels, **options: seen.extend(images)
+                        or classify(self, images, labels, **options))
     out = run(capsys, "--model", tiny_hub_folder, "--images", *IMAGES, "--output", output, "--resume")
     assert seen == [str(IMAGES[2])]
     rows = list(csv.DictReader(output.open()))

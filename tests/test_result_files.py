@@ -39,7 +39,7 @@ def test_resuming_the_results_of_another_run_is_refused_naming_what_differs(tmp_
 def test_other_labels_are_another_run_too(tmp_path, name):
     output = tmp_path / name
     _interrupted_run(output, [_record("a.png")])
-    with pytest.raises(OutputPathError, match="other labels|not a result of these labels"):
+    with pytest.raises(OutputPathError, match="has other columns|not a result of these labels"):
         ResultsFile(output, ["normal", "pneumonia"], resume=True, provenance=RUN)
 
 

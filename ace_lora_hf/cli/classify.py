@@ -8,6 +8,8 @@ Without --model, the released ACE-LoRA model is built once from BiomedCLIP (down
 adapters shipped with the package, and kept in the Hugging Face cache. The defaults reproduce the paper's RSNA
 pneumonia setting: labels "No Finding" / "pneumonia" and the templates "a chest X-ray image of {}." and "Findings
 suggesting {}.". With --csv (columns Path, Target) it also reports accuracy and the AUC of the last label.
+With --multi-label each label is a finding of its own (several can be present): its prompts against negative ones
+("no {}" in the same templates, or --negative-templates), one probability column per finding.
 
 Folders are searched recursively (image files and files without a suffix, or --pattern). An unreadable file is
 reported and skipped (exit status 3 at the end; --strict stops at the first one). Results stream to a .csv or .jsonl
@@ -42,6 +44,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_option(parser, "--calibration", type=Path,
                help="Calibration file from ace-lora-evaluate --calibration-output: calibrated probabilities, and a "
                     "decision column when it holds operating thresholds.")
+    add_option(parser, "--multi-label", action="store_true",
+               help="Score each label as a finding on its own: its probability against its negative prompts.")
+    add_option(parser, "--negative-templates", "--negative-template", "--negative_template", nargs="+",
+               help="With --multi-label: the negative prompts, each with one {} for the finding (default: each "
+                    "template with 'no {}').")
     add_model_options(parser)
     add_device_options(parser)
     add_batch_options(parser)
@@ -55,6 +62,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                                     "(needs matplotlib: pip install 'ace-lora-hf[plot]').")
     add_quiet_option(parser, "Print only the summary, not a row per image.")
     args = parser.parse_args(argv)
+    if args.negative_templates and not args.multi_label:
+        parser.error("--negative-templates scores findings one by one: pass --multi-label too.")
+    if args.multi_label and (args.csv or args.explain):
+        parser.error(f"--multi-label: {'--csv' if args.csv else '--explain'} is for single-label classification; "
+                     "evaluate a table of findings with ace-lora-evaluate --findings.")
     if args.csv and len(args.labels) != 2:
         parser.error("--csv evaluates a binary task: pass exactly two --labels (negative first).")
     return args

@@ -14,14 +14,15 @@ from tqdm.auto import tqdm
 from .common import EXIT_INPUTS_SKIPPED
 from .options import (check_model_source, check_paths_exist, load_model, make_accelerator, model_dtype, model_summary,
                       released_options)
-from ..errors import ImageLoadError
+from ..errors import ImageLoadError, InvalidArgumentError
 from ..evaluation.metrics import classification_metrics
 from ..inference.dicom_ids import DICOM_ID_FIELDS, any_dicom, dicom_ids, is_dicom, missing_ids
 from ..inference.explain import explain, plot_explanation, require_plotting
 from ..inference.image_inputs import ImageInputs, collect_images, read_image_list, read_labelled_table
 from ..inference.malloc_tuning import keep_freed_memory_for_reuse
 from ..models.ace_lora.calibration import Calibration
-from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_labels, checked_templates
+from ..models.ace_lora.zero_shot import (CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_findings, checked_labels,
+                                         checked_templates, negated_templates)
 from ..outputs.result_files import ResultsFile
 from ..outputs.terminal import printable
 from ..outputs.safe_outputs import atomic_file, check_output_file, ensure_folder, folder_lock
@@ -83,8 +84,16 @@ def shared_folder(images: Sequence[str]) -> str:
         return ""
 
 
+def prediction(labels: Sequence[str], probabilities: list[float], multi_label: bool = False) -> str:
+    """The most probable label; with `multi_label`, the findings more probable than not, joined by "; "."""
+    if multi_label:
+        return "; ".join(label for label, probability in zip(labels, probabilities) if probability > 0.5)
+    return labels[max(range(len(labels)), key=probabilities.__getitem__)]
+
+
 def batch_records(batch, images: list[str], labels: Sequence[str], targets: list[int] | None,
-                  calibration: Calibration | None = None, with_ids: bool = False) -> list[dict]:
+                  multi_label: bool = False, calibration: Calibration | None = None,
+                  with_ids: bool = False) -> list[dict]:
     """One record per classified or skipped image of the batch, in input order; with a calibration, its
     probabilities, and the labels decided present where it holds thresholds; with `with_ids`, each carries its
     DICOM identifiers (empty for other files)."""
@@ -93,7 +102,7 @@ def batch_records(batch, images: list[str], labels: Sequence[str], targets: list
     decisions = calibration.decide(scores) if calibration is not None and calibration.thresholds else None
     for row, (index, probabilities) in enumerate(zip(batch.indices, scores.tolist())):
         record = {"image": images[index], "probabilities": dict(zip(labels, probabilities)),
-                  "prediction": labels[max(range(len(labels)), key=probabilities.__getitem__)]}
+                  "prediction": prediction(labels, probabilities, multi_label)}
         if decisions is not None:
             record["decision"] = [label for label, decided in decisions.items() if decided[row]]
         if targets is not None:
@@ -126,6 +135,9 @@ def read_calibration(args: argparse.Namespace) -> Calibration | None:
     """--calibration's file, checked against --labels and --templates before the model loads."""
     if args.calibration is None:
         return None
+    if args.multi_label:
+        raise InvalidArgumentError("--calibration holds a temperature and thresholds fitted on single-label scores; "
+                                   "--multi-label scores are not calibrated: leave out one of the two.")
     calibration = Calibration.load(args.calibration)
     calibration.check(args.labels, args.templates)
     return calibration
@@ -134,7 +146,7 @@ def read_calibration(args: argparse.Namespace) -> Calibration | None:
 def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: ResultsFile | None, accelerator,
                  calibration: Calibration | None = None) -> dict:
     """Classify the images not already in `results`; returns the run's summary."""
-    labels = list(checked_labels(args.labels))
+    labels = list(checked_run_labels(args))
     templates = checked_templates(args.templates)
     done = results.done if results is not None else set()
     todo = [index for index, image in enumerate(inputs.images) if image not in done]
@@ -143,11 +155,12 @@ def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: Results
     device = accelerator.device
     model, processor, _ = load_model(args, device, model_dtype(args.dtype, device))
     classifier = ZeroShotClassifier(model, processor, templates, args.batch_size, args.num_workers,
-                                    show_progress=accelerator.is_main_process, accelerator=accelerator)
+                                    show_progress=accelerator.is_main_process, accelerator=accelerator,
+                                    negative_templates=args.negative_templates)
     printer = TablePrinter(inputs.images, labels, enabled=accelerator.is_main_process and not args.quiet)
     started, records = time.perf_counter(), list(results.records if results is not None else [])
-    for batch in classifier.classify(images, labels):
-        new = batch_records(batch, images, labels, targets, calibration,
+    for batch in classifier.classify(images, labels, multi_label=args.multi_label):
+        new = batch_records(batch, images, labels, targets, args.multi_label, calibration,
                             bool(args.id_fields) and accelerator.is_main_process)
         if args.strict and batch.failures:
             raise ImageLoadError(images[batch.failures[0][0]], batch.failures[0][1])
@@ -165,8 +178,8 @@ def classify_all(args: argparse.Namespace, inputs: ImageInputs, results: Results
 def summarise(args, labels: list[str], templates, records: list[dict], seconds: float, attempted: int) -> dict:
     classified = [record for record in records if "error" not in record]
     summary = {"model": model_summary(args), "labels": labels,
-               "templates": list(templates), "calibration": str(args.calibration) if args.calibration else None,
-               "classified": len(classified),
+               "templates": list(templates), **per_finding_options(args),
+               "calibration": str(args.calibration) if args.calibration else None, "classified": len(classified),
                "skipped": [{"image": r["image"], "error": r["error"]} for r in records if "error" in r]}
     if args.id_fields:
         summary["dicom_ids"] = list(args.id_fields)
@@ -216,11 +229,28 @@ def report(summary: dict, results: ResultsFile | None) -> None:
         print(f"wrote {results.path}")
 
 
+def checked_run_labels(args: argparse.Namespace) -> tuple[str, ...]:
+    """The labels (with --multi-label: findings, one or more) and, with --multi-label, the negative templates."""
+    if not args.multi_label:
+        return checked_labels(args.labels)
+    if args.negative_templates:
+        checked_templates(args.negative_templates)
+    return checked_findings(args.labels)
+
+
+def per_finding_options(args: argparse.Namespace) -> dict:
+    """How --multi-label scored the findings, for the summary and the provenance (nothing without it)."""
+    if not args.multi_label:
+        return {}
+    negatives = args.negative_templates or negated_templates(args.templates)
+    return {"multi_label": True, "negative_templates": list(negatives)}
+
+
 def run_provenance(args: argparse.Namespace, inputs: ImageInputs) -> dict:
     """What the numbers of this run depend on besides each image: recorded beside the results, checked by --resume."""
     inputs_digest = hashlib.sha256("\n".join(inputs.images).encode()).hexdigest()
     provenance = {"model": model_identity(args.model, args.revision, **released_options(args)), "dtype": args.dtype,
-                  "templates": list(args.templates), "inputs": f"sha256:{inputs_digest}",
+                  "templates": list(args.templates), **per_finding_options(args), "inputs": f"sha256:{inputs_digest}",
                   "dicom_ids": list(args.id_fields)}
     if args.calibration is not None:  # calibrated and raw probabilities never share a file
         provenance["calibration"] = f"sha256:{hashlib.sha256(args.calibration.read_bytes()).hexdigest()}"
@@ -230,9 +260,9 @@ def run_provenance(args: argparse.Namespace, inputs: ImageInputs) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Classify what `args` name; the exit status."""
     keep_freed_memory_for_reuse()
-    labels = checked_labels(args.labels)
     args.templates = list(args.templates or CHEST_XRAY_TEMPLATES)
     checked_templates(args.templates)
+    labels = checked_run_labels(args)
     calibration = read_calibration(args)
     inputs = read_inputs(args)
     args.id_fields = id_fields(args, inputs)

@@ -23,6 +23,14 @@ paths relative to --data-root) and reports NLL, ECE and Brier before and after; 
 --target-specificity, also each label's threshold found there and its sensitivity, specificity, PPV and NPV on the
 test table with intervals. --calibration-output saves both in a calibration file for ace-lora-classify --calibration.
 --subgroup-columns reports every metric per value of those columns of the test table, and the largest gap.
+
+    ace-lora-evaluate --dataset chestxray14 --data-root nih/ --multi-label
+    ace-lora-evaluate --findings Atelectasis Edema "Pleural Effusion" --table labels.csv --data-root images/
+
+--multi-label scores each class of a multi-label table as a finding of its own (its prompts against "no {}" ones)
+instead of the authors' softmax over the classes. --findings evaluates a table of your own (columns Path and one 0/1
+column per finding, each named as a prompt should name it) that way: the AUC of each finding with its interval, and
+their macro mean.
 """
 
 import argparse
@@ -38,6 +46,7 @@ from ..errors import InvalidArgumentError
 # The names of ace_lora_hf.evaluation.benchmarks.BENCHMARKS (kept here so that --help needs no torch).
 DATASETS = ("chestxray14", "chexpert_5x200", "lc25000_colon", "lc25000_lung", "mhist", "rsna", "siim")
 DATASET_ALIASES = {"chexpert5x200": "chexpert_5x200", "nih14": "chestxray14"}  # the names of 0.1
+FINDINGS = "findings"  # the report's name for a --findings table
 
 
 def dataset_name(text: str) -> str:
@@ -81,19 +90,36 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = command_parser("ace-lora-evaluate", __doc__)
-    add_option(parser, "--dataset", action="append", required=True, type=dataset_name,
+    sets = parser.add_mutually_exclusive_group(required=True)
+    add_option(sets, "--dataset", action="append", type=dataset_name,
                metavar="{" + ",".join(DATASETS) + "}", help="A benchmark (repeatable).")
+    add_option(sets, "--findings", nargs="+", metavar="COLUMN",
+               help="Evaluate --table, a table of your own: its 0/1 columns of these findings, scored per finding.")
     add_option(parser, "--data-root", action="append", type=Path, required=True,
                help="The dataset's image root: one per --dataset, or one for all.")
     add_option(parser, "--table", action="append", type=Path, help="Prepared table(s) (default: DATA_ROOT/<name>).")
     add_option(parser, "--bootstrap", type=int, default=1000, help="Bootstrap resamples (default: %(default)s).")
     add_option(parser, "--seed", type=int, default=0, help="Seed of the bootstrap (default: %(default)s).")
+    add_option(parser, "--multi-label", action="store_true",
+               help="Score a multi-label table per finding (each against 'no {}' prompts), not by a softmax.")
+    add_option(parser, "--negative-templates", "--negative-template", "--negative_template", nargs="+",
+               help="With --multi-label or --findings: the negative prompts, each with one {} (default: each "
+                    "template with 'no {}').")
     add_model_options(parser)
     add_device_options(parser)
     add_batch_options(parser)
     add_output_options(parser, "Write metrics and per-image probabilities as JSON.")
     add_calibration_options(parser)
     args = parser.parse_args(argv)
+    if args.findings:
+        if not args.table or len(args.table) != 1:
+            parser.error("--findings: give the table of your own as one --table.")
+        args.dataset, args.multi_label = [FINDINGS], True
+    if args.negative_templates and not args.multi_label:
+        parser.error("--negative-templates scores findings one by one: pass --multi-label (or --findings) too.")
+    if args.calibrate_on and args.multi_label:
+        parser.error("--calibrate-on fits a temperature and thresholds on single-label scores; per-finding scores "
+                     "(--multi-label, --findings) are not calibrated: leave out one of the two.")
     for option in ("data_root", "table"):
         values = getattr(args, option)
         if values is not None and len(values) not in (1, len(args.dataset)):
@@ -114,9 +140,26 @@ def _per_dataset(values: list | None, count: int) -> list:
     return [None] * count if values is None else values * count if len(values) == 1 else values
 
 
+def chosen_benchmark(args: argparse.Namespace, name: str):
+    """The `Benchmark` a dataset name stands for on this command line (--findings, --multi-label)."""
+    from dataclasses import replace
+
+    from ..evaluation.benchmarks import BENCHMARKS, findings_benchmark
+
+    if name == FINDINGS:
+        return findings_benchmark(args.table[0], args.findings)
+    benchmark = BENCHMARKS[name]
+    if not args.multi_label:
+        return benchmark
+    if benchmark.target is not None:
+        raise InvalidArgumentError(f"--multi-label: {name} is single-label (one class per image); leave "
+                                   "--multi-label out for it, or evaluate it on its own.")
+    return replace(benchmark, per_finding=True)
+
+
 def read_plans(args: argparse.Namespace) -> list[tuple[str, list[str], list, Path]]:
     """Every benchmark's images and references (and table), read and checked before the model loads."""
-    from ..evaluation.benchmarks import BENCHMARKS, read_benchmark
+    from ..evaluation.benchmarks import read_benchmark
 
     count = len(args.dataset)
     if len(set(args.dataset)) != count:
@@ -125,8 +168,9 @@ def read_plans(args: argparse.Namespace) -> list[tuple[str, list[str], list, Pat
     check_paths_exist(args.table or [], "--table", "file")
     plans = []
     for name, root, table in zip(args.dataset, _per_dataset(args.data_root, count), _per_dataset(args.table, count)):
-        table = table or root / BENCHMARKS[name].table
-        plans.append((name, *read_benchmark(BENCHMARKS[name], table, root), table))
+        benchmark = chosen_benchmark(args, name)
+        table = table or root / benchmark.table
+        plans.append((name, *read_benchmark(benchmark, table, root), table))
     return plans
 
 
@@ -217,17 +261,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
 
     from .options import check_model_source, load_model, make_accelerator, model_dtype
-    from ..evaluation.benchmarks import BENCHMARKS, evaluate_benchmark, print_result, table_columns, zero_shot_logits
+    from ..evaluation.benchmarks import evaluate_benchmark, print_result, table_columns, zero_shot_logits
     from ..evaluation.calibrated_evaluation import print_subgroups, write_figures
     from ..inference.malloc_tuning import keep_freed_memory_for_reuse
-    from ..models.ace_lora.zero_shot import ZeroShotClassifier
+    from ..models.ace_lora.zero_shot import ZeroShotClassifier, checked_templates
     from ..outputs.safe_outputs import check_output_file, folder_lock, write_json_atomic
 
     keep_freed_memory_for_reuse()
     if args.output and args.output.suffix.lower() != ".json":
         raise InvalidArgumentError(f"--output {args.output}: the report is JSON; name a .json file.")
+    if args.negative_templates:
+        checked_templates(args.negative_templates)
     plans = read_plans(args)
-    subgroups = {name: table_columns(BENCHMARKS[name], table, args.subgroup_columns)
+    subgroups = {name: table_columns(chosen_benchmark(args, name), table, args.subgroup_columns)
                  for name, *_, table in plans if args.subgroup_columns}
     validation = read_validation(args, plans)
     inputs = [table for *_, table in plans] + ([args.calibrate_on] if args.calibrate_on else [])
@@ -240,12 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, processor, _ = load_model(args, accelerator.device, model_dtype(args.dtype, accelerator.device))
     started, results, calibration = time.perf_counter(), {}, None
     for name, images, references, _ in plans:
-        benchmark = BENCHMARKS[name]
+        benchmark = chosen_benchmark(args, name)
         classifier = ZeroShotClassifier(model, processor, benchmark.templates, args.batch_size,
-                                        args.num_workers, show_progress=True, accelerator=accelerator)
-        scores = zero_shot_logits(name, classifier, images, list(benchmark.classes.values()))
+                                        args.num_workers, show_progress=True, accelerator=accelerator,
+                                        negative_templates=args.negative_templates)
+        scores = zero_shot_logits(name, classifier, images, list(benchmark.classes.values()), benchmark.per_finding)
         results[name] = evaluate_benchmark(name, scores, images, references, args.bootstrap, args.seed,
-                                           subgroups.get(name))
+                                           subgroups.get(name), benchmark)
         print_result(name, results[name])
         print_subgroups(results[name].get("subgroups", {}))
         if validation is not None:
@@ -273,7 +320,7 @@ def cli() -> None:
     run_cli(main)
 
 
-__all__ = ["DATASETS", "DATASET_ALIASES", "cli", "main", "parse_args"]
+__all__ = ["DATASETS", "DATASET_ALIASES", "FINDINGS", "chosen_benchmark", "cli", "main", "parse_args"]
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 `ace-lora-evaluate`, `ace_lora_hf.cli.evaluate`). Metrics as the authors define them: top-1 accuracy and ROC AUC for
 single-label sets (the positive class's AUC for binary ones, macro one-vs-rest otherwise), macro multi-label AUC for
 ChestX-ray14; each with a seeded 95% bootstrap confidence interval over images, and on the paper's 0-100 scale beside
-its published number.
+its published number. A multi-label table (ChestX-ray14, or a user's table of 0/1 finding columns) can instead be
+scored per finding (each finding's prompts against its negative ones), with an interval for each finding's AUC too.
 """
 
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from ..errors import DataFormatError
 from .metrics import classification_metrics, multilabel_metrics
 from .published import PUBLISHED_RESULTS
 from .subgroups import subgroup_metrics
-from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier
+from ..models.ace_lora.zero_shot import (CHEST_XRAY_TEMPLATES, PATHOLOGY_TEMPLATES, ZeroShotClassifier,
+                                         zero_shot_probabilities)
+from ..outputs.terminal import printable
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Benchmark:
     templates: tuple[str, ...] = CHEST_XRAY_TEMPLATES
     split: str | None = None  # evaluate only rows of this split
     published: str | None = None  # dataset name in PUBLISHED_RESULTS
+    per_finding: bool = False  # multi-label only: each class scored against its negative prompts, not a softmax
 
 
 NIH14 = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
@@ -58,6 +63,12 @@ BENCHMARKS = {
 
 
 # ------------------------------------------------------------------------------------------------------ tables
+
+
+def findings_benchmark(table: Path, columns: Sequence[str]) -> Benchmark:
+    """A user's multi-label table (columns Path and one 0/1 column per finding, named as the prompts name it, such
+    as full CheXpert or MIMIC-CXR labels), scored per finding."""
+    return Benchmark(table.name, {column: column for column in columns}, target=None, per_finding=True)
 
 
 def read_benchmark(benchmark: Benchmark, table_path: Path, data_root: Path) -> tuple[list[str], list]:
@@ -111,36 +122,43 @@ def scores(benchmark: Benchmark, probabilities: np.ndarray, references: np.ndarr
 
 @dataclass
 class ZeroShotScores:
-    """`[n, C]` zero-shot logits of the readable images, their indices in the image list, and the skipped ones."""
+    """Zero-shot logits of the readable images (`[n, C]`; per finding `[n, F, 2]`), their indices in the image list,
+    the skipped ones, and the negative templates of per-finding scores."""
 
     logits: np.ndarray
     kept: list[int]
     skipped: list[dict]
+    negative_templates: list[str] | None = None
 
 
-def zero_shot_logits(name: str, classifier: ZeroShotClassifier, images: list[str], labels: list[str]) -> ZeroShotScores:
-    """Classify `images` against `labels`; an unreadable image is skipped (and listed), none readable is an error."""
+def zero_shot_logits(name: str, classifier: ZeroShotClassifier, images: list[str], labels: list[str],
+                     per_finding: bool = False) -> ZeroShotScores:
+    """Classify `images` against `labels` (`per_finding`: each label as a finding of its own); an unreadable image is
+    skipped (and listed), none readable is an error."""
     logits, kept, skipped = [], [], []
-    for batch in classifier.classify(images, labels):
+    for batch in classifier.classify(images, labels, multi_label=per_finding):
         logits += batch.logits.tolist()
         kept += batch.indices
         skipped += [{"image": images[index], "error": reason} for index, reason in batch.failures]
     if not kept:
         raise DataFormatError(f"{name}: none of its {len(images)} images could be read (first: "
                               f"{skipped[0]['image']}: {skipped[0]['error']}).")
-    return ZeroShotScores(np.asarray(logits, dtype=np.float32), kept, skipped)
+    negatives = list(classifier.negative_templates) if per_finding else None
+    return ZeroShotScores(np.asarray(logits, dtype=np.float32), kept, skipped, negatives)
 
 
 def probabilities_of(logits: np.ndarray) -> np.ndarray:
     """The zero-shot probabilities of `logits`, computed as the classifier computes them."""
-    return torch.from_numpy(logits).softmax(dim=-1).numpy()
+    return zero_shot_probabilities(torch.from_numpy(logits)).numpy()
 
 
 def evaluate_benchmark(name: str, classified: ZeroShotScores, images: list[str], references: list, resamples: int,
-                       seed: int, subgroups: dict[str, list[str]] | None = None) -> dict:
-    """Metrics, their bootstrap intervals and the paper's comparison for one benchmark, with the calibration of its
-    probabilities and, given `subgroups` (column -> value per image), every metric per subgroup."""
-    benchmark = BENCHMARKS[name]
+                       seed: int, subgroups: dict[str, list[str]] | None = None,
+                       benchmark: Benchmark | None = None) -> dict:
+    """Metrics, their bootstrap intervals and the paper's comparison for one benchmark (`benchmark`, default the one
+    of that name), with the calibration of its probabilities and, given `subgroups` (column -> value per image), every
+    metric per subgroup."""
+    benchmark = benchmark or BENCHMARKS[name]
     labels = list(benchmark.classes.values())
     logits, kept, skipped = classified.logits, classified.kept, classified.skipped
     predictions, truth = probabilities_of(logits), np.asarray([references[index] for index in kept])
@@ -149,6 +167,8 @@ def evaluate_benchmark(name: str, classified: ZeroShotScores, images: list[str],
     published = published_result(benchmark.published)
     result = {
         "num_images": len(kept), "classes": labels, "templates": list(benchmark.templates),
+        **({"per_finding": True, "negative_templates": classified.negative_templates} if benchmark.per_finding
+           else {}),
         "metrics": metrics, "confidence_intervals_95": intervals,
         "paper_scale": {metric: 100 * value for metric, value in metrics.items() if np.isscalar(value)},
         "published": published, "calibration": {
@@ -181,9 +201,15 @@ def print_result(name: str, result: dict) -> None:
     intervals = calibration["confidence_intervals_95"]
     print("  calibration: " + ", ".join(f"{metric} {value:.4f} {format_interval(intervals[metric])}"
                                         for metric, value in calibration["metrics"].items()))
+    if "auc_per_class" in result["metrics"]:
+        print(f"  {'AUC per finding':<28}{'value':>8}{'95% CI':>18}")
+        for label, value, (low, high) in zip(result["classes"], result["metrics"]["auc_per_class"],
+                                             result["confidence_intervals_95"]["auc_per_class"]):
+            print(f"  {printable(label)[:28]:<28}{100 * value:>8.2f}{f'[{100 * low:.2f}, {100 * high:.2f}]':>18}")
     for entry in result["skipped"]:
         print(f"  skipped {entry['image']}: {entry['error']}")
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "ZeroShotScores", "evaluate_benchmark", "format_interval", "print_result",
-           "probabilities_of", "published_result", "read_benchmark", "table_columns", "zero_shot_logits"]
+__all__ = ["BENCHMARKS", "Benchmark", "ZeroShotScores", "evaluate_benchmark", "findings_benchmark", "format_interval",
+           "print_result", "probabilities_of", "published_result", "read_benchmark", "table_columns",
+           "zero_shot_logits"]

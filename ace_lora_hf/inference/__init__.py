@@ -1,1 +1,2 @@
-"""Inference around the model: the images a command works on, explanations, CPU tuning (memory, fast dropout)."""
+"""Inference around the model: the images a command works on, explanations, zero-shot with ONNX files, CPU tuning
+(memory, fast dropout)."""

@@ -6,6 +6,9 @@
   256 for ACE-LoRA, as `AceLoraProcessor` pads) -> `text_embeds` float32 `[batch, projection_dim]`.
 - `export_onnx.json`: the inputs, outputs, opset, context length, pad id and logit scale of both files, and how far
   onnxruntime's outputs were from PyTorch's on random inputs.
+- with labels (`classes`): `classes.safetensors`, the zero-shot class embeddings of those labels and templates as the
+  model computes them (its class side cannot be rebuilt from `text.onnx`: the templates' tokens are averaged before
+  the text hypergraph), described under `classes` in `export_onnx.json`; `OnnxZeroShotClassifier` scores with them.
 
 Both embeddings are L2-normalised, so `logit_scale * image_embeds @ text_embeds.T` are the model's logits. LoRA is
 merged into the base weights before the export. Needs `pip install 'ace-lora-hf[onnx]'` (onnx, onnxscript and
@@ -21,19 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save
 from torch import nn
 from transformers.utils import logging
 
 from ..errors import InvalidArgumentError, MissingDependencyError
+from ..inference.onnx_zero_shot import CLASSES_TENSOR, DESCRIPTION_FILE, ExportedClasses
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel
-from ..outputs.safe_outputs import write_text_atomic
+from ..outputs.safe_outputs import atomic_file, write_text_atomic
 
 
 logger = logging.get_logger(__name__)
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INSTALL_COMMAND = "pip install 'ace-lora-hf[onnx]'"
-DESCRIPTION_FILE = "export_onnx.json"
 MIN_OPSET = 18  # the oldest opset torch.onnx's exporter writes
 # Traced with one batch size and checked with another, so a batch size baked into the graph cannot go unnoticed.
 EXAMPLE_BATCH_SIZE = 2
@@ -195,8 +199,18 @@ def max_abs_difference(module: EmbeddingPath, path: Path, inputs: tuple[torch.Te
     return float(np.abs(exported - expected).max())
 
 
-def export_model(model: AceLoraModel, folder: Path, opset: int | None = None) -> dict:
-    """Write both ONNX files and their description into `folder`; returns the description."""
+def save_class_embeddings(folder: Path, classes: ExportedClasses) -> dict:
+    """Write the class embeddings into `folder`; returns their entry of the description."""
+    entry = classes.description()
+    with atomic_file(folder / entry["file"], "wb") as file:
+        file.write(save({CLASSES_TENSOR: classes.embeddings.contiguous()}))
+    return entry
+
+
+def export_model(model: AceLoraModel, folder: Path, opset: int | None = None,
+                 classes: ExportedClasses | None = None) -> dict:
+    """Write both ONNX files, the class embeddings of `classes` if given, and their description into `folder`;
+    returns the description."""
     description = {
         "logit_scale": model.logit_scale.item(),
         "lora_merged": True,
@@ -214,9 +228,11 @@ def export_model(model: AceLoraModel, folder: Path, opset: int | None = None) ->
                            "hypergraph's top-k scores on the random check inputs can cause this, a faulty export too.",
                            module.file_name, entry["max_abs_difference"], TOLERANCE)
         description[key] = entry
+    if classes is not None:
+        description["classes"] = save_class_embeddings(folder, classes)
     write_text_atomic(folder / DESCRIPTION_FILE, json.dumps(description, indent=2) + "\n")
     return description
 
 
-__all__ = ["EmbeddingPath", "ImageEmbedding", "TextEmbedding", "export_embedding", "export_model",
-           "max_abs_difference", "require_onnx_packages", "run_onnx"]
+__all__ = ["DESCRIPTION_FILE", "EmbeddingPath", "ImageEmbedding", "TextEmbedding", "export_embedding", "export_model",
+           "max_abs_difference", "require_onnx_packages", "run_onnx", "save_class_embeddings"]

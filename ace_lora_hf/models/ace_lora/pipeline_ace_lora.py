@@ -17,7 +17,8 @@ from .hub_pipeline import TASK
 from .errors import InvalidArgumentError
 from .image_loading import load_image
 from .processing_ace_lora import AceLoraProcessor
-from .zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_templates, image_embeddings
+from .zero_shot import (CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_templates, image_embeddings,
+                        zero_shot_logits, zero_shot_probabilities)
 
 
 # Images of a list go through the model this many at a time unless `batch_size` says otherwise (ZeroShotClassifier's
@@ -51,12 +52,14 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
     >>> classifier = pipeline("zero-shot-image-classification", model="path/to/ace-lora")
     >>> classifier("siim_pneumothorax.dcm", candidate_labels=["No Finding", "pneumothorax"])
     [{'score': 0.93, 'label': 'pneumothorax'}, {'score': 0.07, 'label': 'No Finding'}]
+    >>> classifier("siim_pneumothorax.dcm", candidate_labels=["pneumothorax", "effusion"], multi_label=True)
+    [{'score': 0.88, 'label': 'pneumothorax'}, {'score': 0.31, 'label': 'effusion'}]
     ```
     """
 
     def __init__(self, **kwargs):
-        # One classifier per template list: each keeps the class embeddings of the label sets it has seen.
-        self._classifiers: dict[tuple[str, ...], ZeroShotClassifier] = {}
+        # One classifier per template list (and negative templates): each keeps the class embeddings it has computed.
+        self._classifiers: dict[tuple[tuple[str, ...], tuple[str, ...] | None], ZeroShotClassifier] = {}
         super().__init__(**kwargs)
         if self._serves_ace_lora and self._batch_size is None:
             # Images need no padding to batch, and each scores the same in any batch.
@@ -77,6 +80,8 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         templates: Sequence[str] | None = None,
         hypothesis_template: str | None = None,
         calibration: Calibration | str | Path | None = None,
+        multi_label: bool | None = None,
+        negative_templates: Sequence[str] | None = None,
     ) -> tuple[dict, dict, dict]:
         """The labels and templates go to `_forward` (which embeds the classes) and the labels to `postprocess`;
         `preprocess` only reads images, so batches of images collate without them. A calibration (or its file) is
@@ -96,6 +101,10 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
             if candidate_labels is not None:
                 calibration.check(candidate_labels, forward_params.get("templates", CHEST_XRAY_TEMPLATES))
             postprocess_params["calibration"] = calibration
+        if multi_label is not None:
+            forward_params["multi_label"] = bool(multi_label)
+        if negative_templates is not None:
+            forward_params["negative_templates"] = checked_templates(negative_templates)
         return {}, forward_params, postprocess_params
 
     def preprocess(self, image, **kwargs) -> dict[str, Any]:
@@ -108,21 +117,33 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         model_inputs: dict[str, Any],
         candidate_labels: Sequence[str] | None = None,
         templates: tuple[str, ...] = CHEST_XRAY_TEMPLATES,
+        multi_label: bool = False,
+        negative_templates: tuple[str, ...] | None = None,
     ) -> dict[str, Any]:
+        """`logits` `[N, C]`, or `[N, F, 2]` (positive, negative) with `multi_label`."""
         if not self._serves_ace_lora:
             return super()._forward(model_inputs)
-        classes = self.class_embeddings(candidate_labels, templates)
+        if negative_templates is not None and not multi_label:
+            # Checked here, where the call's options and the pipeline's own are merged.
+            raise InvalidArgumentError("negative_templates=... scores findings one by one: pass multi_label=True too.")
+        classifier = self._classifier(templates, negative_templates)
+        classes = (classifier.finding_embeddings(candidate_labels) if multi_label
+                   else classifier.class_embeddings(candidate_labels))
         images = image_embeddings(self.model, model_inputs["pixel_values"])
-        return {"logits": self.model.logit_scale.float() * images.float() @ classes.float().t()}
+        return {"logits": zero_shot_logits(self.model.logit_scale.float(), images.float(), classes.float())}
 
     def postprocess(self, model_outputs: dict[str, Any], candidate_labels: Sequence[str] | None = None,
                     calibration: Calibration | None = None):
         if not self._serves_ace_lora:
             return super().postprocess(model_outputs)
         if calibration is None:
-            scores = model_outputs["logits"][0].softmax(dim=-1).tolist()
-            return [{"score": score, "label": label}
-                    for score, label in sorted(zip(scores, candidate_labels), key=lambda pair: -pair[0])]
+            scores = zero_shot_probabilities(model_outputs["logits"])[0].tolist()
+            ranked = sorted(zip(scores, candidate_labels), key=lambda pair: -pair[0])
+            return [{"score": score, "label": label} for score, label in ranked]
+        if model_outputs["logits"].ndim != 2:
+            raise InvalidArgumentError("calibration= holds a temperature and thresholds fitted on single-label scores; "
+                                       "per-finding (multi_label=True) scores are returned uncalibrated: leave out "
+                                       "one of the two.")
         probabilities = calibration.apply(model_outputs["logits"])
         decided = {label: bool(yes[0]) for label, yes in calibration.decide(probabilities).items()}
         ranked = sorted(zip(probabilities[0].tolist(), candidate_labels), key=lambda pair: -pair[0])
@@ -132,12 +153,18 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
     @torch.no_grad()
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = CHEST_XRAY_TEMPLATES) -> torch.Tensor:
         """`[C, D]` embeddings of `labels`, computed once per label set and template list."""
-        templates = checked_templates(templates)
-        if templates not in self._classifiers:
+        return self._classifier(checked_templates(templates)).class_embeddings(labels)
+
+    def _classifier(self, templates: tuple[str, ...], negative_templates: tuple[str, ...] | None = None
+                    ) -> ZeroShotClassifier:
+        """The classifier of these templates, made once: it keeps the class embeddings it computes."""
+        key = (templates, negative_templates)
+        if key not in self._classifiers:
             processor = AceLoraProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer,
                                          context_length=self.model.config.text_config.context_length)
-            self._classifiers[templates] = ZeroShotClassifier(self.model, processor, templates)
-        return self._classifiers[templates].class_embeddings(labels)
+            self._classifiers[key] = ZeroShotClassifier(self.model, processor, templates,
+                                                        negative_templates=negative_templates)
+        return self._classifiers[key]
 
 
 def register_pipeline() -> None:
