@@ -10,6 +10,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 
 from ace_lora_hf.errors import InvalidArgumentError
 from ace_lora_hf.models.ace_lora.image_loading import load_image
+from ace_lora_hf.inference.dicom_ids import DICOM_ID_FIELDS
 from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier, negated_templates
 
 from conftest import SAMPLES
@@ -140,7 +141,7 @@ def test_classify_multi_label_writes_a_column_per_finding(tiny_hub_folder, model
     assert main(["--model", str(tiny_hub_folder), "--images", *IMAGES, "--labels", *FINDINGS, "--multi-label",
                  "--negative-template", *NEGATIVE, "--output", str(output)]) == 0
     rows = list(csv.DictReader(output.open()))
-    assert list(rows[0]) == ["image", *FINDINGS, "prediction", "error"]
+    assert list(rows[0]) == ["image", *FINDINGS, "prediction", "error", *DICOM_ID_FIELDS]  # a DICOM is among them
     written = torch.tensor([[float(row[finding]) for finding in FINDINGS] for row in rows])
     torch.testing.assert_close(written, expected, rtol=0, atol=1e-5)  # the CSV keeps 6 decimals
     for row, probabilities in zip(rows, expected.tolist()):

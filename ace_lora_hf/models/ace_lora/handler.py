@@ -97,7 +97,7 @@ class EndpointHandler:
         """The repository's calibration for this request (None for raw scores), checked against its labels."""
         if self.calibration is None or parameters.get("calibrated", True) is False:
             return None
-        self.calibration.check(labels, templates or self._default_templates)
+        self.calibration.check(labels, templates or self._default_templates)  # before any image is decoded
         return self.calibration
 
     def _decoded(self, image: Any, index: int):
@@ -124,11 +124,11 @@ class EndpointHandler:
         postprocessing (all images through the model at once)."""
         if not images:
             return iter(())
-        forward_params = {"candidate_labels": labels, **({"templates": templates} if templates is not None else {})}
+        _, forward_params, postprocess_params = self.pipeline._sanitize_parameters(
+            candidate_labels=labels, templates=templates, calibration=calibration)
         pixels = torch.cat([self.pipeline.preprocess(image)["pixel_values"] for image in images])
         logits = self.pipeline.forward({"pixel_values": pixels}, **forward_params)["logits"]
-        return (self.pipeline.postprocess({"logits": row[None]}, candidate_labels=labels, calibration=calibration)
-                for row in logits)
+        return (self.pipeline.postprocess({"logits": row[None]}, **postprocess_params) for row in logits)
 
 
 __all__ = ["EndpointHandler"]
