@@ -93,8 +93,9 @@ def _write_chunk(job: tuple) -> str | None:
         except ImageLoadError as error:
             return str(error)
         records["image"].append({"bytes": _png(cropped_image(image_processor, image)), "path": None})
-    labels = np.asarray(rows["labels"], dtype=np.float32).reshape(len(rows["line"]), len(label_columns))
-    records.update({name: labels[:, index].tolist() for index, name in enumerate(label_columns)})
+    if label_columns:
+        labels = np.asarray(rows["labels"], dtype=np.float32)
+        records.update({name: labels[:, index].tolist() for index, name in enumerate(label_columns)})
     features = _features(label_columns, "patient" in rows)
     partial = path.with_suffix(".partial")
     with ArrowWriter(features=features, path=str(partial)) as writer:
