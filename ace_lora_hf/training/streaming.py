@@ -1,6 +1,10 @@
-"""The training batches of a stream (`--streaming`): each process reads its own part of the dataset
-(`datasets.distributed.split_dataset_by_node`) in a deterministic order, cycling through it for as many steps as the
-run takes, so every process takes the same number of steps however unevenly the shards divide.
+"""The training batches of a stream (`--streaming`): each process reads its own shards of the dataset in a
+deterministic order, cycling through them for as many steps as the run takes, so every process takes the same number
+of steps however unevenly the shards divide.
+
+Each process keeps the same shards in every pass (`IterableDataset.shard`, where
+`datasets.distributed.split_dataset_by_node` would deal the shards out again after each pass's shuffle), so a pass
+over a process's rows always has the same length.
 
 A stream has no length, so a streamed run is `--max_train_steps` long and its epochs (records, checkpoints, the
 schedule's warm-up) are `ceil(max_train_steps / num_epochs)` steps each; passes over the data are independent of
@@ -18,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import torch
-from datasets.distributed import split_dataset_by_node
 
 from ..errors import DataFormatError
 
@@ -34,7 +37,10 @@ class StreamingLoader:
     def __init__(self, stream: datasets.IterableDataset, collate_fn: Callable[[list[dict]], dict], batch_size: int,
                  steps_per_epoch: int, seed: int, rank: int, world_size: int, device: torch.device,
                  num_workers: int = 0):
-        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        if stream.num_shards < world_size:
+            raise DataFormatError(f"the stream has {stream.num_shards} shard(s) for {world_size} processes; give "
+                                  "--dataset_name as at least as many files as processes, or a save_to_disk folder.")
+        self.stream = stream.shard(num_shards=world_size, index=rank)
         self.collate_fn, self.batch_size, self.steps_per_epoch = collate_fn, batch_size, steps_per_epoch
         self.seed, self.rank, self.device, self.num_workers = seed, rank, device, num_workers
         self._rows: Iterator[dict] | None = None
@@ -59,8 +65,8 @@ class StreamingLoader:
                 if length > skip:
                     yield row
             if length == 0:
-                raise DataFormatError(f"process {self.rank} received no rows of the stream: the dataset has fewer "
-                                      "rows or shards than there are processes; train on fewer processes.")
+                raise DataFormatError(f"process {self.rank}'s shards of the stream hold no rows; give --dataset_name "
+                                      "as files that each hold rows.")
             skip = max(0, skip - length)
             number += 1 + skip // length  # every pass over this process's rows has the same length
             skip %= length
