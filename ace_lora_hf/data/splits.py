@@ -27,15 +27,16 @@ def patient_disjoint_split(patients: Sequence[Hashable], validation_fraction: fl
 
 def check_patient_disjoint(rows: Iterable[tuple[Hashable, str, str]], source: str) -> dict[str, int]:
     """Refuse a split table that puts one patient in two splits, naming the patient, the two splits and where each
-    is first seen. `rows` are `(patient, split, where)`; returns the number of patients in each split."""
+    is seen. `rows` are `(patient, split, where)`, `where` a row of `source` ("line 7"); returns the number of
+    patients in each split."""
     first_seen: dict[Hashable, tuple[str, str]] = {}
     patients: dict[str, int] = {}
     for patient, split, where in rows:
         earlier = first_seen.setdefault(patient, (split, where))
         if earlier[0] != split:
-            raise DataFormatError(f"{source}: patient {patient} is in split {earlier[0]!r} ({earlier[1]}) and in split "
-                                  f"{split!r} ({where}); a patient's images must all be in one split: fix the split "
-                                  "table.")
+            raise DataFormatError(f"{source}, {where}: patient {patient} is in split {split!r}, but {earlier[1]} puts "
+                                  f"them in split {earlier[0]!r}; a patient's images must all be in one split: fix the "
+                                  "split table.")
         if earlier[1] == where:
             patients[split] = patients.get(split, 0) + 1
     return patients
