@@ -1,5 +1,5 @@
 """`ace-lora-prepare DATASET --input … --output …` (or `python -m dataset_prep DATASET …`): prepare any dataset;
-`ace-lora-prepare training-set --table … --output …` makes a prepared training set of any image-report table.
+`ace-lora-prepare training-set --input TABLE --output …` makes a prepared training set of any image-report table.
 
 `ace-lora-prepare DATASET --help` lists that dataset's expected layout and options.
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Any image-report table -> a prepared training set for `examples/pretrain.py --dataset_name FOLDER`.
 
-    ace-lora-prepare training-set --table mimic/mimic_cxr.csv --split train --patient-column subject_id \\
+    ace-lora-prepare training-set --input mimic/mimic_cxr.csv --split train --patient-column subject_id \\
         --validation-fraction 0.05 --output mimic_prepared/ --num-proc 8
 
 Each image is decoded, resized and center-cropped once by the model's image processor (--model; default
@@ -27,7 +27,8 @@ from ace_lora_hf.outputs.safe_outputs import check_output_folder, folder_lock
 
 def parse_args(argv: Sequence[str] | None, prog: str | None):
     parser = command_parser(prog, __doc__)
-    add_option(parser, "--table", type=Path, required=True, help="CSV or JSON Lines table of image-report pairs.")
+    add_option(parser, "--input", "--table", type=Path, required=True,
+               help="CSV or JSON Lines table of image-report pairs.")
     add_option(parser, "--image-root", type=Path, help="Folder the image paths are relative to (default: the table's).")
     add_option(parser, "--image-column", default="image", help="Column of image paths (default: %(default)s).")
     add_option(parser, "--text-column", default="report", help="Column of report texts (default: %(default)s).")
@@ -69,11 +70,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     columns = ImageTextColumns(image=args.image_column, text=args.text_column, split=args.split_column,
                                labels=() if args.no_labels else tuple(args.label_columns),
                                patient=args.patient_column)
-    table = load_image_text_dataset(args.table, columns, args.image_root, args.split, option="--table")
+    table = load_image_text_dataset(args.input, columns, args.image_root, args.split, option="--input")
     image_processor = image_processor_of(args.model)
     with folder_lock(args.output.resolve()):
-        check_output_folder(args.output, [args.table], args.overwrite)
-        source = {"table": os.path.basename(args.table), "sha256": table_sha256(args.table), "split": args.split,
+        check_output_folder(args.output, [args.input], args.overwrite)
+        source = {"table": os.path.basename(args.input), "sha256": table_sha256(args.input), "split": args.split,
                   "image_column": args.image_column, "text_column": args.text_column,
                   "patient_column": args.patient_column}
         info = prepare_training_set(table, image_processor, args.output, columns.labels, source, args.num_proc,

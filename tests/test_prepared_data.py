@@ -58,7 +58,7 @@ def image_table(tmp_path_factory):
 
 
 def prepare(table, output, *extra):
-    prepare_main(["training-set", "--table", str(table), "--label-columns", *LABELS, "--output", str(output),
+    prepare_main(["training-set", "--input", str(table), "--label-columns", *LABELS, "--output", str(output),
                   *map(str, extra)])
 
 
@@ -114,7 +114,7 @@ def test_an_interrupted_preparation_resumes_with_the_missing_chunks(image_table,
     rows[7]["image"] = str(tmp_path / "corrupt.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     write_table(table, rows)
-    code, err = run_cli_in_process(prepare_main, ["training-set", "--table", table, "--label-columns", *LABELS,
+    code, err = run_cli_in_process(prepare_main, ["training-set", "--input", table, "--label-columns", *LABELS,
                                                    "--output", tmp_path / "set"], capsys)
     assert code == 2 and "line 9" in err and "corrupt.png" in err and "run the same command again" in err
     assert not (tmp_path / "set").exists()
@@ -135,10 +135,10 @@ def test_an_interrupted_preparation_resumes_with_the_missing_chunks(image_table,
 
 
 def test_a_bad_option_or_label_is_one_line(image_table, tmp_path, capsys):
-    code, err = run_cli_in_process(prepare_main, ["training-set", "--table", image_table / "train.csv",
+    code, err = run_cli_in_process(prepare_main, ["training-set", "--input", image_table / "train.csv",
                                                    "--label-columns", "Fracture", "--output", tmp_path / "o"], capsys)
     assert code == 2 and "'Fracture'" in err
-    code, err = run_cli_in_process(prepare_main, ["training-set", "--table", image_table / "train.csv", "--no-labels",
+    code, err = run_cli_in_process(prepare_main, ["training-set", "--input", image_table / "train.csv", "--no-labels",
                                                    "--validation-fraction", "1.5", "--output", tmp_path / "o"], capsys)
     assert code == 2 and "--validation-fraction 1.5" in err
 

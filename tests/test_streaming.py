@@ -62,7 +62,7 @@ def test_processes_take_equal_steps_from_uneven_shards():
 @pytest.fixture(scope="module")
 def prepared_set(synthetic_data, tiny_hub_folder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("prepared") / "set"
-    prepare_main(["training-set", "--table", str(synthetic_data / "train.csv"), "--split", "train",
+    prepare_main(["training-set", "--input", str(synthetic_data / "train.csv"), "--split", "train",
                   "--label-columns", *LABELS, "--model", str(tiny_hub_folder), "--output", str(folder)])
     return folder
 

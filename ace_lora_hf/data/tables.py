@@ -9,7 +9,6 @@ thousands.
 import codecs
 import csv
 import gzip
-import io
 import json
 import math
 import re
@@ -51,14 +50,31 @@ def read_table_rows(path: Path, columns: Sequence[str], what: str, advice: str =
 
 def read_rows(path: Path, columns: Sequence[str], what: str, advice: str = "") -> Iterator["Row"]:
     """The data rows of a UTF-8 CSV table (plain or .gz), each holding `columns`, which are checked now; blank lines
-    are skipped."""
-    text = _decode(path, _read_bytes(path, what), is_table=True)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header = [restored(name.strip()) for name in _next_record(reader, path, 1) or []]
-    if not header:
-        raise DataFormatError(f"{path} is empty: expected {what} with columns {list(columns)}.")
-    _check_header(path, header, columns, advice)
-    return _rows(reader, path, header, columns)
+    are skipped. The file is read as it is iterated, so memory does not grow with the table (a release's table can
+    be hundreds of MB)."""
+    rows = _streamed_rows(require_file(path, what), columns, what, advice)
+    next(rows)  # reads and checks the header now
+    return rows
+
+
+def _streamed_rows(path: Path, columns: Sequence[str], what: str, advice: str) -> Iterator["Row | None"]:
+    """None once the header is checked, then the rows."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as file:
+            reader = csv.reader(file, strict=True)
+            header = [restored(name.strip()) for name in _next_record(reader, path, 1) or []]
+            if not header:
+                raise DataFormatError(f"{path} is empty: expected {what} with columns {list(columns)}.")
+            _check_header(path, header, columns, advice)
+            yield None
+            yield from _rows(reader, path, header, columns)
+    except UnicodeDecodeError:
+        # Found in the middle of a block: the whole file, read again, says where (only on this error's path).
+        _decode(path, _read_bytes(path, what), is_table=True)
+        raise
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataFormatError(f"{path} is not a complete gzip file ({error}); download it again.") from None
 
 
 def read_json_lines(path: Path, columns: Sequence[str], what: str, advice: str = "") -> Iterator["Row"]:
