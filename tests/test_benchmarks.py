@@ -36,3 +36,13 @@ def test_training_benchmark_times_and_measures_every_configuration(tiny_hub_fold
     for step in steps.values():
         assert step["step_s"] > 0 and step["peak_gb"] >= step["after_loading_gb"] > 0 and step["speedup_over_float32"] > 0
     assert "Training step, batch 2" in printed
+
+
+def test_data_benchmark_compares_the_prepared_set_with_the_files(tiny_hub_folder, tmp_path):
+    results, printed = run_benchmark("bench_data.py", tmp_path, "--model", tiny_hub_folder, "--count", 4, "--height",
+                                     300, "--width", 250, "--batch-size", 2, "--rounds", 1, "--cache", tmp_path)
+    assert results["max_abs_pixel_difference"] == 0 and results["images"] == 4
+    for route in results["routes"].values():
+        assert route["load_s_per_sample"] > 0 and route["cores_per_1000_images_per_s"] > 0
+        assert route["train_images_per_s"] > 0
+    assert results["prepared_speedup_per_sample"] > 0 and "Data loading, 4 JPEGs of 250 x 300" in printed
