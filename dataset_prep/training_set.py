@@ -21,6 +21,7 @@ from pathlib import Path
 from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.cli.options import add_option, command_parser, positive_int
 from ace_lora_hf.data.image_tables import CHEXPERT_LABELS, ImageTextColumns, load_image_text_dataset
+from ace_lora_hf.data.tables import file_sha256
 from ace_lora_hf.errors import InvalidArgumentError
 from ace_lora_hf.outputs.safe_outputs import check_output_folder, folder_lock
 
@@ -64,7 +65,7 @@ def image_processor_of(model: str | None):
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
-    from ace_lora_hf.data.prepared import prepare_training_set, push_prepared_set, table_sha256
+    from ace_lora_hf.data.prepared import prepare_training_set, push_prepared_set
 
     args = parse_args(argv, prog)
     columns = ImageTextColumns(image=args.image_column, text=args.text_column, split=args.split_column,
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     image_processor = image_processor_of(args.model)
     with folder_lock(args.output.resolve()):
         check_output_folder(args.output, [args.input], args.overwrite)
-        source = {"table": os.path.basename(args.input), "sha256": table_sha256(args.input), "split": args.split,
+        source = {"table": os.path.basename(args.input), "sha256": file_sha256(args.input), "split": args.split,
                   "image_column": args.image_column, "text_column": args.text_column,
                   "patient_column": args.patient_column}
         info = prepare_training_set(table, image_processor, args.output, columns.labels, source, args.num_proc,

@@ -32,7 +32,8 @@ from ace_lora_hf import AceLoraModel
 from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.data.image_tables import (CHEXPERT_LABELS, ImageClassificationSet, ImageTextCollator,
                                           ImageTextColumns, load_image_text_dataset, read_image_labels)
-from ace_lora_hf.data.prepared import processor_settings
+from ace_lora_hf.data.prepared import PixelTable, processor_settings
+from ace_lora_hf.data.tables import file_sha256
 from ace_lora_hf.data.training_sets import TrainingSource, load_training_source
 from ace_lora_hf.errors import ConfigError, InvalidArgumentError
 from ace_lora_hf.evaluation.metrics import classification_metrics
@@ -40,7 +41,7 @@ from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss
 from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 from ace_lora_hf.sources.adapters import save_adapters
 from ace_lora_hf.sources.checkpoints import BaseModel, load_trained_model
-from ace_lora_hf.training.accelerator import build_accelerator, data_loader, file_sha256
+from ace_lora_hf.training.accelerator import build_accelerator, data_loader
 from ace_lora_hf.training.loop import TrainingRun
 from ace_lora_hf.training.options import TrainingArgumentParser, add_training_options
 from ace_lora_hf.training.run_folder import prepare_output_dir
@@ -108,7 +109,8 @@ def training_loader(accelerator: Accelerator, args, source: TrainingSource, proc
                           f"{source.prepared_info['image_processor']}, which are not --model {args.model}'s; prepare it "
                           "again with --model (ace-lora-prepare training-set).")
     collator = ImageTextCollator(processor, skip_bad_images=args.skip_bad_rows,
-                                 columns=columns if args.dataset_name else None)
+                                 columns=columns if args.dataset_name else None,
+                                 uint8_pixels=source.prepared_info is not None)
     if args.streaming:
         return StreamingLoader(source.dataset, collator, args.batch_size,
                                steps_per_epoch(args.max_train_steps, args.num_epochs), args.seed,
@@ -157,9 +159,12 @@ def main(argv=None) -> None:
                           selection=Selection("loss", higher_is_better=False), signature=signature,
                           resume_checkpoint=resume_checkpoint)
         loss_function = LabelGuidedInfoNCELoss(global_negatives=args.global_negatives)
+        pixel_table = PixelTable(processor.image_processor)
 
         def contrastive_loss(model, batch: dict) -> torch.Tensor:
             labels = batch.pop("labels", None)
+            if batch["pixel_values"].dtype == torch.uint8:  # a prepared set's pixels, finished on the device
+                batch["pixel_values"] = pixel_table(batch["pixel_values"])
             return loss_function(model(**batch), run.unwrapped_model.logit_scale, labels)
 
         def evaluate(epoch: int) -> dict:

@@ -134,3 +134,11 @@ def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_weights(parquet_fil
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
     assert json.loads((interrupted / "training_history.json").read_text()) == json.loads(
         (straight / "training_history.json").read_text())
+
+
+def test_a_set_prepared_for_another_processor_is_refused(synthetic_data, tiny_hub_folder, tmp_path, capsys):
+    prepare_main(["training-set", "--input", str(synthetic_data / "train.csv"), "--no-labels", "--output",
+                  str(tmp_path / "set224")])  # BiomedCLIP's 224 x 224; the tiny model's processor crops 32 x 32
+    code, err = run_cli_in_process(pretrain.main, [*dataset_command(tiny_hub_folder, tmp_path / "set224",
+                                                                    tmp_path / "run"), "--no_labels"], capsys)
+    assert code == 2 and "prepared with image processor settings" in err and "prepare it again with --model" in err

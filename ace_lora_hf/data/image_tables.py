@@ -19,6 +19,7 @@ from transformers.utils import logging
 from ..errors import DataFormatError, ImageLoadError
 from ..models.ace_lora.image_loading import load_image
 from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
+from .prepared import stacked_pixels
 from .tables import read_table_rows
 
 
@@ -177,14 +178,16 @@ class ImageTextCollator:
 
     With `skip_bad_images`, an unreadable image drops its row from the batch and is counted in the batch's
     `num_skipped` (a batch may end up with no rows: only `num_skipped`); otherwise it raises `ImageLoadError` naming
-    the table row and the file.
+    the table row and the file. With `uint8_pixels` (rows of a prepared set, whose images have the processor's size
+    already), `pixel_values` are the images' 8-bit pixels, for `PixelTable` to finish on the device.
     """
 
     def __init__(self, processor: AceLoraProcessor, skip_bad_images: bool = False,
-                 columns: ImageTextColumns | None = None):
+                 columns: ImageTextColumns | None = None, uint8_pixels: bool = False):
         self.processor = processor
         self.skip_bad_images = skip_bad_images
         self.columns = columns
+        self.uint8_pixels = uint8_pixels
 
     def _load(self, item: dict):
         source = item[self.columns.image] if self.columns else item["image"]
@@ -221,8 +224,13 @@ class ImageTextCollator:
             return {"num_skipped": num_skipped}
         items, images = zip(*kept)
         texts = [str(item[self.columns.text] if self.columns else item["text"]).strip() for item in items]
-        inputs = self.processor(images=list(images), text=texts, return_tensors="pt")
-        batch = {name: inputs[name] for name in ("pixel_values", "input_ids", "attention_mask")}
+        if self.uint8_pixels:
+            inputs = self.processor(text=texts, return_tensors="pt")
+            batch = {"pixel_values": stacked_pixels(images), "input_ids": inputs["input_ids"],
+                     "attention_mask": inputs["attention_mask"]}
+        else:
+            inputs = self.processor(images=list(images), text=texts, return_tensors="pt")
+            batch = {name: inputs[name] for name in ("pixel_values", "input_ids", "attention_mask")}
         batch["num_skipped"] = num_skipped
         labels = self._labels(items)
         if labels is not None:

@@ -6,8 +6,8 @@ The processor turns a file into `pixel_values` in two parts: `load_image` gives 
 grayscale, DICOM and 16-bit files included, "RGB" for colour), which is resized and center-cropped as 8-bit pixels;
 only then is it made RGB, rescaled and normalised. The prepared set stores the image at that point, after the crop,
 as a PNG of the same 8-bit pixels (one channel for grayscale), so the rest of the processor, run on it, gives
-`pixel_values` identical to those of the file. Resizing an image that already has the processor's size returns it
-unchanged, so the ordinary processor can be used on prepared images as on files.
+`pixel_values` identical to those of the file: the processor itself (resizing an image that already has its size
+returns it unchanged), or `PixelTable` on the device.
 
 The set is a Hugging Face `datasets.DatasetDict` written with `save_to_disk` (Arrow shards, `train` and, with a
 validation fraction, `validation`), plus `ace_lora_prepared.json`: the processor settings it was made with, the
@@ -15,7 +15,6 @@ split counts and whether they are patient-disjoint. Work is done in chunks writt
 output, so a rerun of an interrupted preparation does only the chunks still missing.
 """
 
-import hashlib
 import io
 import json
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from datasets.arrow_writer import ArrowWriter
 from PIL import Image
 from tqdm.auto import tqdm
@@ -59,6 +59,35 @@ def cropped_image(image_processor, image: Image.Image) -> Image.Image:
     if pixels.dtype != np.uint8:
         raise TypeError(f"the image processor made {pixels.dtype} pixels before normalising; expected uint8")
     return Image.fromarray(pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1))
+
+
+def stacked_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Prepared images (all of one size) as a uint8 batch `(B, C, H, W)`: one channel if all are grayscale, else 3."""
+    channels = 1 if all(image.mode == "L" for image in images) else 3
+    arrays = [np.asarray(image) for image in images]
+    arrays = [array[..., None].repeat(channels, axis=-1) if array.ndim == 2 else array for array in arrays]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+class PixelTable:
+    """The image processor's last steps (made RGB, rescaled, normalised) as a table of its output for each of the
+    256 levels of each channel, computed by the processor itself, so looking pixels up gives its exact values.
+
+    A loader of a prepared set hands over 8-bit pixels (`stacked_pixels`) and the training step looks them up where
+    the batch is, on the GPU: a loader worker then only decodes a small PNG."""
+
+    def __init__(self, image_processor):
+        levels = Image.fromarray(np.arange(256, dtype=np.uint8)[None, :])
+        values = image_processor(levels, do_resize=False, do_center_crop=False, return_tensors="pt")["pixel_values"]
+        self.table = values[0, :, 0, :]  # (3 channels, 256 levels)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float `pixel_values` (B, 3, H, W) of uint8 `pixels` (B, 1 or 3, H, W), on `pixels`' device."""
+        table = self.table.to(pixels.device)
+        indices = pixels.long()
+        if pixels.shape[1] == 1:
+            return table[:, indices[:, 0]].transpose(0, 1)
+        return torch.stack([table[channel][indices[:, channel]] for channel in range(3)], dim=1)
 
 
 def processor_settings(image_processor) -> dict:
@@ -146,14 +175,6 @@ def _prepare_chunks(table: datasets.Dataset, image_processor, label_columns: Seq
     return paths
 
 
-def table_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare_training_set(table: datasets.Dataset, image_processor, output: Path, label_columns: Sequence[str],
                          source: dict, num_proc: int = 1, validation_fraction: float = 0.0, seed: int = 0) -> dict:
     """Write the prepared set of `table` (from `load_image_text_dataset`: `image` paths, `text`, `line`, `labels`,
@@ -197,5 +218,5 @@ def push_prepared_set(folder: Path, repo_id: str, private: bool = True) -> None:
     datasets.load_from_disk(str(folder)).push_to_hub(repo_id, private=private)
 
 
-__all__ = ["LICENCE_WARNING", "PREPARED_INFO", "cropped_image", "prepare_training_set", "processor_settings",
-           "push_prepared_set", "read_prepared_info", "table_sha256"]
+__all__ = ["LICENCE_WARNING", "PREPARED_INFO", "PixelTable", "cropped_image", "prepare_training_set", "processor_settings",
+           "push_prepared_set", "read_prepared_info", "stacked_pixels"]

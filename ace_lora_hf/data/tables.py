@@ -9,6 +9,7 @@ thousands.
 import codecs
 import csv
 import gzip
+import hashlib
 import json
 import math
 import re
@@ -29,6 +30,15 @@ def require_file(path: Path, what: str, advice: str = "") -> Path:
     if not path.is_file():
         raise DataFormatError(f"{path} not found: expected {what}{'; ' + advice if advice else ''}.")
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """The hash of a data file: a checkpoint continues, and a prepared set records, only the same data."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_text(path: Path, what: str) -> str:
@@ -277,5 +287,5 @@ class Row:
         return value
 
 
-__all__ = ["Row", "is_plain_file_name", "is_relative_path", "read_json_lines", "read_rows",
+__all__ = ["Row", "file_sha256", "is_plain_file_name", "is_relative_path", "read_json_lines", "read_rows",
            "read_table_rows", "read_text", "require_file", "shown"]

@@ -69,7 +69,9 @@ def _load(name: str, config: str | None, split: str, streaming: bool):
 
 
 def _check_columns(dataset, name: str, columns: ImageTextColumns, split_value: str | None) -> None:
-    found = list(dataset.column_names or dataset.features or [])
+    found = dataset.column_names
+    if found is None:  # a stream whose features are unknown until it is read: the collator names a missing column
+        return
     wanted = [columns.image, columns.text, *columns.labels, *([columns.split] if split_value else [])]
     missing = [column for column in wanted if column not in found]
     if missing:
