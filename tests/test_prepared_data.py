@@ -62,7 +62,8 @@ def prepare(table, output, *extra):
                   *map(str, extra)])
 
 
-def test_prepared_pixel_values_are_the_files_exactly(image_table, tmp_path):
+def test_prepared_pixel_values_are_the_files_exactly(image_table, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepared, "CHUNK_ROWS", 3)  # four chunks, for two worker processes
     prepare(image_table / "train.csv", tmp_path / "set", "--num-proc", 2)
     processor = AceLoraImageProcessor()
     saved = datasets.load_from_disk(str(tmp_path / "set"))["train"]

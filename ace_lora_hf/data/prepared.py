@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
+from contextlib import ExitStack
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -154,26 +155,20 @@ def _prepare_chunks(table: datasets.Dataset, image_processor, label_columns: Seq
     """Every chunk's file, writing those an earlier run has not (`num_proc` processes)."""
     starts = range(0, len(table), CHUNK_ROWS)
     paths = [parts / f"chunk_{index:06d}.arrow" for index in range(len(starts))]
-    jobs = [(table[start:start + CHUNK_ROWS], image_processor, label_columns, path)
-            for start, path in zip(starts, paths) if not path.is_file()]
-    if len(jobs) < len(paths):
-        logger.info("Resuming: %d of %d chunks are already prepared.", len(paths) - len(jobs), len(paths))
-    bar = tqdm(total=len(jobs), desc="preparing", unit="chunk")
-    if num_proc == 1 or len(jobs) < 2:
-        results = map(_write_chunk, jobs)
-    else:
-        pool = get_context("spawn").Pool(num_proc)
-        results = pool.imap_unordered(_write_chunk, jobs)
-    try:
-        for error in results:
-            if error is not None:
+    pending = [(start, path) for start, path in zip(starts, paths) if not path.is_file()]
+    if len(pending) < len(paths):
+        logger.info("Resuming: %d of %d chunks are already prepared.", len(paths) - len(pending), len(paths))
+    # Made as the workers take them: a pool's pipe holds a few, so the rows' texts are never all copied at once.
+    jobs = ((table[start:start + CHUNK_ROWS], image_processor, label_columns, path) for start, path in pending)
+    with ExitStack() as stack:
+        if num_proc > 1 and len(pending) > 1:
+            results = stack.enter_context(get_context("spawn").Pool(num_proc)).imap_unordered(_write_chunk, jobs)
+        else:
+            results = map(_write_chunk, jobs)
+        for error in tqdm(results, total=len(pending), desc="preparing", unit="chunk"):
+            if error is not None:  # leaving the block stops the other workers; their finished chunks are kept
                 raise DataFormatError(f"{error} (fix or remove that row, then run the same command again: the "
                                       "prepared chunks are kept).")
-            bar.update(1)
-    finally:
-        bar.close()
-        if num_proc > 1 and len(jobs) >= 2:
-            pool.terminate()
     return paths
 
 
