@@ -27,7 +27,8 @@ from transformers import AutoModel, AutoProcessor
 import ace_lora_hf  # noqa: F401
 from _common import base_parser, interleaved_seconds, median_ratio, print_table, resolve_model, write_json
 from ace_lora_hf.data.image_tables import ImageTextCollator, ImageTextColumns, load_image_text_dataset
-from ace_lora_hf.data.prepared import PixelTable, prepare_training_set
+from ace_lora_hf.data.pixels import PixelTable
+from ace_lora_hf.data.prepared import prepare_training_set
 
 
 REPORT = "heart size is normal. there is mild atelectasis at the left lung base. no pneumothorax."
@@ -58,7 +59,7 @@ def load_routes(table: Path, output: Path, processor) -> tuple[list[dict], list[
     files = list(load_image_text_dataset(table, ImageTextColumns(labels=())))
     start = time.perf_counter()
     prepare_training_set(load_image_text_dataset(table, ImageTextColumns(labels=())), processor.image_processor,
-                         output, (), {"table": table.name})
+                         output, ImageTextColumns(labels=()), {"table": table.name})
     preparation = time.perf_counter() - start
     prepared = datasets.load_from_disk(str(output))["train"].cast_column("image", datasets.Image(decode=False))
     return files, list(prepared), preparation
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
     table = synthetic_xrays(args.cache / f"xrays_{args.height}x{args.width}", args.count, args.height, args.width)
     files, prepared, preparation = load_routes(table, work / "prepared", processor)
     from_files = ImageTextCollator(processor)
-    from_set = ImageTextCollator(processor, columns=ImageTextColumns(text="text", labels=()), uint8_pixels=True)
+    from_set = ImageTextCollator(processor, columns=ImageTextColumns(labels=()), uint8_pixels=True)
     finish = PixelTable(processor.image_processor)
     difference = (from_files(files)["pixel_values"] - finish(from_set(prepared)["pixel_values"])).abs().max().item()
 

@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
                "inference": inference_speed(model_dir, args.device, sizes["inference_batch"], rounds),
                "training": training_speed(model_dir, args.device, sizes["train_batch"], rounds)}
     dataset = prepared_set(args, processor, work, sizes["synthetic"])
-    collate = ImageTextCollator(processor, columns=ImageTextColumns(text="text", labels=()), uint8_pixels=True)
+    collate = ImageTextCollator(processor, columns=ImageTextColumns(labels=()), uint8_pixels=True)
     max_workers = args.max_workers or (2 if args.quick else min(16, len(os.sched_getaffinity(0))))
     results["loader_images_per_s"] = {workers: loader_speed(dataset, collate, sizes["loader_batch"], workers,
                                                             sizes["loader_images"])

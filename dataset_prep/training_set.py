@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         source = {"table": os.path.basename(args.input), "sha256": file_sha256(args.input), "split": args.split,
                   "image_column": args.image_column, "text_column": args.text_column,
                   "patient_column": args.patient_column}
-        info = prepare_training_set(table, image_processor, args.output, columns.labels, source, args.num_proc,
+        info = prepare_training_set(table, image_processor, args.output, columns, source, args.num_proc,
                                     args.validation_fraction, args.seed)
     counts = ", ".join(f"{name} {split['rows']} rows" + (f" ({split['patients']} patients)" if "patients" in split
                                                          else "") for name, split in info["splits"].items())

@@ -32,7 +32,8 @@ from ace_lora_hf import AceLoraModel
 from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.data.image_tables import (CHEXPERT_LABELS, ImageClassificationSet, ImageTextCollator,
                                           ImageTextColumns, load_image_text_dataset, read_image_labels)
-from ace_lora_hf.data.prepared import PixelTable, processor_settings
+from ace_lora_hf.data.pixels import PixelTable
+from ace_lora_hf.data.prepared import processor_settings
 from ace_lora_hf.data.tables import file_sha256
 from ace_lora_hf.data.training_sets import TrainingSource, load_training_source
 from ace_lora_hf.errors import ConfigError, InvalidArgumentError

@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoProcessor
 from ace_lora_hf import AceLoraImageProcessor
 from ace_lora_hf.data import prepared
 from ace_lora_hf.data.image_tables import ImageTextCollator, ImageTextColumns, load_image_text_dataset
+from ace_lora_hf.data.pixels import PixelTable, stacked_pixels
 from ace_lora_hf.models.ace_lora.image_loading import load_image
 from dataset_prep.__main__ import main as prepare_main
 
@@ -84,10 +85,10 @@ def test_a_batch_from_the_prepared_set_has_the_files_loss(image_table, tiny_hub_
     files = list(load_image_text_dataset(image_table / "train.csv", columns))
     saved = datasets.load_from_disk(str(tmp_path / "set"))["train"].cast_column("image", datasets.Image(decode=False))
     from_files = ImageTextCollator(processor)(files)
-    from_set = ImageTextCollator(processor, columns=ImageTextColumns(text="text", labels=LABELS),
+    from_set = ImageTextCollator(processor, columns=ImageTextColumns(labels=LABELS),
                                  uint8_pixels=True)(list(saved))
     assert from_set["pixel_values"].dtype == torch.uint8 and from_set["pixel_values"].shape == (10, 3, 32, 32)
-    from_set["pixel_values"] = prepared.PixelTable(processor.image_processor)(from_set["pixel_values"])
+    from_set["pixel_values"] = PixelTable(processor.image_processor)(from_set["pixel_values"])
     assert from_files.keys() == from_set.keys()
     for key in from_files:
         assert torch.equal(from_files[key].nan_to_num(7), from_set[key].nan_to_num(7)), key
@@ -102,9 +103,9 @@ def test_pixel_table_finishes_grayscale_batches_exactly(image_table, tmp_path):
     prepare(image_table / "train.csv", tmp_path / "set")
     processor = AceLoraImageProcessor()
     gray = [row["image"] for row in datasets.load_from_disk(str(tmp_path / "set"))["train"] if row["image"].mode == "L"]
-    pixels = prepared.stacked_pixels(gray)
+    pixels = stacked_pixels(gray)
     assert pixels.shape == (len(gray), 1, 224, 224) and len(gray) == 7
-    assert torch.equal(prepared.PixelTable(processor)(pixels), processor(gray, return_tensors="pt")["pixel_values"])
+    assert torch.equal(PixelTable(processor)(pixels), processor(gray, return_tensors="pt")["pixel_values"])
 
 
 def test_validation_split_keeps_each_patient_in_one_split(image_table, tmp_path):

@@ -78,9 +78,9 @@ def parquet_files(prepared_set, tmp_path_factory):
 
 
 def dataset_command(model, dataset, output, *extra):
-    return ["--model", str(model), "--dataset_name", str(dataset), "--output_dir", str(output), "--text_column",
-            "text", "--label_columns", *LABELS, "--batch_size", "4", "--learning_rate", "1e-2", "--warmup_epochs",
-            "0.5", "--num_workers", "0", "--seed", "3", *map(str, extra)]
+    return ["--model", str(model), "--dataset_name", str(dataset), "--output_dir", str(output), "--label_columns",
+            *LABELS, "--batch_size", "4", "--learning_rate", "1e-2", "--warmup_epochs", "0.5", "--num_workers", "0",
+            "--seed", "3", *map(str, extra)]
 
 
 def test_a_prepared_set_trains(prepared_set, tiny_hub_folder, tmp_path):

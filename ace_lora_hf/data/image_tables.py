@@ -19,7 +19,7 @@ from transformers.utils import logging
 from ..errors import DataFormatError, ImageLoadError
 from ..models.ace_lora.image_loading import load_image
 from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
-from .prepared import stacked_pixels
+from .pixels import stacked_pixels
 from .tables import read_table_rows
 
 

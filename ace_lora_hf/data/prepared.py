@@ -7,7 +7,7 @@ grayscale, DICOM and 16-bit files included, "RGB" for colour), which is resized 
 only then is it made RGB, rescaled and normalised. The prepared set stores the image at that point, after the crop,
 as a PNG of the same 8-bit pixels (one channel for grayscale), so the rest of the processor, run on it, gives
 `pixel_values` identical to those of the file: the processor itself (resizing an image that already has its size
-returns it unchanged), or `PixelTable` on the device.
+returns it unchanged), or `PixelTable` (`ace_lora_hf.data.pixels`) on the device.
 
 The set is a Hugging Face `datasets.DatasetDict` written with `save_to_disk` (Arrow shards, `train` and, with a
 validation fraction, `validation`), plus `ace_lora_prepared.json`: the processor settings it was made with, the
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import torch
 from datasets.arrow_writer import ArrowWriter
 from PIL import Image
 from tqdm.auto import tqdm
@@ -35,6 +34,7 @@ from transformers.utils import logging
 from ..errors import DataFormatError, ImageLoadError
 from ..models.ace_lora.image_loading import load_image
 from ..outputs.safe_outputs import atomic_folder, write_json_atomic
+from .image_tables import ImageTextColumns
 from .splits import patient_disjoint_split
 
 
@@ -60,35 +60,6 @@ def cropped_image(image_processor, image: Image.Image) -> Image.Image:
     if pixels.dtype != np.uint8:
         raise TypeError(f"the image processor made {pixels.dtype} pixels before normalising; expected uint8")
     return Image.fromarray(pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1))
-
-
-def stacked_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
-    """Prepared images (all of one size) as a uint8 batch `(B, C, H, W)`: one channel if all are grayscale, else 3."""
-    if all(image.mode == "L" for image in images):
-        return torch.from_numpy(np.stack([np.asarray(image) for image in images]))[:, None]
-    arrays = [np.asarray(image.convert("RGB")) for image in images]  # a grayscale image's RGB repeats its channel
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-
-class PixelTable:
-    """The image processor's last steps (made RGB, rescaled, normalised) as a table of its output for each of the
-    256 levels of each channel, computed by the processor itself, so looking pixels up gives its exact values.
-
-    A loader of a prepared set hands over 8-bit pixels (`stacked_pixels`) and the training step looks them up where
-    the batch is, on the GPU: a loader worker then only decodes a small PNG."""
-
-    def __init__(self, image_processor):
-        levels = Image.fromarray(np.arange(256, dtype=np.uint8)[None, :])
-        values = image_processor(levels, do_resize=False, do_center_crop=False, return_tensors="pt")["pixel_values"]
-        self.table = values[0, :, 0, :]  # (3 channels, 256 levels)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """float `pixel_values` (B, 3, H, W) of uint8 `pixels` (B, 1 or 3, H, W), on `pixels`' device."""
-        table = self.table.to(pixels.device)
-        indices = pixels.long()
-        if pixels.shape[1] == 1:
-            return table[:, indices[:, 0]].transpose(0, 1)
-        return torch.stack([table[channel][indices[:, channel]] for channel in range(3)], dim=1)
 
 
 def processor_settings(image_processor) -> dict:
@@ -172,18 +143,23 @@ def _prepare_chunks(table: datasets.Dataset, image_processor, label_columns: Seq
     return paths
 
 
-def prepare_training_set(table: datasets.Dataset, image_processor, output: Path, label_columns: Sequence[str],
+def prepare_training_set(table: datasets.Dataset, image_processor, output: Path, columns: ImageTextColumns,
                          source: dict, num_proc: int = 1, validation_fraction: float = 0.0, seed: int = 0) -> dict:
-    """Write the prepared set of `table` (from `load_image_text_dataset`: `image` paths, `text`, `line`, `labels`,
-    optionally `patient`) to `output` and return its metadata (also written as `ace_lora_prepared.json`).
+    """Write the prepared set of `table` (from `load_image_text_dataset` with `columns`: `image` paths, `text`,
+    `line`, `labels`, optionally `patient`) to `output` and return its metadata (also written as
+    `ace_lora_prepared.json`). The set keeps the table's names for the image, report and label columns, so that
+    training reads it with the options that read the table.
 
     With `validation_fraction`, that share of the patients (of the rows, without a patient column) forms a
     `validation` split; every patient's rows stay in one split."""
     settings = processor_settings(image_processor)
-    request = {"source": source, "label_columns": list(label_columns), "image_processor": settings}
+    label_columns = list(columns.labels)
+    request = {"source": source, "label_columns": label_columns, "image_processor": settings}
     parts = _parts_folder(output, request)
     paths = _prepare_chunks(table, image_processor, label_columns, parts, num_proc)
     prepared = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in paths])
+    prepared = prepared.rename_columns({name: wanted for name, wanted in (("image", columns.image),
+                                                                          ("text", columns.text)) if name != wanted})
     has_patients = "patient" in table.column_names
     groups = table["patient"] if has_patients else table["line"]
     splits = np.asarray(patient_disjoint_split(groups, validation_fraction, seed), dtype=object)
@@ -215,5 +191,5 @@ def push_prepared_set(folder: Path, repo_id: str, private: bool = True) -> None:
     datasets.load_from_disk(str(folder)).push_to_hub(repo_id, private=private)
 
 
-__all__ = ["LICENCE_WARNING", "PREPARED_INFO", "PixelTable", "cropped_image", "prepare_training_set", "processor_settings",
-           "push_prepared_set", "read_prepared_info", "stacked_pixels"]
+__all__ = ["LICENCE_WARNING", "PREPARED_INFO", "cropped_image", "prepare_training_set", "processor_settings",
+           "push_prepared_set", "read_prepared_info"]
