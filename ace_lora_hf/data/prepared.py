@@ -35,7 +35,7 @@ from ..errors import DataFormatError, ImageLoadError
 from ..models.ace_lora.image_loading import load_image
 from ..outputs.safe_outputs import atomic_folder, write_json_atomic
 from .image_tables import ImageTextColumns
-from .splits import patient_disjoint_split
+from .splits import check_patient_disjoint, patient_disjoint_split
 
 
 logger = logging.get_logger(__name__)
@@ -163,6 +163,8 @@ def prepare_training_set(table: datasets.Dataset, image_processor, output: Path,
     has_patients = "patient" in table.column_names
     groups = table["patient"] if has_patients else table["line"]
     splits = np.asarray(patient_disjoint_split(groups, validation_fraction, seed), dtype=object)
+    patients = check_patient_disjoint(zip(groups, splits, (f"line {line}" for line in table["line"])),
+                                      str(source.get("table"))) if has_patients else {}
     info = {**request, "validation_fraction": validation_fraction, "seed": seed,
             "patient_column": source.get("patient_column"), "patient_disjoint": True if has_patients else None,
             "splits": {}}
@@ -170,8 +172,7 @@ def prepare_training_set(table: datasets.Dataset, image_processor, output: Path,
     for name in dict.fromkeys(splits):
         indices = np.flatnonzero(splits == name)
         subsets[name] = prepared.select(indices)
-        info["splits"][name] = {"rows": len(indices),
-                                **({"patients": len({groups[i] for i in indices})} if has_patients else {})}
+        info["splits"][name] = {"rows": len(indices), **({"patients": patients[name]} if has_patients else {})}
     with atomic_folder(output) as staging:
         datasets.DatasetDict(subsets).save_to_disk(str(staging))
         write_json_atomic(staging / PREPARED_INFO, info)
