@@ -142,3 +142,18 @@ def test_a_set_prepared_for_another_processor_is_refused(synthetic_data, tiny_hu
     code, err = run_cli_in_process(pretrain.main, [*dataset_command(tiny_hub_folder, tmp_path / "set224",
                                                                     tmp_path / "run"), "--no_labels"], capsys)
     assert code == 2 and "prepared with image processor settings" in err and "prepare it again with --model" in err
+
+
+def test_a_prepared_folder_streams_and_train_split_selects_rows(prepared_set, tiny_hub_folder, tmp_path):
+    """The prepared folder read as a stream; --train_split keeps only the rows of one value of a split column."""
+    with_split = tmp_path / "with_split"
+    train = datasets.load_from_disk(str(prepared_set))["train"]
+    train.add_column("split", ["train"] * 12 + ["other"] * 8).save_to_disk(str(with_split))
+    before = sorted(path.name for path in with_split.iterdir())
+    output = tmp_path / "run"
+    run_pretrain(dataset_command(tiny_hub_folder, with_split, output, "--train_split", "train", "--num_epochs", 1))
+    assert json.loads((output / "training_history.json").read_text())[0]["step"] == 3  # 12 rows, batches of 4
+    assert sorted(path.name for path in with_split.iterdir()) == before  # nothing written into the input
+    run_pretrain(dataset_command(tiny_hub_folder, prepared_set, tmp_path / "streamed", "--streaming",
+                                 "--max_train_steps", 2, "--num_epochs", 1))
+    assert (tmp_path / "streamed" / "final" / "model.safetensors").is_file()

@@ -87,8 +87,9 @@ def load_training_source(name: str, columns: ImageTextColumns, config: str | Non
     _check_columns(dataset, name, columns, split_value)
     if isinstance((dataset.features or {}).get(columns.image), datasets.Image):
         dataset = dataset.cast_column(columns.image, datasets.Image(decode=False))
-    if split_value:
-        dataset = dataset.filter(lambda value: value == split_value, input_columns=columns.split)
+    if split_value:  # a map-style filter keeps its row indices in memory, writing nothing into the dataset's folder
+        dataset = dataset.filter(lambda value: value == split_value, input_columns=columns.split,
+                                 **({} if streaming else {"keep_in_memory": True}))
     if not streaming and len(dataset) == 0:
         raise DataFormatError(f"--dataset_name {name}: no rows" + (f" in split {split_value!r}." if split_value
                                                                       else "."))
