@@ -11,7 +11,8 @@ schedule's warm-up) are `ceil(max_train_steps / num_epochs)` steps each; passes 
 them. The order of a pass is fixed by the seed and the pass's number (the shard order and the shuffle buffer of
 `IterableDataset.shuffle`), so where a process stands is a count of rows: a resumed run reads the stream again up
 to that count without decoding images (passes it has finished are skipped by their length), and continues exactly
-where the interrupted run was. The same count of processes and `--num_workers` reproduce the same order.
+where the interrupted run was. The same number of processes reproduces the same order (rows are read in
+the main process; `--num_workers` threads only decode them).
 """
 
 import itertools
