@@ -7,8 +7,9 @@
 `mimic-cxr-2.0.0-chexpert.csv(.gz)` and `files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg`; --reports holds MIMIC-CXR's
 `files/pXX/pSUBJECT/sSTUDY.txt` (default: --input). Frontal views only (ViewPosition PA or AP). Writes
 `mimic_cxr.csv`: image, report (the FINDINGS and IMPRESSION sections, or the whole report when it has neither),
-split (the official train/validate/test) and the 14 CheXpert labels (1, 0, -1 uncertain, empty). Studies without
-a report file are left out and counted.
+split (the official train/validate/test), subject_id (the patient: `ace-lora-prepare training-set --patient-column
+subject_id` keeps each patient in one split) and the 14 CheXpert labels (1, 0, -1 uncertain, empty). Studies without
+a report file are left out and counted. A split table that puts one patient in two splits is refused.
 """
 
 import re
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.errors import DataFormatError
+from ace_lora_hf.data.splits import check_patient_disjoint
 from ace_lora_hf.data.tables import read_text
 from dataset_prep._common import check_consistent, locked_outputs, parser, read_rows, require_dir, write_tables
 
@@ -81,11 +83,17 @@ def frontal_images(metadata_path: Path) -> list[tuple[int, str, int, int]]:
 
 
 def official_splits(split_path: Path) -> dict[str, str]:
-    """dicom_id -> train, validate or test."""
+    """dicom_id -> train, validate or test; every patient (subject_id) in one split only."""
     first_rows = {}
-    for row in tqdm(read_rows(split_path, ["dicom_id", "split"], "MIMIC-CXR-JPG's split table"), desc="splits"):
-        check_consistent(first_rows, row.file_name("dicom_id"), {"split": row.one_of("split", SPLITS)}, row,
-                         "dicom_id")
+
+    def patient_splits():
+        for row in tqdm(read_rows(split_path, ["dicom_id", "subject_id", "split"], "MIMIC-CXR-JPG's split table"),
+                        desc="splits"):
+            split = row.one_of("split", SPLITS)
+            check_consistent(first_rows, row.file_name("dicom_id"), {"split": split}, row, "dicom_id")
+            yield row.whole_number("subject_id"), split, f"line {row.line}"
+
+    check_patient_disjoint(patient_splits(), str(split_path))
     return {dicom_id: values["split"] for dicom_id, (values, _) in first_rows.items()}
 
 
@@ -117,6 +125,7 @@ def training_rows(metadata_path: Path, split_path: Path, chexpert_path: Path, re
                                   "the release's tables together.")
         labels = labels_of.get((subject_id, study_id), {})
         rows.append({"image": f"{folder}/{dicom_id}.jpg", "report": reports[study_id], "split": split_of[dicom_id],
+                     "subject_id": subject_id,
                      **{name: "" if labels.get(name) is None else labels[name] for name in CHEXPERT_LABELS}})
     if missing_reports:
         print(f"left out {missing_reports} image(s) whose study has no (or an empty) report in {reports_dir}")
@@ -128,7 +137,7 @@ def prepare(input_dir: Path, reports_dir: Path, output_dir: Path, overwrite: boo
     with locked_outputs(output_dir, tables, overwrite, [TABLE]):
         require_dir(input_dir / "files", "MIMIC-CXR-JPG's files/ folder")
         rows = training_rows(*tables, reports_dir)
-        write_tables(output_dir, {TABLE: (rows, ["image", "report", "split", *CHEXPERT_LABELS])})
+        write_tables(output_dir, {TABLE: (rows, ["image", "report", "split", "subject_id", *CHEXPERT_LABELS])})
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:

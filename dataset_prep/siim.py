@@ -10,6 +10,8 @@ pixel order) and every annotation of an image is merged. Writes:
 - `siim_classification.csv`: Path, Target, split (train 70% / test 30%, seed 42): the zero-shot test set;
 - `masks/<ImageId>.png` (0/255, the DICOM's size) and `siim_segmentation.csv`: Path, Mask (relative to --output), split
   (train 70% / valid 15% / test 15%, seed 42).
+The splits divide patients (PatientID, read from each DICOM's header), not images: all images of a patient are in
+one split, so no test score comes from a patient the model was trained on.
 """
 
 from collections.abc import Sequence
@@ -101,23 +103,26 @@ def _check_rle(row: Row, encoded: str, image_id: str) -> None:
         raise row.error("EncodedPixels", f"{RLE_EXPECTED} ({problem}; ImageId {image_id})") from None
 
 
-def image_sizes(images_dir: Path, images: dict[str, Annotations], labels_path: Path) -> dict[str, tuple[int, int]]:
-    """Every image's (height, width), read from its DICOM header, with each of its runs checked to fit."""
-    sizes = {}
+def image_headers(images_dir: Path, images: dict[str, Annotations],
+                  labels_path: Path) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """Every image's (height, width) and patient, read from its DICOM header, with each of its runs checked to fit."""
+    sizes, patients = {}, {}
     for image_id, annotations in tqdm(sorted(images.items()), desc="DICOM headers"):
         cited_by = f"{labels_path}, line {annotations.first_line}"
-        height, width = sizes[image_id] = dicom_size(images_dir, image_id, cited_by)
+        height, width, patients[image_id] = dicom_header(images_dir, image_id, cited_by)
+        sizes[image_id] = height, width
         for encoded, line in annotations.runs.items():
             end = sum(offset + length for offset, length in parse_rle(encoded))
             if end > height * width:
                 raise DataFormatError(f"{labels_path}, line {line}, column 'EncodedPixels': the runs reach pixel "
                                       f"{end}, beyond the {width}x{height} image {image_id}; use the release's table "
                                       "and images.")
-    return sizes
+    return sizes, patients
 
 
-def dicom_size(images_dir: Path, image_id: str, cited_by: str) -> tuple[int, int]:
-    """(height, width) from the header of `image_id`'s DICOM; `cited_by` names the table row that needs it."""
+def dicom_header(images_dir: Path, image_id: str, cited_by: str) -> tuple[int, int, str]:
+    """(height, width, PatientID) from the header of `image_id`'s DICOM; `cited_by` names the table row that needs
+    it."""
     path = images_dir / f"{image_id}.dcm"
     if not path.is_file():
         raise DataFormatError(f"{cited_by}: {path}, the DICOM of image {image_id!r}, not found; download the whole "
@@ -125,11 +130,15 @@ def dicom_size(images_dir: Path, image_id: str, cited_by: str) -> tuple[int, int
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
         height, width = int(header.Rows), int(header.Columns)
+        patient = str(header.get("PatientID", "")).strip()
     except (pydicom.errors.InvalidDicomError, AttributeError, EOFError, ValueError, TypeError) as error:
         raise DataFormatError(f"{path}: not a readable image DICOM ({error}); download it again.") from None
     if height < 1 or width < 1:
         raise DataFormatError(f"{path}: an image of {width}x{height} pixels; download it again.")
-    return height, width
+    if not patient:
+        raise DataFormatError(f"{path}: no PatientID in its header, which the splits need to keep each patient's "
+                              "images together; download it again.")
+    return height, width, patient
 
 
 def write_masks(masks_dir: Path, images: dict[str, Annotations], sizes: dict[str, tuple[int, int]]) -> None:
@@ -140,13 +149,14 @@ def write_masks(masks_dir: Path, images: dict[str, Annotations], sizes: dict[str
         Image.fromarray(mask * 255).save(masks_dir / f"{image_id}.png")
 
 
-def split_tables(images: dict[str, Annotations], labels_path: Path) -> dict[str, Table]:
-    """The classification and segmentation tables, with their seeded splits."""
+def split_tables(images: dict[str, Annotations], patients: dict[str, str], labels_path: Path) -> dict[str, Table]:
+    """The classification and segmentation tables, with their seeded splits of the patients."""
     ids = sorted(images)
     targets = {i: int(bool(images[i].runs)) for i in ids}
-    classification = split_ids(ids, {"train": 0.7, "test": 0.3}, seed=42)
+    classification = by_patient(split_ids(set(patients.values()), {"train": 0.7, "test": 0.3}, seed=42), patients)
     check_test_split_has_both_targets(classification, targets, labels_path)
-    segmentation = split_ids(ids, {"train": 0.7, "valid": 0.15, "test": 0.15}, seed=42)
+    segmentation = by_patient(split_ids(set(patients.values()), {"train": 0.7, "valid": 0.15, "test": 0.15}, seed=42),
+                              patients)
     paths = {i: f"{IMAGES_DIR}/{i}.dcm" for i in ids}
     return {
         CLASSIFICATION_TABLE: ([{"Path": paths[i], "Target": targets[i], "split": classification[i]} for i in ids],
@@ -156,13 +166,18 @@ def split_tables(images: dict[str, Annotations], labels_path: Path) -> dict[str,
     }
 
 
+def by_patient(patient_splits: dict[str, str], patients: dict[str, str]) -> dict[str, str]:
+    """Each image's split: its patient's."""
+    return {image_id: patient_splits[patient] for image_id, patient in patients.items()}
+
+
 def prepare(input_dir: Path, output_dir: Path, overwrite: bool = False) -> None:
     labels_path, images_dir = input_dir / LABELS_FILE, input_dir / IMAGES_DIR
     with locked_outputs(output_dir, [labels_path, images_dir], overwrite, [CLASSIFICATION_TABLE, SEGMENTATION_TABLE],
                         {MASKS_DIR: "*.png"}):
         images = read_annotations(labels_path)
-        sizes = image_sizes(require_dir(images_dir, "the DICOM folder"), images, labels_path)
-        tables = split_tables(images, labels_path)
+        sizes, patients = image_headers(require_dir(images_dir, "the DICOM folder"), images, labels_path)
+        tables = split_tables(images, patients, labels_path)
         # The tables are committed just before the masks folder, and neither when anything fails.
         with atomic_folder(output_dir / MASKS_DIR) as masks_dir:
             write_masks(masks_dir, images, sizes)

@@ -2,6 +2,13 @@
 """Fine-tune ACE-LoRA on image-report pairs with Accelerate: one GPU, many GPUs, or the CPU.
 
     accelerate launch examples/pretrain.py --model ace-lora/ --train_file mimic_cxr_train.csv --output_dir runs/ace
+    accelerate launch examples/pretrain.py --model ace-lora/ --dataset_name mimic_prepared/ --output_dir runs/ace
+
+The data is a table of image paths and reports (--train_file), or a Hugging Face dataset (--dataset_name): a folder
+`ace-lora-prepare training-set` wrote (images already resized: the fastest), any `save_to_disk` folder, Parquet or
+Arrow files, or a Hub dataset (read from the cache when offline). --streaming reads it as a stream, each process its
+own part; a stream has no length, so the run is --max_train_steps long, in --num_epochs epochs of
+ceil(max_train_steps / num_epochs) steps, and resumes exactly where it stopped.
 
 The defaults are the released recipe (SPEC §7): AdamW lr 1e-3, weight decay 1e-2, cosine schedule with one
 epoch of linear warm-up, 40 epochs, batch 64 per device, seed 1, label-guided InfoNCE on the 14 CheXpert labels,
@@ -25,17 +32,22 @@ from ace_lora_hf import AceLoraModel
 from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.data.image_tables import (CHEXPERT_LABELS, ImageClassificationSet, ImageTextCollator,
                                           ImageTextColumns, load_image_text_dataset, read_image_labels)
-from ace_lora_hf.errors import ConfigError
+from ace_lora_hf.data.pixels import PixelTable
+from ace_lora_hf.data.prepared import processor_settings
+from ace_lora_hf.data.tables import file_sha256
+from ace_lora_hf.data.training_sets import TrainingSource, load_training_source
+from ace_lora_hf.errors import ConfigError, InvalidArgumentError
 from ace_lora_hf.evaluation.metrics import classification_metrics
 from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss
 from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 from ace_lora_hf.sources.adapters import save_adapters
 from ace_lora_hf.sources.checkpoints import BaseModel, load_trained_model
-from ace_lora_hf.training.accelerator import build_accelerator, data_loader, file_sha256
+from ace_lora_hf.training.accelerator import build_accelerator, data_loader
 from ace_lora_hf.training.loop import TrainingRun
 from ace_lora_hf.training.options import TrainingArgumentParser, add_training_options
 from ace_lora_hf.training.run_folder import prepare_output_dir
 from ace_lora_hf.training.selection import Selection
+from ace_lora_hf.training.streaming import StreamingLoader, steps_per_epoch
 
 
 def parse_args(argv=None):
@@ -44,7 +56,12 @@ def parse_args(argv=None):
     add = parser.add_option
     add("model", data, required=True,
         help="ACE-LoRA folder or Hub id to start from (ace-lora-convert writes one), or a run's checkpoint folder.")
-    add("train_file", data, type=Path, required=True, help="CSV or JSON-lines table of image-report pairs.")
+    add("train_file", data, type=Path, help="CSV or JSON-lines table of image-report pairs.")
+    add("dataset_name", data, help="Instead of --train_file: a prepared set or other save_to_disk folder, Parquet or "
+                                   "Arrow files (a glob pattern too), or a Hub dataset id.")
+    add("dataset_config_name", data, help="The Hub dataset's configuration.")
+    add("dataset_split", data, default="train", help="The dataset's split to train on (default: %(default)s).")
+    add("streaming", data, action="store_true", help="Stream --dataset_name (needs --max_train_steps).")
     add("image_root", data, type=Path, help="Folder the image paths are relative to (default: the table's).")
     add("image_column", data, default="image", help="Column of image paths (default: %(default)s).")
     add("text_column", data, default="report", help="Column of report texts (default: %(default)s).")
@@ -64,7 +81,43 @@ def parse_args(argv=None):
     add("gradient_checkpointing", objective, action="store_true", help="Recompute tower activations in backward.")
     add_training_options(parser, num_epochs=40, batch_size=64, learning_rate=1e-3, weight_decay=1e-2,
                          warmup_epochs=1.0, seed=1)
-    return parser.parse(argv)
+    return check_data_options(parser.parse(argv))
+
+
+def check_data_options(args):
+    if bool(args.train_file) == bool(args.dataset_name):
+        raise InvalidArgumentError("give the training data as either --train_file TABLE or --dataset_name DATASET.")
+    if args.streaming and not (args.dataset_name and args.max_train_steps):
+        raise InvalidArgumentError("--streaming reads --dataset_name as a stream, which has no length: give "
+                                   "--dataset_name and --max_train_steps.")
+    return args
+
+
+def training_data(args, columns: ImageTextColumns) -> TrainingSource:
+    """The training rows, checked before any model is loaded, and what identifies them in a checkpoint."""
+    if args.dataset_name:
+        return load_training_source(args.dataset_name, columns, args.dataset_config_name, args.dataset_split,
+                                    args.train_split, args.streaming)
+    dataset = load_image_text_dataset(args.train_file, columns, args.image_root, args.train_split, args.skip_bad_rows)
+    return TrainingSource(dataset, None, {"train_file_sha256": file_sha256(args.train_file),
+                                          "train_rows": len(dataset)})
+
+
+def training_loader(accelerator: Accelerator, args, source: TrainingSource, processor, columns: ImageTextColumns):
+    """The training batches: a loader of the rows or, with --streaming, of this process's part of the stream."""
+    if source.prepared_info and source.prepared_info["image_processor"] != processor_settings(processor.image_processor):
+        raise ConfigError(f"--dataset_name {args.dataset_name}: prepared with image processor settings "
+                          f"{source.prepared_info['image_processor']}, which are not --model {args.model}'s; prepare it "
+                          "again with --model (ace-lora-prepare training-set).")
+    collator = ImageTextCollator(processor, skip_bad_images=args.skip_bad_rows,
+                                 columns=columns if args.dataset_name else None,
+                                 uint8_pixels=source.prepared_info is not None)
+    if args.streaming:
+        return StreamingLoader(source.dataset, collator, args.batch_size,
+                               steps_per_epoch(args.max_train_steps, args.num_epochs), args.seed,
+                               accelerator.process_index, accelerator.num_processes, accelerator.device,
+                               args.num_workers)
+    return data_loader(source.dataset, args, shuffle=True, collate_fn=collator)
 
 
 @torch.no_grad()
@@ -88,7 +141,7 @@ def main(argv=None) -> None:
     accelerator = build_accelerator(args)
     columns = ImageTextColumns(image=args.image_column, text=args.text_column, split=args.split_column,
                                labels=() if args.no_labels else tuple(args.label_columns))
-    dataset = load_image_text_dataset(args.train_file, columns, args.image_root, args.train_split, args.skip_bad_rows)
+    source = training_data(args, columns)
     validation = args.validation_file and read_image_labels(args.validation_file, args.validation_image_root)
     with prepare_output_dir(accelerator, args) as resume_checkpoint:
         model, processor = load_trained_model(args.model, AceLoraModel)
@@ -100,17 +153,19 @@ def main(argv=None) -> None:
             model.activation_checkpointing_enable()
         validation_loader = validation and accelerator.prepare(
             data_loader(ImageClassificationSet(validation, processor.image_processor), args, shuffle=False))
-        train_loader = data_loader(dataset, args, shuffle=True,
-                                   collate_fn=ImageTextCollator(processor, skip_bad_images=args.skip_bad_rows))
-        signature = {"train_file_sha256": file_sha256(args.train_file), "train_rows": len(dataset),
-                     "label_columns": list(columns.labels), "global_negatives": args.global_negatives}
+        train_loader = training_loader(accelerator, args, source, processor, columns)
+        signature = {**source.signature, "label_columns": list(columns.labels),
+                     "global_negatives": args.global_negatives}
         run = TrainingRun(accelerator, args, model, processor, train_loader, base=BaseModel.of(model, args.model),
                           selection=Selection("loss", higher_is_better=False), signature=signature,
                           resume_checkpoint=resume_checkpoint)
         loss_function = LabelGuidedInfoNCELoss(global_negatives=args.global_negatives)
+        pixel_table = PixelTable(processor.image_processor)
 
         def contrastive_loss(model, batch: dict) -> torch.Tensor:
             labels = batch.pop("labels", None)
+            if batch["pixel_values"].dtype == torch.uint8:  # a prepared set's pixels, finished on the device
+                batch["pixel_values"] = pixel_table(batch["pixel_values"])
             return loss_function(model(**batch), run.unwrapped_model.logit_scale, labels)
 
         def evaluate(epoch: int) -> dict:

@@ -1,6 +1,7 @@
 """The benchmark scripts run as the README shows and report every figure (timings are not asserted here)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,3 +37,27 @@ def test_training_benchmark_times_and_measures_every_configuration(tiny_hub_fold
     for step in steps.values():
         assert step["step_s"] > 0 and step["peak_gb"] >= step["after_loading_gb"] > 0 and step["speedup_over_float32"] > 0
     assert "Training step, batch 2" in printed
+
+
+def test_data_benchmark_compares_the_prepared_set_with_the_files(tiny_hub_folder, tmp_path):
+    results, printed = run_benchmark("bench_data.py", tmp_path, "--model", tiny_hub_folder, "--count", 4, "--height",
+                                     300, "--width", 250, "--batch-size", 2, "--rounds", 1, "--cache", tmp_path)
+    assert results["max_abs_pixel_difference"] == 0 and results["images"] == 4
+    for route in results["routes"].values():
+        assert route["load_s_per_sample"] > 0 and route["cores_per_1000_images_per_s"] > 0
+        assert route["train_images_per_s"] > 0
+    assert results["prepared_speedup_per_sample"] > 0 and "Data loading, 4 JPEGs of 250 x 300" in printed
+
+
+def test_gpu_check_runs_tiny_on_the_cpu_and_refuses_cleanly_without_cuda(tiny_hub_folder, tmp_path):
+    results, printed = run_benchmark("gpu_check.py", tmp_path, "--device", "cpu", "--quick", "--model",
+                                     tiny_hub_folder, "--cache", tmp_path)
+    assert results["probabilities"] == {"fp32_max_abs_difference": 0.0, "bf16_same_argmax": True}
+    assert results["inference"]["images_per_s"] > 0 and results["training"]["peak_gb"] > 0
+    assert list(results["loader_images_per_s"]) == ["1", "2"] and printed.startswith("**CPU**")
+    assert "| inference, batch 4, bfloat16, sdpa |" in printed
+    finished = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
+                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert finished.returncode == 1 and finished.stderr.strip().splitlines() == [
+        "gpu_check.py: error: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine, or "
+        "with --device cpu --quick to check the script."]

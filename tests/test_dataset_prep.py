@@ -13,6 +13,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -207,9 +208,39 @@ def siim_input(tmp_path_factory):
         image_id = f"1.2.3.{index}"
         rows.append([image_id, encode_rle(first) if index % 2 == 0 else "-1"])
     for image_id in {row[0] for row in rows}:
-        write_dicom(root / "stage_2_images" / f"{image_id}.dcm", np.zeros((height, width), np.uint8))
+        write_dicom(root / "stage_2_images" / f"{image_id}.dcm", np.zeros((height, width), np.uint8),
+                    PatientID=f"patient-{image_id}")
     write_rows(root / "stage_2_train.csv", ["ImageId", " EncodedPixels"], rows)  # the release's leading space
     return root, first | second, first
+
+
+def test_siim_splits_keep_each_patients_dicoms_together(tmp_path):
+    """Ten patients of three DICOMs each: split per image, six of them would land in train and test."""
+    (tmp_path / "in" / "stage_2_images").mkdir(parents=True)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 2:5] = 1
+    rows, patient_of = [], {}
+    for index in range(30):
+        image_id, patient = f"1.2.4.{index}", f"patient-{index // 3}"
+        rows.append([image_id, encode_rle(mask) if index // 3 % 2 else "-1"])
+        write_dicom(tmp_path / "in" / "stage_2_images" / f"{image_id}.dcm", np.zeros((8, 8), np.uint8),
+                    PatientID=patient)
+        patient_of[f"stage_2_images/{image_id}.dcm"] = patient
+    write_rows(tmp_path / "in" / "stage_2_train.csv", ["ImageId", "EncodedPixels"], rows)
+    siim.prepare(tmp_path / "in", tmp_path / "out")
+    for table, splits in (("siim_classification.csv", {"train": 7, "test": 3}),
+                          ("siim_segmentation.csv", {"train": 7, "valid": 2, "test": 1})):
+        split_of_patient = {}
+        for row in read_csv(tmp_path / "out" / table):
+            assert split_of_patient.setdefault(patient_of[row["Path"]], row["split"]) == row["split"], row
+        assert Counter(split_of_patient.values()) == splits  # patients, each with its three images
+
+
+def test_siim_refuses_a_dicom_without_a_patient(siim_input, tmp_path, capsys):
+    shutil.copytree(siim_input[0], tmp_path / "in")
+    write_dicom(tmp_path / "in" / "stage_2_images" / "1.2.3.4.dcm", np.zeros((12, 16), np.uint8), PatientID="")
+    error = refused(capsys, siim, "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert "1.2.3.4.dcm: no PatientID in its header" in error
 
 
 def test_siim_masks_are_decoded_pixel_exactly(siim_input, tmp_path):
@@ -340,8 +371,8 @@ CHEXPERT = mimic_cxr.CHEXPERT_LABELS
 def mimic_input(tmp_path_factory):
     root = tmp_path_factory.mktemp("mimic")
     images = [("d1", 10000032, 50000001, "PA", "train"), ("d2", 10000032, 50000001, "LATERAL", "train"),
-              ("d3", 10000032, 50000002, "AP", "validate"), ("d4", 11000011, 50000003, "PA", "test"),
-              ("d5", 11000011, 50000004, "AP", "train")]  # s50000004 has no report
+              ("d3", 10000032, 50000002, "AP", "train"), ("d4", 11000011, 50000003, "PA", "test"),
+              ("d5", 11000011, 50000004, "AP", "test")]  # s50000004 has no report
     write_rows(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
                [row[:4] for row in images], compress=True)
     write_rows(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
@@ -367,10 +398,11 @@ def test_mimic_training_table(mimic_input, tmp_path, capsys):
     mimic_cxr.prepare(mimic_input, mimic_input, tmp_path)
     rows = read_csv(tmp_path / "mimic_cxr.csv")
     assert "left out 1 image(s)" in capsys.readouterr().out
-    assert [(r["image"], r["split"], r["report"]) for r in rows] == [
-        ("files/p10/p10000032/s50000001/d1.jpg", "train", "Heart size is enlarged. Mild edema. Cardiomegaly."),
-        ("files/p10/p10000032/s50000002/d3.jpg", "validate", "No acute cardiopulmonary process."),
-        ("files/p11/p11000011/s50000003/d4.jpg", "test", "Normal chest."),
+    assert [(r["image"], r["split"], r["subject_id"], r["report"]) for r in rows] == [
+        ("files/p10/p10000032/s50000001/d1.jpg", "train", "10000032",
+         "Heart size is enlarged. Mild edema. Cardiomegaly."),
+        ("files/p10/p10000032/s50000002/d3.jpg", "train", "10000032", "No acute cardiopulmonary process."),
+        ("files/p11/p11000011/s50000003/d4.jpg", "test", "11000011", "Normal chest."),
     ]
     assert (rows[0]["Cardiomegaly"], rows[0]["Edema"], rows[0]["Atelectasis"]) == ("1", "-1", "")
     assert rows[1]["No Finding"] == "1" and all(rows[2][name] == "" for name in CHEXPERT)
@@ -396,6 +428,8 @@ MIMIC_BAD_ROWS = {
                                      "column 'split' is 'dev'; expected 'train' or 'validate' or 'test'"),
         "contradicting split": (b"d1,50000001,10000032,test",
                                 "column 'split' is 'test' but line 2 gives 'train' for the same dicom_id 'd1'"),
+        "patient in two splits": (b"d9,50000009,10000032,validate",
+                                  "patient 10000032 is in split 'validate', but line 2 puts them in split 'train'"),
     },
     "metadata": {
         "contradicting study": (b"d1,10000032,50000002,PA",
@@ -810,7 +844,7 @@ def test_a_table_failing_to_write_leaves_none_of_the_tables(rsna_input, tmp_path
 
 def test_the_dispatcher_knows_every_dataset_and_runs_one(lc25000_input, tmp_path):
     scripts = sorted(path.stem for path in (REPO_ROOT / "dataset_prep").glob("[!_]*.py"))
-    assert list(dispatcher.DATASETS) == scripts
+    assert [name.replace("-", "_") for name in dispatcher.DATASETS] == scripts  # training-set: training_set.py
     with pytest.raises(SystemExit) as exit_info:
         run_cli(dispatcher.main, ["lc25000", "--input", str(lc25000_input), "--output", str(tmp_path)])
     assert exit_info.value.code == 0 and len(read_csv(tmp_path / "lc25000_colon.csv")) == 4
@@ -835,7 +869,7 @@ def run_together(*commands, cwd) -> list[tuple[int, str, str]]:
 def test_scripts_run_from_the_command_line(script, capsys, monkeypatch):
     """Each file's `__main__` block, in-process (a new process per file would import torch seven times); the
     lc25000 and rsna tests below start real processes."""
-    path = REPO_ROOT / "dataset_prep" / f"{script}.py"
+    path = REPO_ROOT / "dataset_prep" / f"{script.replace('-', '_')}.py"
     monkeypatch.setattr(sys, "argv", [str(path), "--help"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(path), run_name="__main__")
@@ -863,3 +897,17 @@ def test_lc25000_command_line_run(lc25000_input, tmp_path):
     assert len(read_csv(tmp_path / "lc25000_lung.csv")) == 6
     code, _, err = run_together(command, cwd=tmp_path)[0]
     assert code == EXIT_USER_ERROR and "--overwrite" in err and "Traceback" not in err
+
+
+def test_release_tables_are_read_as_a_stream(tmp_path):
+    """An 11 MB table (gzip) costs the reader a few hundred kB, not the table's size."""
+    import tracemalloc
+
+    lines = b"".join(b"%d,%d,5%07d,PA\n" % (index, 10000000 + index, index) for index in range(400_000))
+    path = tmp_path / "metadata.csv.gz"
+    path.write_bytes(gzip.compress(b"dicom_id,subject_id,study_id,ViewPosition\n" + lines, compresslevel=1))
+    tracemalloc.start()
+    count = sum(1 for _ in common.read_rows(path, ["dicom_id", "ViewPosition"], "a metadata table"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 400_000 and len(lines) > 11_000_000 and peak < 1_000_000

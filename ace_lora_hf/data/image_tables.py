@@ -19,6 +19,7 @@ from transformers.utils import logging
 from ..errors import DataFormatError, ImageLoadError
 from ..models.ace_lora.image_loading import load_image
 from ..models.ace_lora.processing_ace_lora import AceLoraProcessor
+from .pixels import stacked_pixels
 from .tables import read_table_rows
 
 
@@ -113,6 +114,7 @@ class ImageTextColumns:
     text: str = "report"
     split: str = "split"
     labels: Sequence[str] = field(default_factory=lambda: CHEXPERT_LABELS)
+    patient: str | None = None
 
 
 def load_image_text_dataset(
@@ -133,14 +135,18 @@ def load_image_text_dataset(
     """
     path = Path(path)
     advice = "Name yours with --image_column / --text_column / --label_columns (or --no_labels)."
-    frame = read_table(path, [columns.image, columns.text, *columns.labels], option, split, columns.split, advice)
+    patient = [columns.patient] if columns.patient else []
+    frame = read_table(path, [columns.image, columns.text, *columns.labels, *patient], option, split, columns.split,
+                       advice)
     root = Path(image_root) if image_root is not None else path.parent
-    records, skipped = {"image": [], "text": [], "line": [], "labels": []}, 0
+    records, skipped = {"image": [], "text": [], "line": [], "labels": [], "patient": []}, 0
     for line, record in numbered_rows(frame):
         labels = [parse_number(record[name], (1.0, 0.0, -1.0), path, line, name) for name in columns.labels]
         problem = missing_file(root, record[columns.image], columns.image)
         if problem is None and not record[columns.text].strip():
             problem = f"empty report in column {columns.text!r}"
+        if problem is None and patient and not record[columns.patient].strip():
+            problem = f"no patient in column {columns.patient!r}"
         if problem:
             if not skip_bad_rows:
                 raise DataFormatError(f"{path}, line {line}: {problem} (pass --skip_bad_rows to drop such rows).")
@@ -150,12 +156,15 @@ def load_image_text_dataset(
         records["text"].append(record[columns.text].strip())
         records["line"].append(line)
         records["labels"].append(labels)
+        records["patient"].append(record[columns.patient].strip() if patient else "")
     if skipped:
         logger.warning("%s: skipped %d bad row(s) of %d.", path, skipped, len(frame))
     if not records["line"]:
         raise DataFormatError(f"{path}: no usable rows" + (f" in split {split!r}." if split else "."))
     if not columns.labels:
         del records["labels"]
+    if not patient:
+        del records["patient"]
     return datasets.Dataset.from_dict(records)
 
 
@@ -163,22 +172,49 @@ class ImageTextCollator:
     """Turns dataset rows into a model batch: decodes images (in DataLoader workers) and tokenizes reports with the
     processor, which owns the tokenisation settings (context length, padding, truncation).
 
+    Rows come from `load_image_text_dataset` (`image` a path, `text`, `line`, `labels` a list) or, with
+    `columns`, from a `datasets` dataset: its image column holds paths, PIL images or `{"bytes", "path"}` (the
+    `Image` feature with `decode=False`), and each label is a column of its own (1, 0, -1 or empty).
+
     With `skip_bad_images`, an unreadable image drops its row from the batch and is counted in the batch's
     `num_skipped` (a batch may end up with no rows: only `num_skipped`); otherwise it raises `ImageLoadError` naming
-    the table row and the file.
+    the table row and the file. With `uint8_pixels` (rows of a prepared set, whose images have the processor's size
+    already), `pixel_values` are the images' 8-bit pixels, for `PixelTable` to finish on the device.
     """
 
-    def __init__(self, processor: AceLoraProcessor, skip_bad_images: bool = False):
+    def __init__(self, processor: AceLoraProcessor, skip_bad_images: bool = False,
+                 columns: ImageTextColumns | None = None, uint8_pixels: bool = False):
         self.processor = processor
         self.skip_bad_images = skip_bad_images
+        self.columns = columns
+        self.uint8_pixels = uint8_pixels
 
     def _load(self, item: dict):
+        source = item[self.columns.image] if self.columns else item["image"]
+        if isinstance(source, dict):
+            source = source.get("bytes") or source.get("path")
+        where = f"line {item['line']}" if "line" in item else f"a row of column {self.columns.image!r}"
         try:
-            return load_image(item["image"], name=f"line {item['line']}: {item['image']}")
+            return load_image(source, name=f"{where}: {source}" if isinstance(source, str) else where)
         except ImageLoadError:
             if self.skip_bad_images:
                 return None
             raise
+
+    def _labels(self, items: Sequence[dict]) -> torch.Tensor | None:
+        if self.columns is None:
+            return torch.tensor([item["labels"] for item in items], dtype=torch.float32) if "labels" in items[0] \
+                else None
+        if not self.columns.labels:
+            return None
+        labels = torch.tensor([[math.nan if item[name] is None else float(item[name]) for name in self.columns.labels]
+                               for item in items], dtype=torch.float32)
+        valid = labels.isnan() | (labels == 1) | (labels == 0) | (labels == -1)
+        if not valid.all():
+            column = self.columns.labels[int(valid.all(dim=0).logical_not().nonzero()[0])]
+            raise DataFormatError(f"label column {column!r} holds {labels[~valid][0].item():g}; expected 1, 0, -1 or "
+                                  "empty (pass the label columns with --label_columns, or --no_labels).")
+        return labels
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         loaded = [self._load(item) for item in items]
@@ -187,11 +223,18 @@ class ImageTextCollator:
         if not kept:
             return {"num_skipped": num_skipped}
         items, images = zip(*kept)
-        inputs = self.processor(images=list(images), text=[item["text"] for item in items], return_tensors="pt")
-        batch = {name: inputs[name] for name in ("pixel_values", "input_ids", "attention_mask")}
+        texts = [str(item[self.columns.text] if self.columns else item["text"]).strip() for item in items]
+        if self.uint8_pixels:
+            inputs = self.processor(text=texts, return_tensors="pt")
+            batch = {"pixel_values": stacked_pixels(images), "input_ids": inputs["input_ids"],
+                     "attention_mask": inputs["attention_mask"]}
+        else:
+            inputs = self.processor(images=list(images), text=texts, return_tensors="pt")
+            batch = {name: inputs[name] for name in ("pixel_values", "input_ids", "attention_mask")}
         batch["num_skipped"] = num_skipped
-        if "labels" in items[0]:
-            batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=torch.float32)
+        labels = self._labels(items)
+        if labels is not None:
+            batch["labels"] = labels
         return batch
 
 

@@ -9,7 +9,7 @@ thousands.
 import codecs
 import csv
 import gzip
-import io
+import hashlib
 import json
 import math
 import re
@@ -32,6 +32,15 @@ def require_file(path: Path, what: str, advice: str = "") -> Path:
     return path
 
 
+def file_sha256(path: Path) -> str:
+    """The hash of a data file: a checkpoint continues, and a prepared set records, only the same data."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_text(path: Path, what: str) -> str:
     """The UTF-8 text of `path` (plain or .gz); a file in another encoding is refused naming its first bad line."""
     return _decode(path, _read_bytes(path, what), is_table=False)
@@ -51,14 +60,31 @@ def read_table_rows(path: Path, columns: Sequence[str], what: str, advice: str =
 
 def read_rows(path: Path, columns: Sequence[str], what: str, advice: str = "") -> Iterator["Row"]:
     """The data rows of a UTF-8 CSV table (plain or .gz), each holding `columns`, which are checked now; blank lines
-    are skipped."""
-    text = _decode(path, _read_bytes(path, what), is_table=True)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header = [restored(name.strip()) for name in _next_record(reader, path, 1) or []]
-    if not header:
-        raise DataFormatError(f"{path} is empty: expected {what} with columns {list(columns)}.")
-    _check_header(path, header, columns, advice)
-    return _rows(reader, path, header, columns)
+    are skipped. The file is read as it is iterated, so memory does not grow with the table (a release's table can
+    be hundreds of MB)."""
+    rows = _streamed_rows(require_file(path, what), columns, what, advice)
+    next(rows)  # reads and checks the header now
+    return rows
+
+
+def _streamed_rows(path: Path, columns: Sequence[str], what: str, advice: str) -> Iterator["Row | None"]:
+    """None once the header is checked, then the rows."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as file:
+            reader = csv.reader(file, strict=True)
+            header = [restored(name.strip()) for name in _next_record(reader, path, 1) or []]
+            if not header:
+                raise DataFormatError(f"{path} is empty: expected {what} with columns {list(columns)}.")
+            _check_header(path, header, columns, advice)
+            yield None
+            yield from _rows(reader, path, header, columns)
+    except UnicodeDecodeError:
+        # Found in the middle of a block: the whole file, read again, says where (only on this error's path).
+        _decode(path, _read_bytes(path, what), is_table=True)
+        raise
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataFormatError(f"{path} is not a complete gzip file ({error}); download it again.") from None
 
 
 def read_json_lines(path: Path, columns: Sequence[str], what: str, advice: str = "") -> Iterator["Row"]:
@@ -261,5 +287,5 @@ class Row:
         return value
 
 
-__all__ = ["Row", "is_plain_file_name", "is_relative_path", "read_json_lines", "read_rows",
+__all__ = ["Row", "file_sha256", "is_plain_file_name", "is_relative_path", "read_json_lines", "read_rows",
            "read_table_rows", "read_text", "require_file", "shown"]

@@ -1,8 +1,6 @@
 """The Accelerator of a training run and its data loaders."""
 
 import argparse
-import hashlib
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -45,13 +43,4 @@ def data_loader(dataset: Dataset, args: argparse.Namespace, shuffle: bool, colla
                       generator=torch.Generator().manual_seed(args.seed))
 
 
-def file_sha256(path: Path) -> str:
-    """The hash of a data file, part of a run's signature: a checkpoint continues only a run on the same data."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-__all__ = ["build_accelerator", "data_loader", "file_sha256"]
+__all__ = ["build_accelerator", "data_loader"]

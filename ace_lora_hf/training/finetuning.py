@@ -23,13 +23,14 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
 from ..data.image_tables import missing_file, numbered_rows, read_table
+from ..data.tables import file_sha256
 from ..errors import DataFormatError, ImageLoadError, InvalidArgumentError
 from ..evaluation.metrics import detection_map, dice_metrics
 from ..models.ace_lora.image_loading import load_image
 from ..models.ace_lora.modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, box_area
 from ..outputs.safe_outputs import json_safe, write_json_atomic
 from ..sources.checkpoints import BaseModel, load_trained_model
-from .accelerator import build_accelerator, data_loader, file_sha256
+from .accelerator import build_accelerator, data_loader
 from .loop import TrainingRun
 from .options import TrainingArgumentParser, add_training_options
 from .run_folder import prepare_output_dir

@@ -43,6 +43,7 @@ from ..sources.convert import save_model_folder
 from .selection import Selection
 from .state import (TRAINING_STATE, TrainingProgress, join_optimizer_state, random_state, read_accumulated_gradients,
                     read_training_state, set_random_state, write_accumulated_gradients, write_training_state)
+from .streaming import StreamingLoader
 
 
 logger = logging.get_logger(__name__)
@@ -58,7 +59,8 @@ class TrainingRun:
         args: The parsed options (see `add_training_options`).
         model: The model, not yet prepared, with `requires_grad` on exactly what trains.
         processor: Its processor, saved with the final model.
-        train_loader: The training `DataLoader`, not yet prepared (see `data_loader`).
+        train_loader: The training `DataLoader`, not yet prepared (see `data_loader`), or a `StreamingLoader` (which
+            Accelerate leaves as it is: each process already reads its own part of the stream).
         base: The frozen base the trained weights apply to (`BaseModel.of(model, args.model)`).
         selection: The record entry that picks the best point.
         signature: What else must not change for a checkpoint to continue this run (e.g. the data's hash); the batch
@@ -66,9 +68,9 @@ class TrainingRun:
         resume_checkpoint: The checkpoint to continue from (see `prepare_output_dir`), or None.
     """
 
-    def __init__(self, accelerator: Accelerator, args: argparse.Namespace, model, processor, train_loader: DataLoader,
-                 base: BaseModel, selection: Selection, signature: dict | None = None,
-                 resume_checkpoint: Path | None = None, project_name: str = "ace_lora"):
+    def __init__(self, accelerator: Accelerator, args: argparse.Namespace, model, processor,
+                 train_loader: DataLoader | StreamingLoader, base: BaseModel, selection: Selection,
+                 signature: dict | None = None, resume_checkpoint: Path | None = None, project_name: str = "ace_lora"):
         self.accelerator, self.args, self.processor = accelerator, args, processor
         self.base, self.selection = base, selection
         self.output_dir: Path = args.output_dir
@@ -138,6 +140,8 @@ class TrainingRun:
 
     def _epoch_batches(self):
         """The loader for the current epoch, past the batches a resumed run already trained on."""
+        if isinstance(self.train_loader, StreamingLoader):
+            return self.train_loader.epoch_batches(self.progress.epoch, self.progress.step_in_epoch)
         self.train_loader.set_epoch(self.progress.epoch)
         if self.progress.step_in_epoch:
             return self.accelerator.skip_first_batches(self.train_loader, self.progress.step_in_epoch)
