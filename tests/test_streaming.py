@@ -99,6 +99,34 @@ def test_parquet_files_stream_and_train(parquet_files, tiny_hub_folder, tmp_path
     assert [record["step"] for record in history] == [2, 4]  # two epochs of ceil(4 / 2) steps
 
 
+def datasets_hub_cache(parquet_files, cache, repo_id: str) -> None:
+    """`cache` laid out as `datasets` keeps a Hub dataset it has loaded once online (`owner___name/default/0.0.0/
+    HASH`, Arrow files named after the dataset): what an offline `load_dataset(repo_id)` reads."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    owner, name = repo_id.split("/")
+    builder = Parquet(cache_dir=str(cache), dataset_name=name, hash="0123456789abcdef",
+                      data_files={"train": [str(path) for path in sorted(parquet_files.glob("*.parquet"))]})
+    builder.download_and_prepare()
+    (config,) = (cache / name).iterdir()  # "default-<hash of the data files>", as loaded from the Hub: "default"
+    (cache / f"{owner}___{name}").mkdir()
+    config.rename(cache / f"{owner}___{name}" / "default")
+
+
+def test_a_hub_dataset_trains_offline_from_the_datasets_cache(parquet_files, tiny_hub_folder, tmp_path):
+    cache = tmp_path / "datasets"
+    datasets_hub_cache(parquet_files, cache, "hospital/chest-pairs")
+    output = tmp_path / "run"
+    command = [sys.executable, str(PRETRAIN), *dataset_command(tiny_hub_folder, "hospital/chest-pairs", output,
+                                                                "--max_train_steps", 2)]
+    finished = subprocess.run(command, capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache)})
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "offline mode is enabled" in finished.stderr  # datasets read its cache, not the network
+    history = json.loads((output / "training_history.json").read_text())
+    assert [(record["step"], record["stopped_by"]) for record in history] == [(2, "max_train_steps")]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--streaming", "--max_train_steps", "4"], "give --dataset_name and --max_train_steps"),
     (["--dataset_name", "x", "--streaming"], "give --dataset_name and --max_train_steps"),
