@@ -14,7 +14,7 @@ import torch
 from ace_lora_hf.training.streaming import StreamingLoader
 from dataset_prep.__main__ import main as prepare_main
 
-from test_training import (LABELS, PRETRAIN, fresh_accelerate_state, pretrain, run_cli_in_process, run_pretrain,
+from test_training import (LABELS, PRETRAIN, accelerate_launch, fresh_accelerate_state, pretrain, run_cli_in_process, run_pretrain,
                            synthetic_data, trainable_weights)
 
 
@@ -125,6 +125,19 @@ def test_a_hub_dataset_trains_offline_from_the_datasets_cache(parquet_files, tin
     assert "offline mode is enabled" in finished.stderr  # datasets read its cache, not the network
     history = json.loads((output / "training_history.json").read_text())
     assert [(record["step"], record["stopped_by"]) for record in history] == [(2, "max_train_steps")]
+
+
+def test_two_processes_stream_uneven_shards_with_global_negatives(parquet_files, tiny_hub_folder, tmp_path):
+    """Two processes over Parquet files of 11 and 9 rows, gathering every batch (--global_negatives): each takes the
+    same number of steps, so no gather waits for a process whose shard ran out."""
+    output = tmp_path / "ddp"
+    command = [*accelerate_launch("--multi_gpu", "--num_processes", "2"), str(PRETRAIN),
+               *dataset_command(tiny_hub_folder, parquet_files / "*.parquet", output, "--streaming",
+                                "--max_train_steps", 6, "--num_epochs", 2, "--global_negatives", "--cpu")]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    history = json.loads((output / "training_history.json").read_text())
+    assert [record["step"] for record in history] == [3, 6]
 
 
 @pytest.mark.parametrize("argv, message", [
