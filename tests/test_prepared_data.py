@@ -3,11 +3,13 @@ keeps patients in one split, resumes after an interruption and is pushed private
 
 import csv
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import HfApi
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
@@ -161,8 +163,13 @@ def test_push_to_hub_is_private_and_warns_about_the_licences(image_table, tmp_pa
     uploads = []
     monkeypatch.setattr(datasets.DatasetDict, "push_to_hub",
                         lambda self, repo_id, **kwargs: uploads.append((repo_id, sorted(self), kwargs)))
+    metadata = []
+    monkeypatch.setattr(HfApi, "upload_file", lambda self, **kwargs: metadata.append(kwargs))
     prepare(image_table / "train.csv", tmp_path / "set", "--no-labels", "--push-to-hub", "me/cxr")
     assert uploads == [("me/cxr", ["train"], {"private": True})]
+    assert [(m["path_in_repo"], m["repo_id"], m["repo_type"]) for m in metadata] == \
+        [("ace_lora_prepared.json", "me/cxr", "dataset")]
+    assert json.loads(Path(metadata[0]["path_or_fileobj"]).read_text())["splits"]
     assert "MIMIC-CXR and CheXpert licences forbid redistributing" in caplog.text
     prepare(image_table / "train.csv", tmp_path / "set", "--no-labels", "--overwrite", "--push-to-hub", "me/cxr",
             "--public")

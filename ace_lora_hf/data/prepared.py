@@ -27,6 +27,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets.arrow_writer import ArrowWriter
+from huggingface_hub import HfApi
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -187,9 +188,12 @@ def read_prepared_info(folder: Path) -> dict | None:
 
 
 def push_prepared_set(folder: Path, repo_id: str, private: bool = True) -> None:
-    """Upload a prepared set to the Hub: private unless `private=False`, always with the licence warning."""
+    """Upload a prepared set to the Hub: private unless `private=False`, always with the licence warning, and with
+    its metadata (processor settings, split counts, the patient check) beside the data."""
     logger.warning(LICENCE_WARNING)
     datasets.load_from_disk(str(folder)).push_to_hub(repo_id, private=private)
+    HfApi().upload_file(path_or_fileobj=str(folder / PREPARED_INFO), path_in_repo=PREPARED_INFO, repo_id=repo_id,
+                        repo_type="dataset", commit_message="Add the prepared set's metadata")
 
 
 __all__ = ["LICENCE_WARNING", "PREPARED_INFO", "cropped_image", "prepare_training_set", "processor_settings",
