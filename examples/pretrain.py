@@ -62,7 +62,8 @@ def parse_args(argv=None):
     add("dataset_config_name", data, help="The Hub dataset's configuration.")
     add("dataset_split", data, default="train", help="The dataset's split to train on (default: %(default)s).")
     add("streaming", data, action="store_true", help="Stream --dataset_name (needs --max_train_steps).")
-    add("image_root", data, type=Path, help="Folder the image paths are relative to (default: the table's).")
+    add("image_root", data, type=Path, help="Folder the image paths are relative to (default: the table's; with "
+                                            "--dataset_name, the working folder).")
     add("image_column", data, default="image", help="Column of image paths (default: %(default)s).")
     add("text_column", data, default="report", help="Column of report texts (default: %(default)s).")
     add("label_columns", data, nargs="+", default=list(CHEXPERT_LABELS),
@@ -111,7 +112,8 @@ def training_loader(accelerator: Accelerator, args, source: TrainingSource, proc
                           "again with --model (ace-lora-prepare training-set).")
     collator = ImageTextCollator(processor, skip_bad_images=args.skip_bad_rows,
                                  columns=columns if args.dataset_name else None,
-                                 uint8_pixels=source.prepared_info is not None)
+                                 uint8_pixels=source.prepared_info is not None,
+                                 image_root=args.image_root if args.dataset_name else None)
     if args.streaming:
         return StreamingLoader(source.dataset, collator, args.batch_size,
                                steps_per_epoch(args.max_train_steps, args.num_epochs), args.seed,

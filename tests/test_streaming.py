@@ -140,6 +140,18 @@ def test_two_processes_stream_uneven_shards_with_global_negatives(parquet_files,
     assert [record["step"] for record in history] == [3, 6]
 
 
+def test_relative_image_paths_of_a_dataset_are_read_under_image_root(synthetic_data, tiny_hub_folder, tmp_path):
+    table = tmp_path / "pairs.parquet"
+    datasets.Dataset.from_csv(str(synthetic_data / "train.csv")).select_columns(["image", "report"]).to_parquet(
+        str(table))
+    output = tmp_path / "run"
+    command = ["--model", str(tiny_hub_folder), "--dataset_name", str(table), "--image_root", str(synthetic_data),
+               "--text_column", "report", "--no_labels", "--output_dir", str(output), "--batch_size", "4",
+               "--num_workers", "0", "--max_train_steps", "2"]
+    run_pretrain(command)
+    assert [record["step"] for record in json.loads((output / "training_history.json").read_text())] == [2]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--streaming", "--max_train_steps", "4"], "give --dataset_name and --max_train_steps"),
     (["--dataset_name", "x", "--streaming"], "give --dataset_name and --max_train_steps"),

@@ -173,8 +173,9 @@ class ImageTextCollator:
     processor, which owns the tokenisation settings (context length, padding, truncation).
 
     Rows come from `load_image_text_dataset` (`image` a path, `text`, `line`, `labels` a list) or, with
-    `columns`, from a `datasets` dataset: its image column holds paths, PIL images or `{"bytes", "path"}` (the
-    `Image` feature with `decode=False`), and each label is a column of its own (1, 0, -1 or empty).
+    `columns`, from a `datasets` dataset: its image column holds paths (relative to `image_root`, if given, else to
+    the working folder), PIL images or `{"bytes", "path"}` (the `Image` feature with `decode=False`), and each label
+    is a column of its own (1, 0, -1 or empty).
 
     With `skip_bad_images`, an unreadable image drops its row from the batch and is counted in the batch's
     `num_skipped` (a batch may end up with no rows: only `num_skipped`); otherwise it raises `ImageLoadError` naming
@@ -183,16 +184,19 @@ class ImageTextCollator:
     """
 
     def __init__(self, processor: AceLoraProcessor, skip_bad_images: bool = False,
-                 columns: ImageTextColumns | None = None, uint8_pixels: bool = False):
+                 columns: ImageTextColumns | None = None, uint8_pixels: bool = False, image_root: Path | None = None):
         self.processor = processor
         self.skip_bad_images = skip_bad_images
         self.columns = columns
         self.uint8_pixels = uint8_pixels
+        self.image_root = image_root
 
     def _load(self, item: dict):
         source = item[self.columns.image] if self.columns else item["image"]
         if isinstance(source, dict):
             source = source.get("bytes") or source.get("path")
+        if isinstance(source, str) and self.image_root is not None:
+            source = str(self.image_root / source)  # an absolute path stays as it is
         where = f"line {item['line']}" if "line" in item else f"a row of column {self.columns.image!r}"
         try:
             return load_image(source, name=f"{where}: {source}" if isinstance(source, str) else where)
