@@ -17,17 +17,11 @@ from ace_lora_hf.models.ace_lora.calibration import Calibration
 from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
 
 from conftest import SAMPLES
+from test_training import write_csv
 
 
 LABELS = ["No Finding", "pneumonia"]
 SUBGROUPS = {"sex": ["F", "M"], "view": ["PA", "AP", "PA"]}
-
-
-def write_table(path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +36,8 @@ def labelled_images(tmp_path_factory):
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / f"x{index}.png")
         rows.append({"Path": f"x{index}.png", "Target": str(target), "split": "test" if index < 12 else "val",
                      **{column: values[index // 2 % len(values)] for column, values in SUBGROUPS.items()}})
-    write_table(root / "rsna_classification.csv", rows[:12])
-    write_table(root / "val.csv", [{"Path": row["Path"], "Target": row["Target"]} for row in rows[12:]])
+    write_csv(root / "rsna_classification.csv", rows[:12])
+    write_csv(root / "val.csv", [{"Path": row["Path"], "Target": row["Target"]} for row in rows[12:]])
     return root
 
 
@@ -136,7 +130,7 @@ def test_evaluate_refuses_bad_calibration_inputs_before_loading(extra, message, 
     from ace_lora_hf.sources import load as loading
 
     monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded the model before checking the inputs"))
-    write_table(labelled_images / "one_class.csv",
+    write_csv(labelled_images / "one_class.csv",
                 [{"Path": "x13.png", "Target": "1"}, {"Path": "x15.png", "Target": "1"}])
     extra = [value.format(root=labelled_images, model=tiny_hub_folder) for value in extra]
     code, err = exit_of(evaluate.main, ["--dataset", "rsna", "--data-root", labelled_images, "--model", tiny_hub_folder,
@@ -223,8 +217,8 @@ def test_a_label_missing_from_the_validation_table_is_refused_before_loading(tmp
     from ace_lora_hf.sources import load as loading
 
     monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded the model before checking the inputs"))
-    write_table(tmp_path / "test.csv", [{"Path": "t1.png", "label": "lung_scc"}, {"Path": "t2.png", "label": "lung_n"}])
-    write_table(tmp_path / "val.csv", [{"Path": "v1.png", "label": "lung_aca"}, {"Path": "v2.png", "label": "lung_n"}])
+    write_csv(tmp_path / "test.csv", [{"Path": "t1.png", "label": "lung_scc"}, {"Path": "t2.png", "label": "lung_n"}])
+    write_csv(tmp_path / "val.csv", [{"Path": "v1.png", "label": "lung_aca"}, {"Path": "v2.png", "label": "lung_n"}])
     code, err = exit_of(evaluate.main, ["--dataset", "lc25000_lung", "--data-root", tmp_path, "--table",
                                         tmp_path / "test.csv", "--calibrate-on", tmp_path / "val.csv",
                                         "--target-sensitivity", "0.9"], capsys)

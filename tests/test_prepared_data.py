@@ -21,17 +21,10 @@ from ace_lora_hf.models.ace_lora.image_loading import load_image
 from dataset_prep.__main__ import main as prepare_main
 
 from dicom_fixtures import write_dicom
-from test_training import run_cli_in_process
+from test_training import run_cli_in_process, write_csv
 
 
 LABELS = ["No Finding", "Pneumonia"]
-
-
-def write_table(path, rows):
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def image_table(tmp_path_factory):
                         HighBit=11)
         rows.append({"image": name, "report": f"no finding {index}", "No Finding": 1 if index % 2 else "",
                      "Pneumonia": (-1, 0, "")[index % 3], "subject": f"p{index // 2}"})
-    write_table(root / "train.csv", rows)
+    write_csv(root / "train.csv", rows)
     return root
 
 
@@ -129,7 +122,7 @@ def test_an_interrupted_preparation_resumes_with_the_missing_chunks(image_table,
         row["image"] = str(image_table / row["image"])
     rows[7]["image"] = str(tmp_path / "corrupt.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    write_table(table, rows)
+    write_csv(table, rows)
     code, err = run_cli_in_process(prepare_main, ["training-set", "--input", table, "--label-columns", *LABELS,
                                                    "--output", tmp_path / "set"], capsys)
     assert code == 2 and "line 9" in err and "corrupt.png" in err and "run the same command again" in err
