@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .common import run_cli
 from .options import (add_batch_options, add_device_options, add_model_options, add_option, add_output_options,
-                      add_quiet_option, command_parser)
+                      add_per_finding_options, add_quiet_option, command_parser)
 
 
 DEFAULT_LABELS = ("No Finding", "pneumonia")
@@ -44,11 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_option(parser, "--calibration", type=Path,
                help="Calibration file from ace-lora-evaluate --calibration-output: calibrated probabilities, and a "
                     "decision column when it holds operating thresholds.")
-    add_option(parser, "--multi-label", action="store_true",
-               help="Score each label as a finding on its own: its probability against its negative prompts.")
-    add_option(parser, "--negative-templates", "--negative-template", "--negative_template", nargs="+",
-               help="With --multi-label: the negative prompts, each with one {} for the finding (default: each "
-                    "template with 'no {}').")
+    add_per_finding_options(parser, "Score each label as a finding on its own: its probability against its "
+                                    "negative prompts.", "--multi-label")
     add_model_options(parser)
     add_device_options(parser)
     add_batch_options(parser)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .common import EXIT_INPUTS_SKIPPED, run_cli
 from .options import (add_batch_options, add_device_options, add_model_options, add_option, add_output_options,
-                      check_paths_exist, command_parser, model_summary)
+                      add_per_finding_options, check_paths_exist, command_parser, model_summary)
 from ..errors import InvalidArgumentError
 
 
@@ -100,11 +100,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_option(parser, "--table", action="append", type=Path, help="Prepared table(s) (default: DATA_ROOT/<name>).")
     add_option(parser, "--bootstrap", type=int, default=1000, help="Bootstrap resamples (default: %(default)s).")
     add_option(parser, "--seed", type=int, default=0, help="Seed of the bootstrap (default: %(default)s).")
-    add_option(parser, "--multi-label", action="store_true",
-               help="Score a multi-label table per finding (each against 'no {}' prompts), not by a softmax.")
-    add_option(parser, "--negative-templates", "--negative-template", "--negative_template", nargs="+",
-               help="With --multi-label or --findings: the negative prompts, each with one {} (default: each "
-                    "template with 'no {}').")
+    add_per_finding_options(parser, "Score a multi-label table per finding (each against 'no {}' prompts), not by a "
+                                    "softmax.", "--multi-label or --findings")
     add_model_options(parser)
     add_device_options(parser)
     add_batch_options(parser)

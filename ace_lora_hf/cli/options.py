@@ -109,6 +109,14 @@ def add_output_options(parser: argparse.ArgumentParser, help: str, *, required: 
     add_option(parser, "--overwrite", action="store_true", help="Replace an existing --output (never an input).")
 
 
+def add_per_finding_options(parser: argparse.ArgumentParser, multi_label_help: str, negatives_with: str) -> None:
+    """--multi-label (each label scored as a finding against its negative prompts) and --negative-templates."""
+    add_option(parser, "--multi-label", action="store_true", help=multi_label_help)
+    add_option(parser, "--negative-templates", "--negative-template", "--negative_template", nargs="+",
+               help=f"With {negatives_with}: the negative prompts, each with one {{}} for the finding (default: each "
+                    "template with 'no {}').")
+
+
 def add_quiet_option(parser: argparse.ArgumentParser, help: str = "Print only the summary.") -> None:
     add_option(parser, "--quiet", action="store_true", help=help)
 
