@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 
 from ace_lora_hf.cli import classify, evaluate
 from ace_lora_hf.cli.common import run_cli
+from ace_lora_hf.errors import InvalidArgumentError
 from ace_lora_hf.evaluation.operating_points import decision_metrics
 from ace_lora_hf.models.ace_lora.calibration import Calibration
 from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
@@ -102,6 +103,13 @@ def test_classify_and_the_pipeline_apply_the_file_as_by_hand(fitted, labelled_im
         assert result["pneumonia"]["decision"] == decision and "decision" not in result["No Finding"]
     raw = pipe(images[0], candidate_labels=LABELS)
     assert all(set(entry) == {"score", "label"} for entry in raw)
+    # A calibration given when the pipeline is built is checked against each call's labels too: in another order
+    # the thresholds would land on the wrong label.
+    built = pipeline("zero-shot-image-classification", model=str(tiny_hub_folder),
+                     calibration=fitted / "calibration.json")
+    assert {entry["label"] for entry in built(images[0], candidate_labels=LABELS)} == set(LABELS)
+    with pytest.raises(InvalidArgumentError, match="the calibration file was fitted for labels"):
+        built(images[0], candidate_labels=LABELS[::-1])
 
 
 def exit_of(main, argv, capsys) -> tuple[int, str]:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
 from ace_lora_hf.errors import DataFormatError, FolderInUseError, OutputPathError
 from ace_lora_hf.outputs.result_files import ResultsFile
-from ace_lora_hf.outputs.safe_outputs import (_hold, atomic_folder, check_output_file, check_output_folder,
+from ace_lora_hf.outputs.safe_outputs import (atomic_folder, check_output_file, check_output_folder,
                                               folder_lock, write_text_atomic)
 
 
@@ -186,15 +186,24 @@ def test_a_temporary_folder_left_by_a_killed_writer_is_removed_by_the_next(tmp_p
     assert (tmp_path / ".other.1234.staging").is_dir()
 
 
-def test_the_lock_file_goes_when_the_job_ends_and_a_late_opener_does_not_hold_it(tmp_path):
+def test_the_lock_file_goes_when_the_job_ends_and_a_late_opener_takes_a_fresh_one(tmp_path, monkeypatch):
     lock = tmp_path / ".run.lock"
+    opened = []
+    real_open = os.open
+
+    def open_late_first(path, *args):
+        if not opened:  # this job opens the lock file just before the job holding it ends and removes it
+            opened.append(real_open(path, *args))
+            with folder_lock(tmp_path / "run"):
+                pass
+            return opened[0]
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", open_late_first)
     with folder_lock(tmp_path / "run"):
-        late = os.open(lock, os.O_RDWR)  # another job opened the lock file while this one held it
-    try:
-        assert not lock.exists()
-        assert not _hold(late, lock)  # the file it holds was removed: it guards nothing, so it is refused
-    finally:
-        os.close(late)
+        assert lock.exists()  # a fresh lock file, held: the removed one would have guarded nothing
+    monkeypatch.undo()
+    assert not lock.exists()
     with pytest.raises(RuntimeError):
         with folder_lock(tmp_path / "run"):
             raise RuntimeError("the job failed")

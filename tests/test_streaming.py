@@ -189,6 +189,20 @@ def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_weights(parquet_fil
         (straight / "training_history.json").read_text())
 
 
+def test_a_streamed_run_resumed_with_another_epoch_length_is_refused(parquet_files, tiny_hub_folder, tmp_path,
+                                                                      capsys):
+    """A stream's position is a count of rows within epochs whose length --max_train_steps sets: resumed with another
+    length, it would skip or repeat rows."""
+    output = tmp_path / "run"
+    options = ("--streaming", "--num_epochs", 2, "--checkpointing_steps", 2)
+    run_pretrain(dataset_command(tiny_hub_folder, parquet_files / "*.parquet", output, *options,
+                                 "--max_train_steps", 4))
+    code, err = run_cli_in_process(pretrain.main, dataset_command(
+        tiny_hub_folder, parquet_files / "*.parquet", output, *options, "--max_train_steps", 8,
+        "--resume_from_checkpoint", "latest"), capsys)
+    assert code == 2 and "steps_per_epoch: 2 then, 4 now" in err
+
+
 def test_a_set_prepared_for_another_processor_is_refused(synthetic_data, tiny_hub_folder, tmp_path, capsys):
     prepare_main(["training-set", "--input", str(synthetic_data / "train.csv"), "--no-labels", "--output",
                   str(tmp_path / "set224")])  # BiomedCLIP's 224 x 224; the tiny model's processor crops 32 x 32

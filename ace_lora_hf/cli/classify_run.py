@@ -21,8 +21,8 @@ from ..inference.explain import explain, plot_explanation, require_plotting
 from ..inference.image_inputs import ImageInputs, collect_images, read_image_list, read_labelled_table
 from ..inference.malloc_tuning import keep_freed_memory_for_reuse
 from ..models.ace_lora.calibration import Calibration
-from ..models.ace_lora.zero_shot import (CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_findings, checked_labels,
-                                         checked_templates, negated_templates)
+from ..models.ace_lora.zero_shot import (CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_classes, checked_templates,
+                                         negated_templates)
 from ..outputs.result_files import ResultsFile
 from ..outputs.terminal import printable
 from ..outputs.safe_outputs import atomic_file, check_output_file, ensure_folder, folder_lock
@@ -231,11 +231,7 @@ def report(summary: dict, results: ResultsFile | None) -> None:
 
 def checked_run_labels(args: argparse.Namespace) -> tuple[str, ...]:
     """The labels (with --multi-label: findings, one or more) and, with --multi-label, the negative templates."""
-    if not args.multi_label:
-        return checked_labels(args.labels)
-    if args.negative_templates:
-        checked_templates(args.negative_templates)
-    return checked_findings(args.labels)
+    return checked_classes(args.labels, args.multi_label, negative_templates=args.negative_templates)
 
 
 def per_finding_options(args: argparse.Namespace) -> dict:

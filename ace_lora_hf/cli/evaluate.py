@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
 
     from .options import check_model_source, load_model, make_accelerator, model_dtype
-    from ..evaluation.benchmarks import evaluate_benchmark, print_result, table_columns, zero_shot_logits
+    from ..evaluation.benchmarks import benchmark_scores, evaluate_benchmark, print_result, table_columns
     from ..evaluation.calibrated_evaluation import print_subgroups, write_figures
     from ..inference.malloc_tuning import keep_freed_memory_for_reuse
     from ..models.ace_lora.zero_shot import ZeroShotClassifier, checked_templates
@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         classifier = ZeroShotClassifier(model, processor, benchmark.templates, args.batch_size,
                                         args.num_workers, show_progress=True, accelerator=accelerator,
                                         negative_templates=args.negative_templates)
-        scores = zero_shot_logits(name, classifier, images, list(benchmark.classes.values()), benchmark.per_finding)
+        scores = benchmark_scores(name, classifier, images, list(benchmark.classes.values()), benchmark.per_finding)
         results[name] = evaluate_benchmark(name, scores, images, references, args.bootstrap, args.seed,
                                            subgroups.get(name), benchmark)
         print_result(name, results[name])

@@ -47,13 +47,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def checked_classes(args: argparse.Namespace) -> None:
     """The labels and templates to export, checked before the model loads."""
-    from ..models.ace_lora.zero_shot import checked_findings, checked_labels, checked_templates
+    from ..models.ace_lora.zero_shot import checked_classes
 
     if args.labels:
-        (checked_findings if args.multi_label else checked_labels)(args.labels)
-        for templates in (args.templates, args.negative_templates):
-            if templates:
-                checked_templates(templates)
+        checked_classes(args.labels, args.multi_label, args.templates, args.negative_templates)
 
 
 def exported_classes(args: argparse.Namespace, loaded):

@@ -131,7 +131,7 @@ class ZeroShotScores:
     negative_templates: list[str] | None = None
 
 
-def zero_shot_logits(name: str, classifier: ZeroShotClassifier, images: list[str], labels: list[str],
+def benchmark_scores(name: str, classifier: ZeroShotClassifier, images: list[str], labels: list[str],
                      per_finding: bool = False) -> ZeroShotScores:
     """Classify `images` against `labels` (`per_finding`: each label as a finding of its own); an unreadable image is
     skipped (and listed), none readable is an error."""
@@ -212,4 +212,4 @@ def print_result(name: str, result: dict) -> None:
 
 __all__ = ["BENCHMARKS", "Benchmark", "ZeroShotScores", "evaluate_benchmark", "findings_benchmark", "format_interval",
            "print_result", "probabilities_of", "published_result", "read_benchmark", "table_columns",
-           "zero_shot_logits"]
+           "benchmark_scores"]

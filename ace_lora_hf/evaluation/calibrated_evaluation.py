@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .benchmarks import BENCHMARKS, ZeroShotScores, probabilities_of, zero_shot_logits
+from .benchmarks import BENCHMARKS, ZeroShotScores, benchmark_scores, probabilities_of
 from .bootstrap import bootstrap_intervals
 from .calibration import calibration_metrics, fit_temperature, top_class
 from .curves import reliability_diagram, roc_and_pr_curves
@@ -85,7 +85,7 @@ def calibrate_benchmark(name: str, classifier: ZeroShotClassifier, validation: t
     report it on the test table's scores (`references` and `subgroups` per test image)."""
     benchmark, (images, validation_references) = BENCHMARKS[name], validation
     labels = list(benchmark.classes.values())
-    scores = zero_shot_logits(f"--calibrate-on {source}", classifier, images, labels)
+    scores = benchmark_scores(f"--calibrate-on {source}", classifier, images, labels)
     validation_targets = np.asarray([validation_references[index] for index in scores.kept])
     fitted_on = {"table": source, "images": len(scores.kept), "dataset": name, "model": model}
     calibration = fit_calibration(scores.logits, validation_targets, labels, list(benchmark.templates), target,

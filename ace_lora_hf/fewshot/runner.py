@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from ..evaluation.metrics import classification_metrics
-from ..models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
+from ..models.ace_lora.zero_shot import (CHEST_XRAY_TEMPLATES, ZeroShotClassifier, zero_shot_logits,
+                                         zero_shot_probabilities)
 from .embeddings import EmbeddingCache
 from .linear_probe import fit_linear_probe
 from .prompt_classifier import HeadTraining, train_and_score
@@ -65,7 +66,8 @@ class FewShotRunner:
         classes = self.classifier.class_embeddings(pool.classes).float().cpu()
         test_features = self.embeddings(test.images)
         if ZERO_SHOT in self.plan.methods:
-            zero_shot = (self.model.logit_scale.detach().float().cpu() * test_features @ classes.t()).softmax(-1)
+            zero_shot = zero_shot_probabilities(zero_shot_logits(self.model.logit_scale.detach().float().cpu(),
+                                                                 test_features, classes))
             self._record(results, ZERO_SHOT, {"shots": 0, "fraction": None}, None, zero_shot.numpy(), test)
         for setting in self.plan.settings():
             for seed in self.plan.seeds:

@@ -220,28 +220,32 @@ def folder_lock(folder: str | Path, option: str = "--output") -> Iterator[Path]:
     ensure_folder(folder.parent, option)
     resolved = folder.resolve()
     lock = resolved.parent / f".{resolved.name}.lock"
-    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    held = False
+    descriptor = _take_lock(lock)
+    if descriptor is None:
+        raise FolderInUseError(f"{option} {folder} is in use by another running job; wait for it to finish or "
+                               "choose another folder.")
     try:
-        held = _hold(descriptor, lock)
-        if not held:
-            raise FolderInUseError(f"{option} {folder} is in use by another running job; wait for it to finish or "
-                                   "choose another folder.")
         yield folder
     finally:
-        if held:  # removed while still held: a job that opened the file before finds it gone, not free
-            lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # while still held: a job that opened the file before finds it gone, not free
         os.close(descriptor)
 
 
-def _hold(descriptor: int, lock: Path) -> bool:
-    """Take the lock on `descriptor` without waiting; False where another job holds it, or where the file was
-    removed or replaced by a job finishing between our open and our lock (ours would then guard nothing)."""
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return os.fstat(descriptor).st_ino == os.stat(lock, follow_symlinks=False).st_ino
-    except (BlockingIOError, FileNotFoundError):
-        return False
+def _take_lock(lock: Path) -> int | None:
+    """A descriptor of `lock` locked with `flock`, without waiting; None where another job holds it. A lock file that
+    a finishing job removed between our open and our lock would guard nothing: it is opened afresh."""
+    while True:
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(descriptor).st_ino == os.stat(lock, follow_symlinks=False).st_ino:
+                return descriptor
+        except BlockingIOError:
+            os.close(descriptor)
+            return None
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)
 
 
 __all__ = ["atomic_file", "atomic_folder", "check_output_file", "check_output_folder", "ensure_folder",

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save
 from torch import nn
 from transformers.utils import logging
 
 from ..errors import InvalidArgumentError, MissingDependencyError
 from ..inference.onnx_zero_shot import CLASSES_TENSOR, DESCRIPTION_FILE, ExportedClasses
 from ..models.ace_lora.modeling_ace_lora import AceLoraModel
-from ..outputs.safe_outputs import atomic_file, write_text_atomic
+from ..outputs.safe_outputs import write_text_atomic
+from ..sources.checkpoints import save_tensors
 
 
 logger = logging.get_logger(__name__)
@@ -202,8 +202,7 @@ def max_abs_difference(module: EmbeddingPath, path: Path, inputs: tuple[torch.Te
 def save_class_embeddings(folder: Path, classes: ExportedClasses) -> dict:
     """Write the class embeddings into `folder`; returns their entry of the description."""
     entry = classes.description()
-    with atomic_file(folder / entry["file"], "wb") as file:
-        file.write(save({CLASSES_TENSOR: classes.embeddings.contiguous()}))
+    save_tensors({CLASSES_TENSOR: classes.embeddings}, folder / entry["file"])
     return entry
 
 

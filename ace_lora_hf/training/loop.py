@@ -79,6 +79,8 @@ class TrainingRun:
             "num_processes": accelerator.num_processes, "num_epochs": args.num_epochs,
             "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
             "warmup_epochs": args.warmup_epochs, "seed": args.seed, **(signature or {}),
+            # a stream's epoch length comes from --max_train_steps; the position in the stream counts in it
+            **({"steps_per_epoch": len(train_loader)} if isinstance(train_loader, StreamingLoader) else {}),
         })
         optimizer = torch.optim.AdamW(trainable_parameters(model).values(), lr=args.learning_rate,
                                       weight_decay=args.weight_decay, betas=(0.9, 0.999))

@@ -84,8 +84,9 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         negative_templates: Sequence[str] | None = None,
     ) -> tuple[dict, dict, dict]:
         """The labels and templates go to `_forward` (which embeds the classes) and the labels to `postprocess`;
-        `preprocess` only reads images, so batches of images collate without them. A calibration (or its file) is
-        checked against the labels and templates and goes to `postprocess`."""
+        `preprocess` only reads images, so batches of images collate without them. A calibration (or its file) goes
+        to `postprocess` with the templates, where the labels and templates of the call, merged with those given when
+        the pipeline was built, are checked against it (here already where this call gives both)."""
         if templates is not None and hypothesis_template is not None:
             raise InvalidArgumentError("Pass either templates=[...] or hypothesis_template='...', not both.")
         forward_params, postprocess_params = {}, {}
@@ -94,7 +95,7 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         if hypothesis_template is not None:
             templates = [hypothesis_template]
         if templates is not None:
-            forward_params["templates"] = checked_templates(templates)
+            forward_params["templates"] = postprocess_params["templates"] = checked_templates(templates)
         if calibration is not None:
             if not isinstance(calibration, Calibration):
                 calibration = Calibration.load(calibration)
@@ -133,7 +134,7 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         return {"logits": zero_shot_logits(self.model.logit_scale.float(), images.float(), classes.float())}
 
     def postprocess(self, model_outputs: dict[str, Any], candidate_labels: Sequence[str] | None = None,
-                    calibration: Calibration | None = None):
+                    calibration: Calibration | None = None, templates: tuple[str, ...] = CHEST_XRAY_TEMPLATES):
         if not self._serves_ace_lora:
             return super().postprocess(model_outputs)
         if calibration is None:
@@ -144,6 +145,7 @@ class AceLoraZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
             raise InvalidArgumentError("calibration= holds a temperature and thresholds fitted on single-label scores; "
                                        "per-finding (multi_label=True) scores are returned uncalibrated: leave out "
                                        "one of the two.")
+        calibration.check(candidate_labels, templates)  # the scores' order is the labels', the thresholds' the file's
         probabilities = calibration.apply(model_outputs["logits"])
         decided = {label: bool(yes[0]) for label, yes in calibration.decide(probabilities).items()}
         ranked = sorted(zip(probabilities[0].tolist(), candidate_labels), key=lambda pair: -pair[0])

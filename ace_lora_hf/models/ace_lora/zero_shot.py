@@ -56,6 +56,16 @@ def checked_findings(findings: Sequence[str]) -> tuple[str, ...]:
     return _distinct_names(findings, "one or more findings, e.g. ['pneumonia', 'effusion']", "finding", minimum=1)
 
 
+def checked_classes(labels: Sequence[str], multi_label: bool = False, templates: Sequence[str] | None = None,
+                    negative_templates: Sequence[str] | None = None) -> tuple[str, ...]:
+    """`labels` checked as classes (two or more) or, with `multi_label`, as findings (one or more), and the templates
+    given, as the classifier will use them."""
+    for given in (templates, negative_templates):
+        if given:
+            checked_templates(given)
+    return checked_findings(labels) if multi_label else checked_labels(labels)
+
+
 def _distinct_names(names: Sequence[str], wanted: str, noun: str, minimum: int) -> tuple[str, ...]:
     if isinstance(names, str) or len(names) < minimum:
         raise InvalidArgumentError(f"labels={names!r}: give a list of {wanted}.")
