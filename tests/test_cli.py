@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ace_lora_hf import load
 from ace_lora_hf.cli import app, classify, evaluate, options, retrieval
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.errors import InvalidArgumentError
 from ace_lora_hf.training import materialize_checkpoint
 
 from conftest import REPO_ROOT, SAMPLES
@@ -193,6 +194,38 @@ def test_under_accelerate_launch_a_user_error_is_one_line(tmp_path):
     assert finished.returncode != 0 and "Traceback" not in finished.stderr, finished.stderr[-3000:]
     assert errors == [f"hf_model_inference.py: error: --images {tmp_path / 'typo.png'}: no such image file or folder; "
                       "check the path."]
+
+
+def test_several_processes_print_an_error_they_all_meet_once(monkeypatch, capsys):
+    """Every process of a launch checks the same arguments and files: only the first of each machine prints what
+    they all meet. An error of one process's own work (marked by the training loop) is printed with its rank."""
+    from ace_lora_hf.outputs.terminal import mark_raised_by_one_process
+
+    def fails_alike(argv):
+        raise InvalidArgumentError("--train_file t.csv not found.")
+
+    def fails_alone(argv):
+        raise mark_raised_by_one_process(InvalidArgumentError("line 3: x.png is not an image."))
+
+    monkeypatch.setattr(sys, "argv", ["pretrain.py"])
+    lines = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        for main in (fails_alike, fails_alone):
+            with pytest.raises(SystemExit) as exit_info:
+                run_cli(main, [])
+            assert exit_info.value.code == EXIT_USER_ERROR
+            lines[rank, main.__name__] = capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_info:
+            classify.parse_args(["--images", "a.png", "--batch-size", "0"])
+        assert exit_info.value.code == EXIT_USER_ERROR
+        lines[rank, "usage"] = capsys.readouterr().err
+    assert lines["0", "fails_alike"] == "pretrain.py: error: --train_file t.csv not found.\n"
+    assert lines["1", "fails_alike"] == "" and lines["1", "usage"] == "" and "--batch-size" in lines["0", "usage"]
+    assert lines["0", "fails_alone"] == "pretrain.py: error: process 0: line 3: x.png is not an image.\n"
+    assert lines["1", "fails_alone"] == "pretrain.py: error: process 1: line 3: x.png is not an image.\n"
 
 
 # ------------------------------------------------------------------------------- a training run as --model

@@ -30,6 +30,7 @@ from ace_lora_hf.models.ace_lora.batch_inference import default_num_workers
 from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss, label_guided_infonce
 from ace_lora_hf.models.ace_lora.modeling_ace_lora import AceLoraOutput
 from ace_lora_hf.outputs.safe_outputs import folder_lock, write_json_atomic
+from ace_lora_hf.outputs.terminal import RAISED_BY_ONE_PROCESS
 from ace_lora_hf.inference.fast_dropout import AceLoraDropout
 from ace_lora_hf.sources import checkpoints
 from ace_lora_hf.sources.checkpoints import BaseModel, latest_checkpoint, load_trained_model, materialize_checkpoint
@@ -779,6 +780,35 @@ def test_a_user_error_under_the_launcher_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert errors == [f"pretrain.py: error: {table} not found: expected the --train_file table."]
+
+
+def test_two_processes_print_a_user_error_once_and_exit_2(tiny_hub_folder, synthetic_data, tmp_path):
+    """Both processes meet the missing table; the first prints it, and the launcher exits as the script did."""
+    launcher = accelerate_launch("--multi_gpu", "--num_processes", "2", launcher="ace_lora_hf.training.launch")
+    command = pretrain_command(tiny_hub_folder, synthetic_data, tmp_path / "run", "--cpu")
+    table = tmp_path / "missing.csv"
+    command[command.index("--train_file") + 1] = str(table)
+    result = subprocess.run([*launcher, str(PRETRAIN), *command], capture_output=True, text=True)
+    assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr, result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert errors == [f"pretrain.py: error: {table} not found: expected the --train_file table."]
+
+
+def test_an_error_inside_the_training_loop_is_marked_as_this_process_own(tiny_hub_folder, synthetic_data, tmp_path):
+    """Each process trains on its own shard: an error there is printed by every process that meets it."""
+    args = pretrain.parse_args(pretrain_command(tiny_hub_folder, synthetic_data, tmp_path / "run"))
+    model, processor = load_trained_model(tiny_hub_folder, AceLoraModel)
+    loader = data_loader(load_image_text_dataset(args.train_file, COLUMNS), args, shuffle=False,
+                         collate_fn=ImageTextCollator(processor))
+    run = TrainingRun(build_accelerator(args), args, model, processor, loader, base=BaseModel.of(model, "m"),
+                      selection=Selection("loss", higher_is_better=False))
+
+    def unreadable_batch(model, batch):
+        raise ImageLoadError("broken.png", "not an image")
+
+    with pytest.raises(ImageLoadError) as raised:
+        run.train(unreadable_batch)
+    assert getattr(raised.value, RAISED_BY_ONE_PROCESS) is True
 
 
 def test_a_bug_under_the_launcher_keeps_its_traceback(tmp_path):

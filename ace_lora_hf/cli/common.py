@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import AceLoraError
-from ..outputs.terminal import printable
+from ..outputs.terminal import error_shown_here, printable
 
 
 EXIT_OK = 0
@@ -44,6 +44,15 @@ def user_error_from_worker(error: BaseException) -> str | None:
     return found.group(2)
 
 
+def fail(program: str, error: BaseException, message: object, status: int = EXIT_USER_ERROR) -> NoReturn:
+    """Exit with `status` after printing `message` as the error line, once for a job of several processes: by the
+    first process of each machine when every process met it alike, with its rank by each process that met it alone."""
+    shown = error_shown_here(error, str(message))
+    if shown is not None:
+        print(error_line(program, shown), file=sys.stderr)
+    sys.exit(status)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
     """Run `main(argv)` and exit: its return value (0 when None), 2 with one line for an `AceLoraError` (raised here
     or in a DataLoader worker) or an environment error (disk full, permissions), 130 on Ctrl-C. Any other exception
@@ -52,24 +61,20 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         code = main(argv)
     except AceLoraError as error:
-        print(error_line(program, user_error_from_worker(error) or error), file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        fail(program, error, user_error_from_worker(error) or error)
     except RuntimeError as error:  # torch's wrapper of a worker's error that it could not rebuild
         message = user_error_from_worker(error)
         if message is None:
             raise
-        print(error_line(program, message), file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        fail(program, error, message)
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRNOS:
             raise
         where = f" while writing {error.filename}" if error.filename else ""
-        print(error_line(program, f"{ENVIRONMENT_ERRNOS[error.errno]}{where}; free space, fix the permissions or "
-                                  "choose another output location"), file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print(error_line(program, "interrupted"), file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        fail(program, error, f"{ENVIRONMENT_ERRNOS[error.errno]}{where}; free space, fix the permissions or choose "
+                             "another output location")
+    except KeyboardInterrupt as error:
+        fail(program, error, "interrupted", EXIT_INTERRUPTED)
     sys.exit(code or EXIT_OK)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError
+from ..outputs.terminal import repeated_by_another_process
 
 
 if TYPE_CHECKING:
@@ -41,9 +42,12 @@ class CommandHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class CommandParser(argparse.ArgumentParser):
-    """Usage errors name each option by its canonical spelling only, as --help does."""
+    """Usage errors name each option by its canonical spelling only, as --help does, and are printed once by a job of
+    several processes."""
 
     def error(self, message: str):
+        if repeated_by_another_process():  # the first process prints it
+            self.exit(2)
         for action in self._actions:
             if getattr(action, HIDDEN_ALIASES, ()):
                 message = message.replace("/".join(action.option_strings), action.option_strings[0])

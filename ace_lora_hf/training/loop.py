@@ -36,6 +36,7 @@ from transformers.utils import logging
 from ..errors import CheckpointError, TrainingDivergedError
 from ..inference.fast_dropout import use_fast_dropout
 from ..outputs.safe_outputs import atomic_folder, ensure_folder, json_safe, write_json_atomic
+from ..outputs.terminal import mark_raised_by_one_process
 from ..sources.checkpoints import (CHECKPOINT_PATTERN, BaseModel, is_checkpoint, load_trained_weights,
                                    non_finite_parameters, read_checkpoint_record, trainable_parameters,
                                    write_trained_weights)
@@ -114,7 +115,12 @@ class TrainingRun:
                    initial=progress.completed_steps, desc="training", unit="step",
                    disable=not self.accelerator.is_local_main_process)
         while progress.epoch < args.num_epochs and not self.stopped:
-            if self._run_epoch(compute_loss, log_values, bar):
+            try:
+                finished = self._run_epoch(compute_loss, log_values, bar)
+            except Exception as error:  # e.g. an unreadable image of this process's shard: it prints its own error
+                mark_raised_by_one_process(error)
+                raise
+            if finished:
                 self._end_epoch(evaluate)
             else:
                 self._end_at_stop(evaluate)

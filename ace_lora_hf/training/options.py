@@ -14,6 +14,7 @@ import yaml
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 
 from ..errors import InvalidArgumentError
+from ..outputs.terminal import repeated_by_another_process
 
 
 TRACKERS = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
@@ -68,6 +69,11 @@ class TrainingArgumentParser(argparse.ArgumentParser):
         self.option_names: list[str] = []
         self.add_option("config", type=Path, metavar="FILE.yaml",
                         help="YAML mapping of option names to values (the command line overrides them).")
+
+    def error(self, message: str):
+        if repeated_by_another_process():  # every process parses the same arguments; the first prints the error
+            self.exit(2)
+        super().error(message)
 
     def add_option(self, name: str, group: argparse._ArgumentGroup | None = None, **kwargs) -> None:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
