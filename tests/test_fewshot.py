@@ -128,12 +128,12 @@ def test_prompt_head_starts_as_zero_shot_and_restores_the_adapters(tiny_hub_fold
     shots = pool.subset(draw_shots(pool, seed=0, shots=2))
     before = {name: parameter.detach().clone() for name, parameter in lora_parameters(model).items()}
     flags = [parameter.requires_grad for parameter in model.parameters()]
-    untrained = train_and_score(model, processor.image_processor, classes, shots.images, shots.targets, test.images,
-                                seed=0, training=HeadTraining(steps=0), num_workers=0)
+    untrained = train_and_score(model, processor.image_processor, classes, shots, test, seed=0,
+                                training=HeadTraining(steps=0), num_workers=0)
     torch.testing.assert_close(torch.from_numpy(untrained).float(), classifier(test.images, pool.classes),
                                rtol=0, atol=1e-5)
-    trained = train_and_score(model, processor.image_processor, classes, shots.images, shots.targets, test.images,
-                              seed=0, training=HeadTraining(steps=3), num_workers=0)
+    trained = train_and_score(model, processor.image_processor, classes, shots, test, seed=0,
+                              training=HeadTraining(steps=3), num_workers=0)
     assert not np.allclose(trained, untrained)
     for name, parameter in lora_parameters(model).items():
         torch.testing.assert_close(parameter, before[name], rtol=0, atol=0)
