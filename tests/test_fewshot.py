@@ -1,5 +1,7 @@
 """ace-lora-fewshot: the results table's shape, shots and scores reproducible from the seed, the linear probe on a
-separable set, the prompt head's start equal to zero-shot with the model's adapters restored, bad tables refused."""
+separable set, the prompt head's start equal to zero-shot with the model's adapters restored, bad tables refused; a
+prepared set scoring and drawing as the table of its images, rows without a single class left out, its mistakes
+refused in one line."""
 
 import csv
 import json
@@ -335,6 +337,11 @@ def test_prepared_set_mistakes_are_refused_in_one_line(prepared_sets, tables, ti
         (["--train-table", train, "--test-table", test, "--test-split", "train", "--shots", "5"],
          f"{train} (split train): class 'normal' has 4 image(s), fewer than --shots 5; add images of that class or "
          "ask for fewer shots."),
+        (["--train-table", train, "--test-table", test, "--test-split", "train", "--image-root", tmp_path],
+         f"--image-root {tmp_path}: a prepared set holds its images; --image-root applies to the image paths of a CSV "
+         "or JSON Lines table."),
+        (["--train-table", train, "--test-table", test, "--test-split", "train", "--labels", "pneumonia"],
+         f"--train-table {train}: one class ('pneumonia'); few-shot classification needs two or more."),
         (["--train-table", tables[0], "--test-table", test, "--train-split", "train"],
          f"--train-split train: {tables[0]} is a table, which has no splits; --train-split chooses a split of a "
          "prepared set."),

@@ -46,6 +46,9 @@ def read_prepared_set(folder: Path, split: str, classes: Sequence[str] | None, o
     the set's) at 1, as labelled images named `split[row]`, and the rows left out. `option` and `split_option` name
     the folder's and the split's options in messages."""
     info = read_prepared_info(folder)
+    if info is None:
+        raise DataFormatError(f"{option} {folder}: not a prepared set (no ace_lora_prepared.json); make one with "
+                              "ace-lora-prepare training-set.")
     columns = list(info["label_columns"])
     saved = datasets.load_from_disk(str(folder))
     if split not in saved:
@@ -64,6 +67,9 @@ def read_prepared_set(folder: Path, split: str, classes: Sequence[str] | None, o
     positives = np.stack([values[name] == 1 for name in classes], axis=1)  # 0, -1 (uncertain), NaN: not this class
     counts = positives.sum(axis=1)
     kept = np.flatnonzero(counts == 1)
+    if not len(kept):
+        raise DataFormatError(f"{option} {folder}, split {split}: no row has exactly one of {list(classes)} at 1; "
+                              "choose classes that its rows hold with --labels.")
     images = PreparedImages(rows, prepared_image_column(rows, f"{option} {folder}"), kept)
     labelled = LabelledImages(folder, images, [f"{split}[{row}]" for row in kept],
                               positives[kept].argmax(axis=1).astype(np.int64), classes,
