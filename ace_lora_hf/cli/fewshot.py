@@ -130,7 +130,8 @@ def chosen_splits(args: argparse.Namespace, train_prepared: bool, test_prepared:
     return train_split, test_split
 
 
-def read_labelled(args: argparse.Namespace, path: Path, split: str | None, classes, option: str):
+def read_labelled(args: argparse.Namespace, path: Path, split: str | None, classes: Sequence[str] | None,
+                  option: str):
     """The labelled images of a table (`split` None) or of a prepared set's split, whose rows left out are printed."""
     from ..fewshot.prepared_sets import read_prepared_set
     from ..fewshot.sampling import read_labelled_table
@@ -224,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            on_record=lambda record: print(printed(record), flush=True))
     results = runner.run(pool, test)
     run = {"model": model_summary(args), "train_table": str(args.train_table), "train_split": pool.split,
-           "test_table": str(args.test_table), "test_split": test.split, "classes": list(pool.classes), "templates": list(plan.templates), "seeds": list(plan.seeds),
-           "steps": args.steps, "learning_rate": args.learning_rate}
+           "test_table": str(args.test_table), "test_split": test.split, "classes": list(pool.classes),
+           "templates": list(plan.templates), "seeds": list(plan.seeds), "steps": args.steps,
+           "learning_rate": args.learning_rate}
     with folder_lock(args.output), atomic_folder(args.output) as folder:
         write_results(folder, results, run, plot_metric)
     print(f"wrote {args.output}")
