@@ -33,7 +33,7 @@ from ace_lora_hf.cli.common import run_cli
 from ace_lora_hf.data.image_tables import (CHEXPERT_LABELS, ImageClassificationSet, ImageTextCollator,
                                           ImageTextColumns, load_image_text_dataset, read_image_labels)
 from ace_lora_hf.data.pixels import PixelTable
-from ace_lora_hf.data.prepared import processor_settings
+from ace_lora_hf.data.prepared import check_processor_settings
 from ace_lora_hf.data.tables import file_sha256
 from ace_lora_hf.data.training_sets import TrainingSource, load_training_source
 from ace_lora_hf.errors import ConfigError, InvalidArgumentError
@@ -106,10 +106,9 @@ def training_data(args, columns: ImageTextColumns) -> TrainingSource:
 
 def training_loader(accelerator: Accelerator, args, source: TrainingSource, processor, columns: ImageTextColumns):
     """The training batches: a loader of the rows or, with --streaming, of this process's part of the stream."""
-    if source.prepared_info and source.prepared_info["image_processor"] != processor_settings(processor.image_processor):
-        raise ConfigError(f"--dataset_name {args.dataset_name}: prepared with image processor settings "
-                          f"{source.prepared_info['image_processor']}, which are not --model {args.model}'s; prepare it "
-                          "again with --model (ace-lora-prepare training-set).")
+    if source.prepared_info:
+        check_processor_settings(source.prepared_info, processor.image_processor, f"--dataset_name {args.dataset_name}",
+                                 f"--model {args.model}")
     collator = ImageTextCollator(processor, skip_bad_images=args.skip_bad_rows,
                                  columns=columns if args.dataset_name else None,
                                  uint8_pixels=source.prepared_info is not None,

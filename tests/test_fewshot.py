@@ -1,9 +1,13 @@
 """ace-lora-fewshot: the results table's shape, shots and scores reproducible from the seed, the linear probe on a
-separable set, the prompt head's start equal to zero-shot with the model's adapters restored, bad tables refused."""
+separable set, the prompt head's start equal to zero-shot with the model's adapters restored, bad tables refused; a
+prepared set scoring and drawing as the table of its images, rows without a single class left out, its mistakes
+refused in one line."""
 
 import csv
 import json
+import pickle
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -12,12 +16,18 @@ from transformers import AutoModel, AutoProcessor
 
 from ace_lora_hf.cli import fewshot as fewshot_cli
 from ace_lora_hf.cli.common import EXIT_USER_ERROR, run_cli
+from ace_lora_hf.data.prepared import PreparedImages
 from ace_lora_hf.evaluation.metrics import classification_metrics
+from ace_lora_hf.fewshot.embeddings import encode
 from ace_lora_hf.fewshot.linear_probe import C_GRID, DEFAULT_C, fit_linear_probe
+from ace_lora_hf.fewshot.prepared_sets import read_prepared_set
 from ace_lora_hf.fewshot.prompt_classifier import HeadTraining, lora_parameters, train_and_score
 from ace_lora_hf.fewshot.report import SUMMARY_COLUMNS
 from ace_lora_hf.fewshot.sampling import draw_shots, read_labelled_table
 from ace_lora_hf.models.ace_lora.zero_shot import ZeroShotClassifier
+from dataset_prep.__main__ import main as prepare_main
+
+from test_training import write_csv
 
 
 CLASSES = ("normal", "pneumonia")  # words of the test vocabulary
@@ -128,12 +138,12 @@ def test_prompt_head_starts_as_zero_shot_and_restores_the_adapters(tiny_hub_fold
     shots = pool.subset(draw_shots(pool, seed=0, shots=2))
     before = {name: parameter.detach().clone() for name, parameter in lora_parameters(model).items()}
     flags = [parameter.requires_grad for parameter in model.parameters()]
-    untrained = train_and_score(model, processor.image_processor, classes, shots.images, shots.targets, test.images,
-                                seed=0, training=HeadTraining(steps=0), num_workers=0)
+    untrained = train_and_score(model, processor.image_processor, classes, shots, test, seed=0,
+                                training=HeadTraining(steps=0), num_workers=0)
     torch.testing.assert_close(torch.from_numpy(untrained).float(), classifier(test.images, pool.classes),
                                rtol=0, atol=1e-5)
-    trained = train_and_score(model, processor.image_processor, classes, shots.images, shots.targets, test.images,
-                              seed=0, training=HeadTraining(steps=3), num_workers=0)
+    trained = train_and_score(model, processor.image_processor, classes, shots, test, seed=0,
+                              training=HeadTraining(steps=3), num_workers=0)
     assert not np.allclose(trained, untrained)
     for name, parameter in lora_parameters(model).items():
         torch.testing.assert_close(parameter, before[name], rtol=0, atol=0)
@@ -204,3 +214,151 @@ def test_an_unreadable_image_and_a_class_without_images_are_named(tables, tiny_h
                                    "--output", str(tmp_path / "p")])
     assert capsys.readouterr().err.strip().endswith(f"{broken}: class 'edema' has no image; add images of that class "
                                                     "or leave it out of --labels.")
+
+
+# ------------------------------------------------------------------------------------------------ prepared sets
+
+def one_hot_table(table, extra_rows=()):
+    """`table` as ace-lora-prepare reads it: the same images, a report, and a 0/1 column per class."""
+    with open(table, newline="") as file:
+        rows = [{"Path": row["Path"], "report": "chest radiograph", **{name: int(row["Label"] == name)
+                                                                        for name in CLASSES}}
+                for row in csv.DictReader(file)]
+    one_hot = table.with_name(f"{table.stem}_one_hot.csv")
+    write_csv(one_hot, [*rows, *extra_rows])
+    return one_hot
+
+
+def prepare_set(table, output, *extra):
+    prepare_main(["training-set", "--input", str(table), "--image-column", "Path", "--text-column", "report",
+                  "--label-columns", *CLASSES, "--output", str(output), *map(str, extra)])
+    return output
+
+
+@pytest.fixture(scope="module")
+def prepared_sets(tables, tiny_hub_folder, tmp_path_factory):
+    """The toy tables' images as prepared sets (split train), sized by the tiny model's processor."""
+    folder = tmp_path_factory.mktemp("prepared")
+    return tuple(prepare_set(one_hot_table(table), folder / table.stem, "--model", tiny_hub_folder)
+                 for table in tables)
+
+
+def test_a_prepared_set_gives_the_tables_numbers_and_shots(two_runs, prepared_sets, tiny_hub_folder, tmp_path,
+                                                           capsys):
+    summary, report, shots, _ = two_runs[0]  # K = 1, 2; seeds 0, 1; every method
+    capsys.readouterr()
+    summary_prepared, report_prepared, shots_prepared, _ = run_fewshot(tiny_hub_folder, prepared_sets,
+                                                                       tmp_path / "out", "--test-split", "train")
+    printed = capsys.readouterr().out
+    assert f"--train-table {prepared_sets[0]}, split train: 8 rows with one class\n" in printed
+    assert f"--test-table {prepared_sets[1]}, split train: 10 rows with one class\n" in printed
+    assert report_prepared["runs"] == report["runs"] and summary_prepared == summary
+    assert len(report["runs"]) == 9 and {run["method"] for run in report["runs"]} == {
+        "zero-shot", "linear-probe", "prompt-head"}
+    drawn = [[(row["shots"], row["seed"], row["label"], row["line"]) for row in rows]
+             for rows in (shots, shots_prepared)]
+    assert drawn[0] == drawn[1] and len(drawn[0]) == 12
+    assert [row["image"] for row in shots_prepared][:2] == [f"train[{int(row['line']) - 2}]" for row in shots[:2]]
+    assert (report_prepared["train_split"], report_prepared["test_split"]) == ("train", "train")
+
+
+def test_prepared_images_stay_unread_until_used_and_reach_loader_workers(prepared_sets, tiny_hub_folder, tables):
+    pool, left_out = read_prepared_set(prepared_sets[0], "train", None, "--train-table", "--train-split")
+    assert left_out.total == 0 and pool.classes == CLASSES and pool.names[:2] == ["train[0]", "train[1]"]
+    shots = pool.subset([7, 0])
+    assert isinstance(shots.images, PreparedImages) and shots.images.split is pool.images.split  # rows, not bytes
+    assert shots.names == ["train[7]", "train[0]"] and shots.lines == [9, 2]
+    assert shots.images.split.column_names == ["Path"] and shots.images.split.cache_files  # one column, on disk
+    assert pickle.loads(pickle.dumps(shots.images))[0] == shots.images[0] == pool.images[7]
+    model, processor = AutoModel.from_pretrained(tiny_hub_folder).eval(), AutoProcessor.from_pretrained(tiny_hub_folder)
+    from_table = read_labelled_table(tables[0], "Path", "Label", None, CLASSES, "--train-table")
+    in_workers = encode(model, processor.image_processor, pool, batch_size=3, num_workers=2)
+    torch.testing.assert_close(in_workers, encode(model, processor.image_processor, from_table, batch_size=3,
+                                                  num_workers=0), rtol=0, atol=0)
+
+
+def test_rows_without_a_single_class_are_left_out_and_counted(tables, tiny_hub_folder, tmp_path, capsys):
+    """Rows with no class at 1 (0, -1 or empty) or with two; one folder, split by --validation-fraction, as the
+    training and the test set (train and validation by default)."""
+    extra = []
+    for index, (normal, pneumonia) in enumerate([(0, 0), (-1, ""), ("", ""), (1, 1), (1, 1)]):
+        Image.fromarray(np.full((40, 40), 30 * index, dtype=np.uint8)).save(tmp_path / f"extra_{index}.png")
+        extra.append({"Path": str(tmp_path / f"extra_{index}.png"), "report": "chest radiograph", "normal": normal,
+                      "pneumonia": pneumonia})
+    train_table = one_hot_table(tables[0], extra)  # lines 2-9 the toy rows, 10-14 the extra ones
+    folder = prepare_set(train_table, tmp_path / "set", "--model", tiny_hub_folder, "--validation-fraction", 0.5,
+                         "--seed", 2)
+    splits = {name: split["line"] for name, split in datasets.load_from_disk(str(folder)).items()}
+    expected = {name: (sum(10 <= line <= 12 for line in lines), sum(line >= 13 for line in lines))
+                for name, lines in splits.items()}
+    assert all(expected[name] != (0, 0) for name in ("train", "validation"))  # the seed leaves some out of each
+    fewshot_cli.main(["--train-table", str(folder), "--test-table", str(folder), "--model", str(tiny_hub_folder),
+                      "--shots", "1", "--seeds", "0", "--methods", "zero-shot", "linear-probe", "--device", "cpu",
+                      "--num-workers", "0", "--output", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    for name, option in (("train", "--train-table"), ("validation", "--test-table")):
+        kept = sum(line <= 9 for line in splits[name])
+        none, several = expected[name]
+        assert (f"{option} {folder}, split {name}: {kept} rows with one class; left out {none} with none of "
+                f"['normal', 'pneumonia'] at 1 and {several} with several\n") in printed
+    assert f"{sum(line <= 9 for line in splits['train'])} training images, " \
+           f"{sum(line <= 9 for line in splits['validation'])} test images" in printed
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (report["train_split"], report["test_split"]) == ("train", "validation")
+    with open(tmp_path / "out" / "shots.csv", newline="") as file:
+        assert all(int(row["line"]) <= 9 for row in csv.DictReader(file))
+
+
+def refused(argv, capsys) -> str:
+    """The one error line of a refused run (exit code EXIT_USER_ERROR)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fewshot_cli.main, [*map(str, argv), "--device", "cpu", "--num-workers", "0"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert exit_info.value.code == EXIT_USER_ERROR and len(errors) == 1
+    return errors[0].split(": error: ", 1)[1]
+
+
+def test_prepared_set_mistakes_are_refused_in_one_line(prepared_sets, tables, tiny_hub_folder, tmp_path, capsys):
+    train, test = prepared_sets
+    base = ["--model", tiny_hub_folder, "--shots", "1", "--output", tmp_path / "o"]
+    cases = [
+        (["--train-table", train, "--test-table", test],
+         f"--test-table {test}: no split 'validation' (it has train); choose one with --test-split."),
+        (["--train-table", train, "--test-table", test, "--train-split", "validation", "--test-split", "train"],
+         f"--train-table {train}: no split 'validation' (it has train); choose one with --train-split."),
+        (["--train-table", train, "--test-table", train, "--test-split", "train"],
+         f"--train-table and --test-table are both split 'train' of {train}: the test images would be among the "
+         "shots; choose another split with --test-split or --train-split."),
+        (["--train-table", train, "--test-table", test, "--test-split", "train", "--labels", "normal", "edema"],
+         f"--train-table {train}: no label column 'edema' (it has normal, pneumonia); choose classes among them with "
+         "--labels."),
+        (["--train-table", train, "--test-table", test, "--test-split", "train", "--label-column", "Label"],
+         "--label-column Label: a prepared set has one 0/1 column per class; choose classes with --labels."),
+        (["--train-table", train, "--test-table", test, "--test-split", "train", "--shots", "5"],
+         f"{train} (split train): class 'normal' has 4 image(s), fewer than --shots 5; add images of that class or "
+         "ask for fewer shots."),
+        (["--train-table", train, "--test-table", test, "--test-split", "train", "--image-root", tmp_path],
+         f"--image-root {tmp_path}: a prepared set holds its images; --image-root applies to the image paths of a CSV "
+         "or JSON Lines table."),
+        (["--train-table", train, "--test-table", test, "--test-split", "train", "--labels", "pneumonia"],
+         f"--train-table {train}: one class ('pneumonia'); few-shot classification needs two or more."),
+        (["--train-table", tables[0], "--test-table", test, "--train-split", "train"],
+         f"--train-split train: {tables[0]} is a table, which has no splits; --train-split chooses a split of a "
+         "prepared set."),
+        (["--train-table", tables[0].parent, "--test-table", test],
+         f"--train-table {tables[0].parent}: a folder without ace_lora_prepared.json; give a CSV or JSON Lines table "
+         "or a set that ace-lora-prepare training-set wrote."),
+    ]
+    for argv, message in cases:
+        assert refused([*base, *argv], capsys) == message
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_set_prepared_for_another_image_size_is_refused_once_the_model_is_known(tables, prepared_sets,
+                                                                                 tiny_hub_folder, tmp_path, capsys):
+    other = prepare_set(one_hot_table(tables[0]), tmp_path / "set224")  # BiomedCLIP's 224 x 224, not the tiny 32
+    error = refused(["--train-table", other, "--test-table", prepared_sets[1], "--test-split", "train", "--shots", 1,
+                     "--model", tiny_hub_folder, "--output", tmp_path / "o"], capsys)
+    assert error.startswith(f"--train-table {other}: prepared with image processor settings ") and error.endswith(
+        f"which are not --model {tiny_hub_folder}'s; prepare it again with --model (ace-lora-prepare training-set).")
+    assert "'crop_size': {'height': 224, 'width': 224}" in error and not (tmp_path / "o").exists()

@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..errors import DataFormatError, ImageLoadError
+from ..errors import ConfigError, DataFormatError, ImageLoadError
 from ..models.ace_lora.image_loading import load_image
 from ..outputs.safe_outputs import atomic_folder, write_json_atomic
 from .image_tables import ImageTextColumns
@@ -67,6 +67,15 @@ def processor_settings(image_processor) -> dict:
     """What fixes the prepared images' pixels, as JSON: a set made with other settings would not be exact."""
     settings = image_processor.to_dict()
     return {name: settings.get(name) for name in PROCESSOR_SETTINGS}
+
+
+def check_processor_settings(info: dict, image_processor, source: str, model: str) -> None:
+    """Refuse a prepared set (`info`, its metadata) made with image processor settings other than `image_processor`'s:
+    its images are sized for another model, and the pixel values would not be those of the files. `source` and
+    `model` name the two in the message (e.g. "--dataset_name DIR", "--model ID")."""
+    if info["image_processor"] != processor_settings(image_processor):
+        raise ConfigError(f"{source}: prepared with image processor settings {info['image_processor']}, which are not "
+                          f"{model}'s; prepare it again with --model (ace-lora-prepare training-set).")
 
 
 def _png(image: Image.Image) -> bytes:
@@ -187,6 +196,39 @@ def read_prepared_info(folder: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def prepared_image_column(split: datasets.Dataset, source: str) -> str:
+    """The name of the image column of a prepared split (its one `datasets.Image` feature: the set keeps the source
+    table's name for it)."""
+    found = [name for name, feature in split.features.items() if isinstance(feature, datasets.Image)]
+    if len(found) != 1:
+        raise DataFormatError(f"{source}: {len(found)} image columns ({', '.join(found) or 'none'}); a prepared set "
+                              "has one. Prepare it again with ace-lora-prepare training-set.")
+    return found[0]
+
+
+class PreparedImages(Sequence):
+    """The stored PNG bytes of chosen rows of a prepared split, each read from the set's Arrow files when it is asked
+    for: a set larger than memory is never held, a DataLoader worker receives the dataset by its files rather than
+    its bytes, and `select` chooses rows without reading any image. `load_image` reads the items."""
+
+    def __init__(self, split: datasets.Dataset, column: str, rows: Sequence[int] | None = None):
+        if split.column_names != [column] or split.features[column].decode:
+            # One undecoded column: reading a row reads its PNG bytes and nothing else.
+            split = split.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        self.split, self.column = split, column
+        self.rows = np.arange(len(split)) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.split[int(self.rows[index])][self.column]["bytes"]
+
+    def select(self, indices: Sequence[int]) -> "PreparedImages":
+        """The images at `indices` (positions in this sequence), still unread."""
+        return PreparedImages(self.split, self.column, self.rows[np.asarray(indices, dtype=np.int64)])
+
+
 def push_prepared_set(folder: Path, repo_id: str, private: bool = True) -> None:
     """Upload a prepared set to the Hub: private unless `private=False`, always with the licence warning, and with
     its metadata (processor settings, split counts, the patient check) beside the data."""
@@ -196,5 +238,6 @@ def push_prepared_set(folder: Path, repo_id: str, private: bool = True) -> None:
                         repo_type="dataset", commit_message="Add the prepared set's metadata")
 
 
-__all__ = ["LICENCE_WARNING", "PREPARED_INFO", "cropped_image", "prepare_training_set", "processor_settings",
-           "push_prepared_set", "read_prepared_info"]
+__all__ = ["LICENCE_WARNING", "PREPARED_INFO", "PreparedImages", "check_processor_settings", "cropped_image",
+           "prepare_training_set", "prepared_image_column", "processor_settings", "push_prepared_set",
+           "read_prepared_info"]

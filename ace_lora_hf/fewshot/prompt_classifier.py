@@ -6,7 +6,7 @@ The run is deterministic for a seed on the CPU (the seed fixes LoRA dropout and 
 adapters and trainable flags are restored afterwards, so that the next K or seed starts from the loaded model.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from ..models.ace_lora.batch_inference import ImageBatch, ImageFiles, collate_images, default_num_workers
 from ..models.ace_lora.zero_shot import image_embeddings
 from .embeddings import encode, unreadable
+from .sampling import LabelledImages
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,13 @@ def adapters_restored(model) -> Iterator[dict[str, nn.Parameter]]:
         model.eval()
 
 
-def shot_batches(image_processor, images: Sequence[str], batch_size: int, num_workers: int,
+def shot_batches(image_processor, images: LabelledImages, batch_size: int, num_workers: int,
                  seed: int) -> Iterator[ImageBatch]:
     """Endless mini-batches of the shots, reshuffled by `seed` each pass and decoded in `num_workers` workers (a share
     of a large table does not fit in memory at once); an unreadable image stops the run, named."""
     order = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ImageFiles(images, image_processor), batch_size=batch_size, num_workers=num_workers,
-                        sampler=RandomSampler(range(len(images)), generator=order), collate_fn=collate_images)
+    loader = DataLoader(ImageFiles(images.images, image_processor), batch_size=batch_size, num_workers=num_workers,
+                        sampler=RandomSampler(range(len(images.names)), generator=order), collate_fn=collate_images)
     while True:
         for batch in loader:
             if batch.failures:
@@ -84,13 +85,13 @@ def shot_batches(image_processor, images: Sequence[str], batch_size: int, num_wo
             yield batch
 
 
-def train_and_score(model, image_processor, class_embeddings: torch.Tensor, shots: Sequence[str],
-                    targets: np.ndarray, test_images: Sequence[str], seed: int, training: HeadTraining = HeadTraining(),
-                    batch_size: int = 16, num_workers: int | None = None) -> np.ndarray:
+def train_and_score(model, image_processor, class_embeddings: torch.Tensor, shots: LabelledImages,
+                    test: LabelledImages, seed: int, training: HeadTraining = HeadTraining(), batch_size: int = 16,
+                    num_workers: int | None = None) -> np.ndarray:
     """`[N_test, C]` probabilities of the test images after training the head and the adapters on the shots."""
     device = model.logit_scale.device
     head = PromptInitialisedHead(class_embeddings, model.logit_scale).to(device)
-    labels = torch.as_tensor(targets, device=device)
+    labels = torch.as_tensor(shots.targets, device=device)
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     batches = shot_batches(image_processor, shots, training.batch_size, num_workers, seed)
     with adapters_restored(model) as adapters:
@@ -107,7 +108,7 @@ def train_and_score(model, image_processor, class_embeddings: torch.Tensor, shot
         batches.close()  # stops its workers now
         model.eval()
         with torch.no_grad():
-            logits = head(encode(model, image_processor, test_images, batch_size, num_workers).to(device))
+            logits = head(encode(model, image_processor, test, batch_size, num_workers).to(device))
     return logits.softmax(dim=-1).cpu().numpy()
 
 

@@ -64,7 +64,7 @@ class FewShotRunner:
     def run(self, pool: LabelledImages, test: LabelledImages) -> FewShotResults:
         results = FewShotResults()
         classes = self.classifier.class_embeddings(pool.classes).float().cpu()
-        test_features = self.embeddings(test.images)
+        test_features = self.embeddings(test)
         if ZERO_SHOT in self.plan.methods:
             zero_shot = zero_shot_probabilities(zero_shot_logits(self.model.logit_scale.detach().float().cpu(),
                                                                  test_features, classes))
@@ -72,21 +72,20 @@ class FewShotRunner:
         for setting in self.plan.settings():
             for seed in self.plan.seeds:
                 chosen = pool.subset(draw_shots(pool, seed, setting["shots"], setting["fraction"]))
-                results.shots.extend({**setting, "seed": seed, "image": image, "label": chosen.classes[target],
-                                      "line": line} for image, target, line in
-                                     zip(chosen.images, chosen.targets, chosen.lines))
+                results.shots.extend({**setting, "seed": seed, "image": name, "label": chosen.classes[target],
+                                      "line": line} for name, target, line in
+                                     zip(chosen.names, chosen.targets, chosen.lines))
                 self._adapt(results, setting, seed, chosen, test, test_features, classes)
         return results
 
     def _adapt(self, results: FewShotResults, setting: dict, seed: int, chosen: LabelledImages,
                test: LabelledImages, test_features: torch.Tensor, classes: torch.Tensor) -> None:
         if LINEAR_PROBE in self.plan.methods:
-            probe, C = fit_linear_probe(self.embeddings(chosen.images).numpy(), chosen.targets, seed)
+            probe, C = fit_linear_probe(self.embeddings(chosen).numpy(), chosen.targets, seed)
             self._record(results, LINEAR_PROBE, setting, seed, probe.predict_proba(test_features.numpy()), test, C=C)
         if PROMPT_HEAD in self.plan.methods:
-            probabilities = train_and_score(self.model, self.processor.image_processor, classes, chosen.images,
-                                            chosen.targets, test.images, seed, self.plan.training, self.batch_size,
-                                            self.num_workers)
+            probabilities = train_and_score(self.model, self.processor.image_processor, classes, chosen, test, seed,
+                                            self.plan.training, self.batch_size, self.num_workers)
             self._record(results, PROMPT_HEAD, setting, seed, probabilities, test)
 
     def _record(self, results: FewShotResults, method: str, setting: dict, seed: int | None,

@@ -5,28 +5,41 @@ The shots of a seed are nested: each class's images are shuffled once by the see
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..data.image_tables import missing_file, numbered_rows, read_table
+from ..data.prepared import PreparedImages
 from ..errors import DataFormatError
+from ..models.ace_lora.batch_inference import ImageInput
 
 
 @dataclass(frozen=True)
 class LabelledImages:
-    """A table's images (resolved paths), their class indices into `classes`, and each row's line, for messages."""
+    """Labelled images of a table or of a prepared set's split: the images as the model's loader reads them (resolved
+    paths, or a prepared set's lazily read PNG bytes), a name for each (its path, or e.g. `train[17]`: messages, the
+    embedding cache and shots.csv use it), their class indices into `classes`, and each row's line in its table."""
 
     table: Path
-    images: list[str]
+    images: Sequence[ImageInput]
+    names: list[str]
     targets: np.ndarray
     classes: tuple[str, ...]
     lines: list[int]
+    split: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The table, or the prepared set and its split, as messages name it."""
+        return str(self.table) if self.split is None else f"{self.table} (split {self.split})"
 
     def subset(self, indices: Sequence[int]) -> "LabelledImages":
-        return LabelledImages(self.table, [self.images[i] for i in indices], self.targets[list(indices)],
-                              self.classes, [self.lines[i] for i in indices])
+        images = (self.images.select(indices) if isinstance(self.images, PreparedImages)
+                  else [self.images[i] for i in indices])  # a prepared set's rows stay unread
+        return replace(self, images=images, names=[self.names[i] for i in indices],
+                       targets=self.targets[list(indices)], lines=[self.lines[i] for i in indices])
 
     def count(self, class_index: int) -> int:
         return int((self.targets == class_index).sum())
@@ -53,7 +66,7 @@ def read_labelled_table(table: Path, image_column: str, label_column: str, image
         images.append(str(root / record[image_column]))
         targets.append(classes.index(label))
         lines.append(line)
-    return LabelledImages(table, images, np.asarray(targets, dtype=np.int64), classes, lines)
+    return LabelledImages(table, images, list(images), np.asarray(targets, dtype=np.int64), classes, lines)
 
 
 def check_classes(pool: LabelledImages, shots: Sequence[int]) -> None:
@@ -62,10 +75,10 @@ def check_classes(pool: LabelledImages, shots: Sequence[int]) -> None:
     for index, name in enumerate(pool.classes):
         count = pool.count(index)
         if count == 0:
-            raise DataFormatError(f"{pool.table}: class {name!r} has no image; add images of that class or leave it "
+            raise DataFormatError(f"{pool.source}: class {name!r} has no image; add images of that class or leave it "
                                   "out of --labels.")
         if count < needed:
-            raise DataFormatError(f"{pool.table}: class {name!r} has {count} image(s), fewer than --shots {needed}; "
+            raise DataFormatError(f"{pool.source}: class {name!r} has {count} image(s), fewer than --shots {needed}; "
                                   "add images of that class or ask for fewer shots.")
 
 
