@@ -354,6 +354,19 @@ def test_prepared_set_mistakes_are_refused_in_one_line(prepared_sets, tables, ti
     assert not (tmp_path / "o").exists()
 
 
+def test_a_split_without_any_single_class_row_is_refused(tables, tiny_hub_folder, tmp_path, capsys):
+    with open(tables[0], newline="") as file:
+        rows = [{"Path": row["Path"], "report": "chest radiograph", "normal": 1, "pneumonia": 1}
+                for row in csv.DictReader(file)]
+    both = tables[0].with_name("both_classes.csv")
+    write_csv(both, rows)
+    folder = prepare_set(both, tmp_path / "both", "--model", tiny_hub_folder)
+    error = refused(["--train-table", folder, "--test-table", tables[1], "--shots", 1, "--model", tiny_hub_folder,
+                     "--output", tmp_path / "o"], capsys)
+    assert error == (f"--train-table {folder}, split train: no row has exactly one of ['normal', 'pneumonia'] at 1; "
+                     "choose classes that its rows hold with --labels.")
+
+
 def test_a_set_prepared_for_another_image_size_is_refused_once_the_model_is_known(tables, prepared_sets,
                                                                                  tiny_hub_folder, tmp_path, capsys):
     other = prepare_set(one_hot_table(tables[0]), tmp_path / "set224")  # BiomedCLIP's 224 x 224, not the tiny 32
