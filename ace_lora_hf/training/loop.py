@@ -110,17 +110,21 @@ class TrainingRun:
         record (prefixed, e.g. `valid_map`): at an epoch's end, and where `--max_train_steps` stops the run inside an
         epoch (`stopped` is then True); `log_values()` adds to what is logged every `--log_every_steps`.
         """
+        try:
+            self._train(compute_loss, evaluate, log_values)
+        except Exception as error:
+            # From here each process works on its own shard (of the training and the validation set), so it may meet
+            # an error the others do not (an unreadable image): each prints its own.
+            mark_raised_by_one_process(error)
+            raise
+
+    def _train(self, compute_loss, evaluate, log_values) -> None:
         args, progress = self.args, self.progress
         bar = tqdm(total=args.max_train_steps or len(self.train_loader) * args.num_epochs,
                    initial=progress.completed_steps, desc="training", unit="step",
                    disable=not self.accelerator.is_local_main_process)
         while progress.epoch < args.num_epochs and not self.stopped:
-            try:
-                finished = self._run_epoch(compute_loss, log_values, bar)
-            except Exception as error:  # e.g. an unreadable image of this process's shard: it prints its own error
-                mark_raised_by_one_process(error)
-                raise
-            if finished:
+            if self._run_epoch(compute_loss, log_values, bar):
                 self._end_epoch(evaluate)
             else:
                 self._end_at_stop(evaluate)
