@@ -40,6 +40,7 @@ from ace_lora_hf.errors import ConfigError, InvalidArgumentError
 from ace_lora_hf.evaluation.metrics import classification_metrics
 from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss
 from ace_lora_hf.models.ace_lora.zero_shot import CHEST_XRAY_TEMPLATES, ZeroShotClassifier
+from ace_lora_hf.outputs.launched_processes import checks_alike_in_every_process
 from ace_lora_hf.sources.adapters import save_adapters
 from ace_lora_hf.sources.checkpoints import BaseModel, load_trained_model
 from ace_lora_hf.training.accelerator import build_accelerator, data_loader
@@ -136,6 +137,7 @@ def zero_shot_metrics(accelerator: Accelerator, model, processor, loader, labels
     return classification_metrics(torch.cat(probabilities), torch.cat(targets))
 
 
+@checks_alike_in_every_process()  # what the training loop runs on each process's shard is marked as its own
 def main(argv=None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)

@@ -197,23 +197,32 @@ def test_under_accelerate_launch_a_user_error_is_one_line(tmp_path):
 
 
 def test_several_processes_print_an_error_they_all_meet_once(monkeypatch, capsys):
-    """Every process of a launch checks the same arguments and files: only the first of each machine prints what
-    they all meet. An error of one process's own work (marked by the training loop) is printed with its rank."""
-    from ace_lora_hf.outputs.terminal import mark_raised_by_one_process
+    """An error every process meets alike (marked as such, or a usage error) is printed by the first process of the
+    machine; a later one waits for the launcher to stop it and prints the error itself only if it is not stopped.
+    Any other error is printed by each process that meets it, after its rank."""
+    from ace_lora_hf.outputs import launched_processes
 
+    @launched_processes.checks_alike_in_every_process()
     def fails_alike(argv):
         raise InvalidArgumentError("--train_file t.csv not found.")
 
+    @launched_processes.checks_alike_in_every_process()
     def fails_alone(argv):
-        raise mark_raised_by_one_process(InvalidArgumentError("line 3: x.png is not an image."))
+        with launched_processes.work_of_this_process():
+            raise InvalidArgumentError("line 3: x.png is not an image.")
 
+    def fails_unmarked(argv):
+        raise InvalidArgumentError("disk full.")
+
+    waits = []
+    monkeypatch.setattr(launched_processes, "wait_for_the_first_process", lambda: waits.append(1))
     monkeypatch.setattr(sys, "argv", ["pretrain.py"])
     lines = {}
     for rank in ("0", "1"):
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("LOCAL_RANK", rank)
-        for main in (fails_alike, fails_alone):
+        for main in (fails_alike, fails_alone, fails_unmarked):
             with pytest.raises(SystemExit) as exit_info:
                 run_cli(main, [])
             assert exit_info.value.code == EXIT_USER_ERROR
@@ -221,11 +230,32 @@ def test_several_processes_print_an_error_they_all_meet_once(monkeypatch, capsys
         with pytest.raises(SystemExit) as exit_info:
             classify.parse_args(["--images", "a.png", "--batch-size", "0"])
         assert exit_info.value.code == EXIT_USER_ERROR
-        lines[rank, "usage"] = capsys.readouterr().err
+        lines[rank, "usage"] = capsys.readouterr().err.splitlines()[-1]
+        lines[rank, "waits"] = len(waits)
+    assert lines["0", "waits"] == 0 and lines["1", "waits"] == 2  # the alike error and the usage error
     assert lines["0", "fails_alike"] == "pretrain.py: error: --train_file t.csv not found.\n"
-    assert lines["1", "fails_alike"] == "" and lines["1", "usage"] == "" and "--batch-size" in lines["0", "usage"]
-    assert lines["0", "fails_alone"] == "pretrain.py: error: process 0: line 3: x.png is not an image.\n"
-    assert lines["1", "fails_alone"] == "pretrain.py: error: process 1: line 3: x.png is not an image.\n"
+    assert lines["1", "fails_alike"] == "pretrain.py: error: process 1: --train_file t.csv not found.\n"
+    assert lines["0", "usage"] == lines["1", "usage"] and "--batch-size" in lines["0", "usage"]
+    for rank in ("0", "1"):
+        assert lines[rank, "fails_alone"] == f"pretrain.py: error: process {rank}: line 3: x.png is not an image.\n"
+        assert lines[rank, "fails_unmarked"] == f"pretrain.py: error: process {rank}: disk full.\n"
+
+
+def test_a_later_process_left_running_by_the_launcher_still_prints(monkeypatch, capsys):
+    """A command that inherits a launcher's environment (no launcher stops it) prints after the wait, and a
+    malformed WORLD_SIZE is read as one process."""
+    from ace_lora_hf.outputs import launched_processes
+
+    monkeypatch.setattr(launched_processes, "FIRST_PROCESS_GRACE_S", 0.01)
+    monkeypatch.setattr(sys, "argv", ["ace-lora-classify"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("RANK", "3")
+    assert exit_of(classify.main, ["--images", "typo.png"], capsys)[1].startswith(
+        "ace-lora-classify: error: process 3: --images typo.png: no such image file or folder")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert exit_of(classify.main, ["--images", "typo.png"], capsys)[1].startswith(
+        "ace-lora-classify: error: --images typo.png: no such image file or folder")
 
 
 # ------------------------------------------------------------------------------- a training run as --model

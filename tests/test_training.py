@@ -30,7 +30,7 @@ from ace_lora_hf.models.ace_lora.batch_inference import default_num_workers
 from ace_lora_hf.models.ace_lora.loss_ace_lora import LabelGuidedInfoNCELoss, label_guided_infonce
 from ace_lora_hf.models.ace_lora.modeling_ace_lora import AceLoraOutput
 from ace_lora_hf.outputs.safe_outputs import folder_lock, write_json_atomic
-from ace_lora_hf.outputs.terminal import RAISED_BY_ONE_PROCESS
+from ace_lora_hf.outputs.launched_processes import MET_ALIKE
 from ace_lora_hf.inference.fast_dropout import AceLoraDropout
 from ace_lora_hf.sources import checkpoints
 from ace_lora_hf.sources.checkpoints import BaseModel, latest_checkpoint, load_trained_model, materialize_checkpoint
@@ -808,7 +808,20 @@ def test_an_error_inside_the_training_loop_is_marked_as_this_process_own(tiny_hu
 
     with pytest.raises(ImageLoadError) as raised:
         run.train(unreadable_batch)
-    assert getattr(raised.value, RAISED_BY_ONE_PROCESS) is True
+    assert getattr(raised.value, MET_ALIKE) is False
+
+
+def test_the_test_evaluation_marks_its_errors_as_this_process_own():
+    """The test split is sharded like the training set: an unreadable image there is one process's own error."""
+    from ace_lora_hf.training.finetuning import SEGMENTATION, evaluate_sharded
+
+    def unreadable_shard():
+        raise ImageLoadError("test/broken.png", "not an image")
+        yield
+
+    with pytest.raises(ImageLoadError) as raised:
+        evaluate_sharded(SEGMENTATION, None, torch.nn.Identity(), unreadable_shard())
+    assert getattr(raised.value, MET_ALIKE) is False
 
 
 def test_a_bug_under_the_launcher_keeps_its_traceback(tmp_path):

@@ -23,6 +23,7 @@ from ..inference.malloc_tuning import keep_freed_memory_for_reuse
 from ..models.ace_lora.calibration import Calibration
 from ..models.ace_lora.zero_shot import (CHEST_XRAY_TEMPLATES, ZeroShotClassifier, checked_classes, checked_templates,
                                          negated_templates)
+from ..outputs.launched_processes import checks_alike_in_every_process
 from ..outputs.result_files import ResultsFile
 from ..outputs.terminal import printable
 from ..outputs.safe_outputs import atomic_file, check_output_file, ensure_folder, folder_lock
@@ -253,6 +254,9 @@ def run_provenance(args: argparse.Namespace, inputs: ImageInputs) -> dict:
     return provenance
 
 
+# Every process checks the same inputs and receives every batch's results, failures included (gathered): an error
+# is met alike by all of them.
+@checks_alike_in_every_process()
 def run(args: argparse.Namespace) -> int:
     """Classify what `args` name; the exit status."""
     keep_freed_memory_for_reuse()

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import AceLoraError
-from ..outputs.terminal import error_shown_here, printable
+from ..outputs.launched_processes import error_text, later_process_of_machine
+from ..outputs.terminal import printable
 
 
 EXIT_OK = 0
@@ -44,13 +45,11 @@ def user_error_from_worker(error: BaseException) -> str | None:
     return found.group(2)
 
 
-def fail(program: str, error: BaseException, message: object, status: int = EXIT_USER_ERROR) -> NoReturn:
-    """Exit with `status` after printing `message` as the error line, once for a job of several processes: by the
-    first process of each machine when every process met it alike, with its rank by each process that met it alone."""
-    shown = error_shown_here(error, str(message))
-    if shown is not None:
-        print(error_line(program, shown), file=sys.stderr)
-    sys.exit(status)
+def fail(program: str, error: BaseException, message: object) -> NoReturn:
+    """Exit 2 after printing `message` as the error line (under a launcher of several processes, as
+    `ace_lora_hf.outputs.launched_processes` says which process prints it)."""
+    print(error_line(program, error_text(error, str(message))), file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
@@ -73,8 +72,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         where = f" while writing {error.filename}" if error.filename else ""
         fail(program, error, f"{ENVIRONMENT_ERRNOS[error.errno]}{where}; free space, fix the permissions or choose "
                              "another output location")
-    except KeyboardInterrupt as error:
-        fail(program, error, "interrupted", EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        if not later_process_of_machine():  # Ctrl-C reaches every process: the first says so
+            print(error_line(program, "interrupted"), file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code or EXIT_OK)
 
 

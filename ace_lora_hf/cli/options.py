@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError
-from ..outputs.terminal import repeated_by_another_process
+from ..outputs.launched_processes import before_a_usage_error
 
 
 if TYPE_CHECKING:
@@ -46,8 +46,7 @@ class CommandParser(argparse.ArgumentParser):
     several processes."""
 
     def error(self, message: str):
-        if repeated_by_another_process():  # the first process prints it
-            self.exit(2)
+        before_a_usage_error()
         for action in self._actions:
             if getattr(action, HIDDEN_ALIASES, ()):
                 message = message.replace("/".join(action.option_strings), action.option_strings[0])

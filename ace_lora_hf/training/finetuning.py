@@ -29,6 +29,7 @@ from ..evaluation.metrics import detection_map, dice_metrics
 from ..models.ace_lora.image_loading import load_image
 from ..models.ace_lora.modeling_ace_lora_heads import AceLoraForObjectDetection, AceLoraForSegmentation, box_area
 from ..outputs.safe_outputs import json_safe, write_json_atomic
+from ..outputs.launched_processes import checks_alike_in_every_process, work_of_this_process
 from ..sources.checkpoints import BaseModel, load_trained_model
 from .accelerator import build_accelerator, data_loader
 from .loop import TrainingRun
@@ -218,6 +219,7 @@ def evaluate_head(task: Task, accelerator: Accelerator, model, loader) -> dict:
 # -------------------------------------------------------------------------------------------------------- run
 
 
+@checks_alike_in_every_process()  # the training loop and the test evaluation mark their errors as their own
 def run_finetuning(task: Task, args: argparse.Namespace) -> dict:
     """Train the head with model selection on the validation split, then report the best epoch on the test split
     (`test_results.json`); with `--evaluate_only`, only report `--model` on the test split."""
@@ -234,7 +236,7 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict:
                    for split, split_rows in rows.items()}
         if args.evaluate_only:
             model, test_loader = accelerator.prepare(model, loaders["test"])
-            metrics = evaluate_head(task, accelerator, model, test_loader)
+            metrics = evaluate_sharded(task, accelerator, model, test_loader)
         else:
             metrics = _train_and_test(task, args, accelerator, model, processor, loaders, resume_checkpoint)
         results = {"task": task.name, "dataset": task.dataset, "split": "test", "fraction": args.fraction,
@@ -243,6 +245,12 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict:
         if accelerator.is_main_process:
             write_json_atomic(args.output_dir / "test_results.json", results)
     return results
+
+
+def evaluate_sharded(task: Task, accelerator: Accelerator, model, loader) -> dict:
+    """`evaluate_head` on this process's shard of `loader`, whose errors (an unreadable image) are its own."""
+    with work_of_this_process():
+        return evaluate_head(task, accelerator, model, loader)
 
 
 def _train_and_test(task: Task, args: argparse.Namespace, accelerator: Accelerator, model, processor,
@@ -261,7 +269,7 @@ def _train_and_test(task: Task, args: argparse.Namespace, accelerator: Accelerat
 
     run.train(head_loss, validate)
     run.restore_best()
-    metrics = evaluate_head(task, accelerator, run.model, test_loader)
+    metrics = evaluate_sharded(task, accelerator, run.model, test_loader)
     run.finish()
     return metrics
 

@@ -36,7 +36,7 @@ from transformers.utils import logging
 from ..errors import CheckpointError, TrainingDivergedError
 from ..inference.fast_dropout import use_fast_dropout
 from ..outputs.safe_outputs import atomic_folder, ensure_folder, json_safe, write_json_atomic
-from ..outputs.terminal import mark_raised_by_one_process
+from ..outputs.launched_processes import work_of_this_process
 from ..sources.checkpoints import (CHECKPOINT_PATTERN, BaseModel, is_checkpoint, load_trained_weights,
                                    non_finite_parameters, read_checkpoint_record, trainable_parameters,
                                    write_trained_weights)
@@ -110,13 +110,10 @@ class TrainingRun:
         record (prefixed, e.g. `valid_map`): at an epoch's end, and where `--max_train_steps` stops the run inside an
         epoch (`stopped` is then True); `log_values()` adds to what is logged every `--log_every_steps`.
         """
-        try:
+        # Each process works on its own shard of the training and the validation set, so it may meet an error the
+        # others do not (an unreadable image): each prints its own.
+        with work_of_this_process():
             self._train(compute_loss, evaluate, log_values)
-        except Exception as error:
-            # From here each process works on its own shard (of the training and the validation set), so it may meet
-            # an error the others do not (an unreadable image): each prints its own.
-            mark_raised_by_one_process(error)
-            raise
 
     def _train(self, compute_loss, evaluate, log_values) -> None:
         args, progress = self.args, self.progress

@@ -14,7 +14,7 @@ import yaml
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 
 from ..errors import InvalidArgumentError
-from ..outputs.terminal import repeated_by_another_process
+from ..outputs.launched_processes import before_a_usage_error, checks_alike_in_every_process
 
 
 TRACKERS = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
@@ -71,8 +71,7 @@ class TrainingArgumentParser(argparse.ArgumentParser):
                         help="YAML mapping of option names to values (the command line overrides them).")
 
     def error(self, message: str):
-        if repeated_by_another_process():  # every process parses the same arguments; the first prints the error
-            self.exit(2)
+        before_a_usage_error()
         super().error(message)
 
     def add_option(self, name: str, group: argparse._ArgumentGroup | None = None, **kwargs) -> None:
@@ -86,8 +85,9 @@ class TrainingArgumentParser(argparse.ArgumentParser):
         argv = list(sys.argv[1:] if argv is None else argv)
         finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         finder.add_argument("--config", type=Path)
-        config = finder.parse_known_args(argv)[0].config
-        return self.parse_args([*(config_arguments(config, self.option_names) if config else []), *argv])
+        with checks_alike_in_every_process():
+            config = finder.parse_known_args(argv)[0].config
+            return self.parse_args([*(config_arguments(config, self.option_names) if config else []), *argv])
 
 
 def config_arguments(path: Path, option_names: Sequence[str]) -> list[str]:
