@@ -65,12 +65,13 @@ def image_processor_of(model: str | None):
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
-    from ace_lora_hf.data.prepared import prepare_training_set, push_prepared_set
+    from ace_lora_hf.data.prepared import check_column_names, prepare_training_set, push_prepared_set
 
     args = parse_args(argv, prog)
     columns = ImageTextColumns(image=args.image_column, text=args.text_column, split=args.split_column,
                                labels=() if args.no_labels else tuple(args.label_columns),
                                patient=args.patient_column)
+    check_column_names(columns)
     table = load_image_text_dataset(args.input, columns, args.image_root, args.split, option="--input")
     image_processor = image_processor_of(args.model)
     with folder_lock(args.output.resolve()):

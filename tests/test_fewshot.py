@@ -301,6 +301,8 @@ def test_rows_without_a_single_class_are_left_out_and_counted(tables, tiny_hub_f
         none, several = expected[name]
         assert (f"{option} {folder}, split {name}: {kept} rows with one class; left out {none} with none of "
                 f"['normal', 'pneumonia'] at 1 and {several} with several\n") in printed
+    assert (f"warning: {folder} (split train) and {folder} (split validation) come from one table "
+            "(train_one_hot.csv) split by row, not by patient") in printed
     assert f"{sum(line <= 9 for line in splits['train'])} training images, " \
            f"{sum(line <= 9 for line in splits['validation'])} test images" in printed
     report = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -365,6 +367,33 @@ def test_a_split_without_any_single_class_row_is_refused(tables, tiny_hub_folder
                      "--output", tmp_path / "o"], capsys)
     assert error == (f"--train-table {folder}, split train: no row has exactly one of ['normal', 'pneumonia'] at 1; "
                      "choose classes that its rows hold with --labels.")
+
+
+def test_test_images_among_the_training_images_are_refused(tables, prepared_sets, tiny_hub_folder, tmp_path, capsys):
+    """The same table prepared twice: its train split in one folder cannot be scored against the other's."""
+    again = prepare_set(one_hot_table(tables[0]), tmp_path / "again", "--model", tiny_hub_folder)
+    error = refused(["--train-table", prepared_sets[0], "--test-table", again, "--test-split", "train", "--shots", 1,
+                     "--model", tiny_hub_folder, "--output", tmp_path / "o"], capsys)
+    assert error == (f"{again} (split train): 8 of its images are also in {prepared_sets[0]} (split train) (lines 2, 3, "
+                     "4, 5, 6, ... of train_one_hot.csv); score on images the shots cannot come from: another split or "
+                     "set.")
+
+
+def test_a_repeated_label_or_a_class_missing_from_the_test_table_is_refused(tables, tiny_hub_folder, tmp_path,
+                                                                            capsys):
+    train, test = tables
+    with pytest.raises(SystemExit) as exit_info:
+        fewshot_cli.parse_args(["--train-table", str(train), "--test-table", str(test), "--model", "m", "--output",
+                                "o", "--labels", "normal", "pneumonia", "normal"])
+    assert exit_info.value.code == EXIT_USER_ERROR
+    assert "--labels: 'normal' is given twice; name each class once." in capsys.readouterr().err
+    with open(test, newline="") as file:
+        normal_only = [row for row in csv.DictReader(file) if row["Label"] == "normal"]
+    write_csv(test.with_name("normal_only.csv"), normal_only)
+    error = refused(["--train-table", train, "--test-table", test.with_name("normal_only.csv"), "--shots", 1,
+                     "--model", tiny_hub_folder, "--output", tmp_path / "o"], capsys)
+    assert error == (f"{test.with_name('normal_only.csv')}: class 'pneumonia' has no image; add images of that class "
+                     "or leave it out of --labels.")
 
 
 def test_a_set_prepared_for_another_image_size_is_refused_once_the_model_is_known(tables, prepared_sets,

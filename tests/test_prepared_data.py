@@ -2,6 +2,7 @@
 keeps patients in one split, resumes after an interruption and is pushed privately with the licence warning."""
 
 import csv
+import re
 import json
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from ace_lora_hf import AceLoraImageProcessor
 from ace_lora_hf.data import prepared
 from ace_lora_hf.data.image_tables import ImageTextCollator, ImageTextColumns, load_image_text_dataset
 from ace_lora_hf.data.pixels import PixelTable, stacked_pixels
+from ace_lora_hf.data.prepared import check_column_names
+from ace_lora_hf.errors import DataFormatError
 from ace_lora_hf.models.ace_lora.image_loading import load_image
 from dataset_prep.__main__ import main as prepare_main
 
@@ -150,6 +153,26 @@ def test_a_bad_option_or_label_is_one_line(image_table, tmp_path, capsys):
     code, err = run_cli_in_process(prepare_main, ["training-set", "--input", image_table / "train.csv", "--no-labels",
                                                    "--validation-fraction", "1.5", "--output", tmp_path / "o"], capsys)
     assert code == 2 and "--validation-fraction 1.5" in err
+
+
+def test_a_column_name_the_set_would_use_twice_is_refused(image_table, tmp_path, capsys):
+    code, err = run_cli_in_process(prepare_main, ["training-set", "--input", image_table / "train.csv",
+                                                   "--label-columns", "Pneumonia", "Pneumonia", "--output",
+                                                   tmp_path / "o"], capsys)
+    assert code == 2 and err.strip().endswith("error: label column 'Pneumonia' is given twice; name each column once.")
+    assert not (tmp_path / "o").exists()
+    for columns, message in [
+        (ImageTextColumns(image="image", text="report", labels=("line",)),
+         "label column 'line': a prepared set keeps each row's table line under that name"),
+        (ImageTextColumns(image="patient", text="report"), "image column 'patient': a prepared set keeps each row's "
+                                                           "patient id under that name"),
+        (ImageTextColumns(image="Path", text="report", labels=("image",)),
+         "label column 'image': a prepared set names its images so while it is made"),
+        (ImageTextColumns(image="image", text="report", labels=("Edema", "report")),
+         "label column 'report' is also the report column"),
+    ]:
+        with pytest.raises(DataFormatError, match=re.escape(message)):
+            check_column_names(columns)
 
 
 def test_push_to_hub_is_private_and_warns_about_the_licences(image_table, tmp_path, monkeypatch, caplog):

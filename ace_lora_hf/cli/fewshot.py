@@ -81,6 +81,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 0 or not args.learning_rate > 0:
         parser.error("--steps: 0 or more; --learning-rate: above 0.")
+    repeated = [label for index, label in enumerate(args.labels or []) if label in args.labels[:index]]
+    if repeated:
+        parser.error(f"--labels: {repeated[0]!r} is given twice; name each class once.")
     if args.shots is None and args.train_fraction is None:
         args.shots = list(DEFAULT_SHOTS)
     return args
@@ -164,6 +167,13 @@ def read_tables(args: argparse.Namespace):
                                    "classification needs two or more.")
     check_classes(pool, args.shots or [1])
     test = read_labelled(args, args.test_table, test_split, pool.classes, "--test-table")
+    check_classes(test, [1])  # a class without a test image has no AUC
+    if train_prepared and test_prepared:
+        from ..fewshot.prepared_sets import check_apart
+
+        warning = check_apart(pool, test)
+        if warning:
+            print(f"warning: {warning}")
     return pool, test
 
 

@@ -153,6 +153,27 @@ def _prepare_chunks(table: datasets.Dataset, image_processor, label_columns: Seq
     return paths
 
 
+def check_column_names(columns: ImageTextColumns) -> None:
+    """Refuse a name two columns of the set would share: each column of the table keeps its name, beside `line` and
+    `patient` (each row's table line and patient id), and the images and reports are `image` and `text` while the
+    set is made."""
+    kept = {"line": "each row's table line", "patient": "each row's patient id"}
+    named: dict[str, str] = {}
+    for kind, name in (("image", columns.image), ("report", columns.text), *(("label", n) for n in columns.labels)):
+        if name in kept:
+            raise DataFormatError(f"{kind} column {name!r}: a prepared set keeps {kept[name]} under that name; "
+                                  "rename the column in the table.")
+        if kind == "label" and name in ("image", "text"):
+            raise DataFormatError(f"label column {name!r}: a prepared set names its "
+                                  f"{'images' if name == 'image' else 'reports'} so while it is made; rename the "
+                                  "column in the table.")
+        if name in named:
+            raise DataFormatError(f"label column {name!r} is given twice; name each column once." if kind == named[name]
+                                  else f"{kind} column {name!r} is also the {named[name]} column; give each column "
+                                  "its own name.")
+        named[name] = kind
+
+
 def prepare_training_set(table: datasets.Dataset, image_processor, output: Path, columns: ImageTextColumns,
                          source: dict, num_proc: int = 1, validation_fraction: float = 0.0, seed: int = 0) -> dict:
     """Write the prepared set of `table` (from `load_image_text_dataset` with `columns`: `image` paths, `text`,
@@ -162,6 +183,7 @@ def prepare_training_set(table: datasets.Dataset, image_processor, output: Path,
 
     With `validation_fraction`, that share of the patients (of the rows, without a patient column) forms a
     `validation` split; every patient's rows stay in one split."""
+    check_column_names(columns)
     settings = processor_settings(image_processor)
     label_columns = list(columns.labels)
     request = {"source": source, "label_columns": label_columns, "image_processor": settings}
@@ -238,6 +260,6 @@ def push_prepared_set(folder: Path, repo_id: str, private: bool = True) -> None:
                         repo_type="dataset", commit_message="Add the prepared set's metadata")
 
 
-__all__ = ["LICENCE_WARNING", "PREPARED_INFO", "PreparedImages", "check_processor_settings", "cropped_image",
-           "prepare_training_set", "prepared_image_column", "processor_settings", "push_prepared_set",
+__all__ = ["LICENCE_WARNING", "PREPARED_INFO", "PreparedImages", "check_column_names", "check_processor_settings",
+           "cropped_image", "prepare_training_set", "prepared_image_column", "processor_settings", "push_prepared_set",
            "read_prepared_info"]

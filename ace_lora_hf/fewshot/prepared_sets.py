@@ -77,4 +77,24 @@ def read_prepared_set(folder: Path, split: str, classes: Sequence[str] | None, o
     return labelled, LeftOut(int((counts == 0).sum()), int((counts > 1).sum()))
 
 
-__all__ = ["LeftOut", "default_test_split", "prepared_splits", "read_prepared_set"]
+def check_apart(train: LabelledImages, test: LabelledImages) -> str | None:
+    """Refuse test images that are also training images: two prepared splits made from the same table share no row
+    of it. Returns a warning where their patients may still meet: splits drawn by row, from a table without a
+    patient column. (Splits drawn by patient keep each patient's rows together, so rows apart are patients apart.)"""
+    train_info, test_info = read_prepared_info(train.table), read_prepared_info(test.table)
+    if train_info["source"] != test_info["source"]:
+        return None
+    table = train_info["source"].get("table")
+    shared = sorted(set(train.lines) & set(test.lines))
+    if shared:
+        raise DataFormatError(f"{test.source}: {len(shared)} of its images are also in {train.source} (lines "
+                              f"{', '.join(map(str, shared[:5]))}{', ...' if len(shared) > 5 else ''} of {table}); "
+                              "score on images the shots cannot come from: another split or set.")
+    if train_info.get("patient_disjoint") and test_info.get("patient_disjoint"):
+        return None
+    return (f"{train.source} and {test.source} come from one table ({table}) split by row, not by patient: a "
+            "patient's images may be on both sides, which flatters the scores; prepare the set with --patient-column "
+            "for patient-disjoint splits.")
+
+
+__all__ = ["LeftOut", "check_apart", "default_test_split", "prepared_splits", "read_prepared_set"]
