@@ -37,6 +37,19 @@ def test_bootstrap_leaves_out_resamples_where_a_metric_is_undefined():
     assert intervals["accuracy"] == [1.0, 1.0]
 
 
+def test_a_class_missing_from_the_targets_has_no_macro_auc_in_any_scikit_learn():
+    """scikit-learn 1.5 raises where later releases warn and give NaN: the metric is NaN either way, without a call
+    into scikit-learn, and the macro one-vs-rest AUC of targets holding every class is scikit-learn's."""
+    from sklearn.metrics import roc_auc_score
+
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    missing = classification_metrics(probabilities[:4], np.array([0, 1, 0, 1]))
+    assert np.isnan(missing["auc"]) and missing["accuracy"] == 1.0
+    targets = np.array([0, 1, 1, 1, 2])
+    expected = roc_auc_score(targets, probabilities, multi_class="ovr", average="macro")
+    assert classification_metrics(probabilities, targets)["auc"] == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.fixture
 def two_prepared_sets(tmp_path):
     """RSNA- and SIIM-style test tables over the sample files, one unreadable, sharing one image root."""

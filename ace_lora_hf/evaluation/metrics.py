@@ -27,7 +27,8 @@ def classification_metrics(probabilities, targets) -> dict[str, float]:
     """Single-label classification: top-1 accuracy and ROC AUC.
 
     With two classes the AUC is that of the positive class (index 1); with more, the macro one-vs-rest AUC.
-    AUC is NaN when the targets hold a single class, where it is undefined.
+    AUC is NaN when the targets hold a single class, or (with more than two) miss a class, whose one-vs-rest AUC is
+    then undefined.
 
     Args:
         probabilities: `[N, C]` class probabilities (or any scores ranking the classes).
@@ -38,7 +39,8 @@ def classification_metrics(probabilities, targets) -> dict[str, float]:
     if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
         raise ValueError(f"Targets must be class indices in [0, {num_classes}); got {sorted(set(targets.tolist()))}.")
     accuracy = float((probabilities.argmax(axis=1) == targets).mean())
-    if len(np.unique(targets)) < 2:
+    present = len(np.unique(targets))
+    if present < 2 or (num_classes > 2 and present < num_classes):  # scikit-learn warns or raises, by version
         return {"accuracy": accuracy, "auc": float("nan")}
     if num_classes == 2:
         auc = roc_auc_score(targets, probabilities[:, 1])
