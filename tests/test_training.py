@@ -813,14 +813,14 @@ def test_an_error_inside_the_training_loop_is_marked_as_this_process_own(tiny_hu
 
 def test_the_test_evaluation_marks_its_errors_as_this_process_own():
     """The test split is sharded like the training set: an unreadable image there is one process's own error."""
-    from ace_lora_hf.training.finetuning import SEGMENTATION, evaluate_sharded
+    from ace_lora_hf.training.finetuning import SEGMENTATION, evaluate_head
 
     def unreadable_shard():
         raise ImageLoadError("test/broken.png", "not an image")
         yield
 
     with pytest.raises(ImageLoadError) as raised:
-        evaluate_sharded(SEGMENTATION, None, torch.nn.Identity(), unreadable_shard())
+        evaluate_head(SEGMENTATION, None, torch.nn.Identity(), unreadable_shard())
     assert getattr(raised.value, MET_ALIKE) is False
 
 

@@ -189,6 +189,7 @@ def head_loss(model, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
+@work_of_this_process()  # each process evaluates its shard: an unreadable image there is its own error
 def evaluate_head(task: Task, accelerator: Accelerator, model, loader) -> dict:
     """The task's metrics over `loader` (every process's share gathered)."""
     model.eval()
@@ -236,7 +237,7 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict:
                    for split, split_rows in rows.items()}
         if args.evaluate_only:
             model, test_loader = accelerator.prepare(model, loaders["test"])
-            metrics = evaluate_sharded(task, accelerator, model, test_loader)
+            metrics = evaluate_head(task, accelerator, model, test_loader)
         else:
             metrics = _train_and_test(task, args, accelerator, model, processor, loaders, resume_checkpoint)
         results = {"task": task.name, "dataset": task.dataset, "split": "test", "fraction": args.fraction,
@@ -245,12 +246,6 @@ def run_finetuning(task: Task, args: argparse.Namespace) -> dict:
         if accelerator.is_main_process:
             write_json_atomic(args.output_dir / "test_results.json", results)
     return results
-
-
-def evaluate_sharded(task: Task, accelerator: Accelerator, model, loader) -> dict:
-    """`evaluate_head` on this process's shard of `loader`, whose errors (an unreadable image) are its own."""
-    with work_of_this_process():
-        return evaluate_head(task, accelerator, model, loader)
 
 
 def _train_and_test(task: Task, args: argparse.Namespace, accelerator: Accelerator, model, processor,
@@ -269,7 +264,7 @@ def _train_and_test(task: Task, args: argparse.Namespace, accelerator: Accelerat
 
     run.train(head_loss, validate)
     run.restore_best()
-    metrics = evaluate_sharded(task, accelerator, run.model, test_loader)
+    metrics = evaluate_head(task, accelerator, run.model, test_loader)
     run.finish()
     return metrics
 

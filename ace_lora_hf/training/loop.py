@@ -102,6 +102,9 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------------------ loop
 
+    # Each process works on its own shard of the training and the validation set, so it may meet an error the others
+    # do not (an unreadable image): each prints its own.
+    @work_of_this_process()
     def train(self, compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor],
               evaluate: Callable[[int], dict] | None = None, log_values: Callable[[], dict] | None = None) -> None:
         """Train to the end (or `--max_train_steps`), then write `final/` and say which point `best/` holds.
@@ -110,12 +113,6 @@ class TrainingRun:
         record (prefixed, e.g. `valid_map`): at an epoch's end, and where `--max_train_steps` stops the run inside an
         epoch (`stopped` is then True); `log_values()` adds to what is logged every `--log_every_steps`.
         """
-        # Each process works on its own shard of the training and the validation set, so it may meet an error the
-        # others do not (an unreadable image): each prints its own.
-        with work_of_this_process():
-            self._train(compute_loss, evaluate, log_values)
-
-    def _train(self, compute_loss, evaluate, log_values) -> None:
         args, progress = self.args, self.progress
         bar = tqdm(total=args.max_train_steps or len(self.train_loader) * args.num_epochs,
                    initial=progress.completed_steps, desc="training", unit="step",
